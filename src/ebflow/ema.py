@@ -1,0 +1,89 @@
+r"""Exponential moving average of parameters: :math:`\bar\theta \leftarrow d\,\bar\theta + (1-d)\,\theta`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError
+
+__all__ = ["EMA"]
+
+
+class EMA:
+    """Keeps an exponential moving average of a model's floating-point parameters.
+
+    The average starts from the parameters seen at the first :meth:`update` (so that
+    data-dependent initialisations such as ActNorm's are included), and is used for evaluation
+    and sampling through :meth:`average_parameters`::
+
+        ema = EMA(model, decay=0.999)
+        for batch in data:
+            ...; optimizer.step(); ema.update()
+        with ema.average_parameters():
+            nll = -model.log_prob(x).mean()
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ConfigError(f"EMA decay must be in [0, 1), got {decay}")
+        self.model = model
+        self.decay = float(decay)
+        self.num_updates = 0
+        self.shadow: dict[str, Tensor] = {}
+
+    def _params(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.dtype.is_floating_point}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Fold the current parameters into the average."""
+        params = self._params()
+        if not self.shadow:
+            self.shadow = {n: p.detach().clone() for n, p in params.items()}
+        else:
+            names = list(params)
+            torch._foreach_lerp_(
+                [self.shadow[n] for n in names], [params[n].detach() for n in names], 1.0 - self.decay
+            )
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        """Overwrite the model's parameters with the averages (no-op before the first update)."""
+        for n, p in self._params().items():
+            if n in self.shadow:
+                p.copy_(self.shadow[n])
+
+    @contextmanager
+    def average_parameters(self) -> Iterator[nn.Module]:
+        """Swap the averaged parameters in for the duration of the block, then restore."""
+        params = self._params()
+        backup = {n: p.detach().clone() for n, p in params.items()}
+        self.copy_to_model()
+        try:
+            yield self.model
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(backup[n])
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": dict(self.shadow)}
+
+    def load_state_dict(self, state: dict) -> None:
+        params = self._params()
+        shadow = state["shadow"]
+        if shadow and set(shadow) != set(params):
+            missing = sorted(set(params) - set(shadow))
+            extra = sorted(set(shadow) - set(params))
+            raise ConfigError(f"EMA state does not match the model (missing {missing}, unexpected {extra})")
+        for n, t in shadow.items():
+            if t.shape != params[n].shape:
+                raise ConfigError(f"EMA state for {n!r} has shape {tuple(t.shape)}, model has {tuple(params[n].shape)}")
+        self.decay = float(state["decay"])
+        self.num_updates = int(state["num_updates"])
+        self.shadow = {n: t.detach().clone().to(params[n]) for n, t in shadow.items()}

@@ -1,0 +1,171 @@
+r"""The energy-based normalizing flow.
+
+A flow :math:`g = g_L \circ \dots \circ g_1` with prior :math:`p_u` defines
+
+.. math::
+    E(x) = -\log p_u(g(x)) - \sum_{l \in S_{nl}} \log|\det J_{g_l}|, \qquad
+    \log Z = -\sum_{l \in S_{lin}} \log|\det J_{g_l}|, \qquad
+    \log p(x) = -E(x) - \log Z.
+
+The energy and the score never touch a linear layer's determinant; ``log Z`` is cached by the
+layers and recomputed only after a parameter changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError, InputError
+from .layers.base import FlowLayer, LinearFlowLayer, Shape
+from .prior import StandardNormal
+from .validation import check_batch
+
+__all__ = ["EBFlow"]
+
+
+class EBFlow(nn.Module):
+    """Energy-based normalizing flow over events of shape ``event_shape``.
+
+    Args:
+        layers: the bijections, applied in order from data to latent.
+        event_shape: shape of one example, e.g. ``(2,)`` or ``(1, 28, 28)``.
+        prior: latent distribution (default: :class:`~ebflow.prior.StandardNormal`).
+        validate: check every input's shape, dtype, device and finiteness (a clear
+            :class:`~ebflow.errors.InputError` instead of a wrong answer). Costs one reduction.
+    """
+
+    def __init__(
+        self,
+        layers: Iterable[FlowLayer],
+        event_shape: Sequence[int],
+        prior: nn.Module | None = None,
+        *,
+        validate: bool = True,
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, FlowLayer):
+                raise ConfigError(
+                    f"layer {i} ({type(layer).__name__}) is not an ebflow FlowLayer; wrap it or "
+                    "use one of ebflow.layers"
+                )
+        self.event_shape: Shape = tuple(int(s) for s in event_shape)
+        shapes = [self.event_shape]
+        for i, layer in enumerate(self.layers):
+            try:
+                shapes.append(tuple(layer.output_shape(shapes[-1])))
+            except InputError as err:
+                raise ConfigError(f"layer {i} ({type(layer).__name__}): {err}") from err
+        self.layer_input_shapes: list[Shape] = shapes[:-1]
+        self.latent_shape: Shape = shapes[-1]
+        self.prior = prior if prior is not None else StandardNormal()
+        self.validate = validate
+        # A buffer that follows .to(): tells the model's dtype and device.
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+
+    # -- properties -------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._anchor.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
+
+    @property
+    def dim(self) -> int:
+        """Number of dimensions ``D`` of one example."""
+        n = 1
+        for s in self.event_shape:
+            n *= s
+        return n
+
+    @property
+    def linear_layers(self) -> list[LinearFlowLayer]:
+        return [l for l in self.layers if isinstance(l, LinearFlowLayer)]
+
+    def _check(self, x: Tensor, what: str, shape: Shape | None = None) -> Tensor:
+        if self.validate:
+            check_batch(
+                x, self.event_shape if shape is None else shape,
+                dtype=self.dtype, device=self.device, what=what,
+            )
+        return x
+
+    # -- energy and score ---------------------------------------------------------------------
+    def energy(self, x: Tensor) -> Tensor:
+        r"""Energy :math:`E(x) = -\log p_u(g(x)) - \sum_{S_{nl}} \log|\det J|`, shape ``(batch,)``."""
+        h = self._check(x, "input x")
+        log_det_nl = torch.zeros(h.shape[0], dtype=h.dtype, device=h.device)
+        for layer in self.layers:
+            if isinstance(layer, LinearFlowLayer):
+                h = layer.transform(h)
+            else:
+                h, ld = layer(h)
+                log_det_nl = log_det_nl + ld
+        return -self.prior.log_prob(h) - log_det_nl
+
+    def score(self, x: Tensor, *, create_graph: bool = False) -> Tensor:
+        r"""Score :math:`\nabla_x \log p(x) = -\nabla_x E(x)` (no partition function needed)."""
+        with torch.enable_grad():
+            if not x.requires_grad:
+                x = x.detach().requires_grad_(True)
+            e = self.energy(x).sum()
+            (grad,) = torch.autograd.grad(e, x, create_graph=create_graph)
+        return -grad
+
+    # -- exact likelihood ---------------------------------------------------------------------
+    def log_partition(self) -> Tensor:
+        r""":math:`\log Z = -\sum_{l \in S_{lin}} \log|\det J_l|` (float64 scalar).
+
+        Each layer caches its term until its parameters change, so repeated calls are free.
+        Differentiable when grad mode is on (maximum likelihood training).
+        """
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for layer, shape in zip(self.layers, self.layer_input_shapes):
+            if isinstance(layer, LinearFlowLayer):
+                total = total - layer.log_abs_det(shape).to(device=self.device, dtype=torch.float64)
+        return total
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        r"""Exact log-density :math:`\log p(x) = -E(x) - \log Z`, shape ``(batch,)``."""
+        e = self.energy(x)
+        return -e - self.log_partition().to(e.dtype)
+
+    def forward_with_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(z, sum of every layer's log|det J|)``: plain change of variables (for checks)."""
+        h = self._check(x, "input x")
+        total = torch.zeros(h.shape[0], dtype=h.dtype, device=h.device)
+        for layer in self.layers:
+            h, ld = layer(h)
+            total = total + ld
+        return h, total
+
+    # -- mapping and sampling -----------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """Latent ``z = g(x)``."""
+        h = self._check(x, "input x")
+        for layer in self.layers:
+            h = layer.transform(h) if isinstance(layer, LinearFlowLayer) else layer(h)[0]
+        return h
+
+    def inverse(self, z: Tensor) -> Tensor:
+        """Data ``x = g^{-1}(z)`` by exact inversion of every layer."""
+        h = self._check(z, "latent z", self.latent_shape)
+        for layer in reversed(self.layers):
+            h = layer.inverse(h)
+        return h
+
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """Draw ``n`` exact samples: ``z ~ p_u``, ``x = g^{-1}(z)``. No gradient flows."""
+        if not isinstance(n, int) or n < 1:
+            raise InputError(f"number of samples must be a positive integer, got {n!r}")
+        z = self.prior.sample(
+            (n, *self.latent_shape), dtype=self.dtype, device=self.device, generator=generator
+        )
+        return self.inverse(z)

@@ -1,0 +1,16 @@
+"""Flow layers. Linear (constant-Jacobian) layers derive from :class:`LinearFlowLayer`."""
+
+from .affine import ActNorm, FixedAffine
+from .base import FlowLayer, LinearFlowLayer
+from .conv import Conv1x1, Conv2d, convolution_matrix
+from .coupling import AffineCoupling, cnn_conditioner, mlp_conditioner
+from .dense import Dense, random_orthogonal
+from .elementwise import LeakyReLU, Logit, ResidualSmoothLeakyReLU, Sigmoid, SmoothLeakyReLU
+from .reshape import Flatten, Reshape, Squeeze, Unsqueeze
+
+__all__ = [
+    "ActNorm", "AffineCoupling", "Conv1x1", "Conv2d", "Dense", "FixedAffine", "Flatten",
+    "FlowLayer", "LeakyReLU", "LinearFlowLayer", "Logit", "Reshape", "ResidualSmoothLeakyReLU",
+    "Sigmoid", "SmoothLeakyReLU", "Squeeze", "Unsqueeze", "cnn_conditioner",
+    "convolution_matrix", "mlp_conditioner", "random_orthogonal",
+]

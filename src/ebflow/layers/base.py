@@ -1,0 +1,167 @@
+"""Base classes of flow layers.
+
+Every layer is a bijection ``x -> y`` with ``forward(x) -> (y, log|det J|)`` (one value per
+example) and an exact ``inverse(y)``. Layers split in two sets (DESIGN.md §1):
+
+* :class:`LinearFlowLayer` -- constant Jacobian. ``transform(x)`` computes ``y`` alone and
+  ``log_abs_det(event_shape)`` gives the constant log-determinant, so that the energy can leave
+  it out and the exact likelihood can add it back (``log Z = -sum log|det|``).
+* :class:`FlowLayer` (the rest) -- input-dependent Jacobian; its log-determinant is part of the
+  energy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import InputError, SingularLayerError
+
+__all__ = ["FlowLayer", "LinearFlowLayer", "Shape", "lu_solve", "checked_lu_factor"]
+
+Shape = tuple[int, ...]
+
+
+class FlowLayer(nn.Module):
+    """A bijective layer: ``forward(x) -> (y, log|det dy/dx|)`` and ``inverse(y) -> x``.
+
+    ``x`` has shape ``(batch, *event_shape)``; the log-determinant has shape ``(batch,)``.
+    """
+
+    #: True for layers whose Jacobian does not depend on the input (the set S_lin).
+    constant_jacobian: bool = False
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def inverse(self, y: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def output_shape(self, event_shape: Shape) -> Shape:
+        """Event shape of the output for an input of event shape ``event_shape``.
+
+        Raises :class:`InputError` when the layer cannot act on that shape.
+        """
+        return tuple(event_shape)
+
+    def _check_event_shape(self, x: Tensor, expected: Shape, what: str) -> None:
+        if tuple(x.shape[1:]) != tuple(expected):
+            raise InputError(
+                f"{type(self).__name__} expects {what} of shape (batch, "
+                f"{', '.join(map(str, expected))}), got {tuple(x.shape)}"
+            )
+
+
+def checked_lu_factor(matrix: Tensor, owner: str) -> tuple[Tensor, Tensor]:
+    """LU factorisation ``P L U = matrix`` that raises :class:`SingularLayerError` when singular.
+
+    A matrix counts as singular when a pivot is zero, non-finite, or smaller than
+    ``n * eps * max|pivot|`` (its condition number is beyond the dtype's precision).
+    """
+    lu, pivots, info = torch.linalg.lu_factor_ex(matrix)
+    diag = lu.diagonal(dim1=-2, dim2=-1).abs()
+    n = matrix.shape[-1]
+    eps = torch.finfo(matrix.dtype).eps
+    if int(info.max()) > 0 or not bool(torch.isfinite(diag).all()):
+        raise SingularLayerError(f"{owner}: weight matrix is singular; it cannot be inverted")
+    if bool((diag <= n * eps * diag.max()).any()):
+        raise SingularLayerError(
+            f"{owner}: weight matrix is numerically singular (smallest pivot "
+            f"{float(diag.min()):.3e}, largest {float(diag.max()):.3e}); it cannot be inverted"
+        )
+    return lu, pivots
+
+
+def lu_solve(lu: Tensor, pivots: Tensor, rhs: Tensor) -> Tensor:
+    """Solve ``A x = rhs`` for the columns of ``rhs`` given ``lu_factor(A)``."""
+    return torch.linalg.lu_solve(lu, pivots, rhs)
+
+
+class LinearFlowLayer(FlowLayer):
+    """A layer with constant Jacobian: ``y = A x + b``.
+
+    Subclasses implement :meth:`transform` (``y`` without any determinant),
+    :meth:`_log_abs_det` (differentiable ``log|det A|`` for an input event shape) and
+    :meth:`_inverse_with` (the inverse given a factorisation from :meth:`_factorize`).
+
+    The log-determinant and the factorisation are cached and reused until a parameter or
+    buffer of the layer changes (checked through the tensors' version counters, which every
+    in-place update such as ``optimizer.step()``, ``load_state_dict`` or ``copy_`` bumps).
+    A computation that must carry gradients (grad mode on and some parameter requiring grad)
+    is never served from the cache.
+    """
+
+    constant_jacobian = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cache: dict[Hashable, Any] = {}
+
+    # -- to implement -------------------------------------------------------------------
+    def transform(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """``y = A x + b``; never computes a determinant, inverse or factorisation."""
+        raise NotImplementedError
+
+    def _log_abs_det(self, event_shape: Shape) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _factorize(self, event_shape: Shape) -> Any:  # pragma: no cover - abstract
+        """Whatever :meth:`_inverse_with` needs (e.g. an LU factorisation); may be cached."""
+        raise NotImplementedError
+
+    def _inverse_with(self, factors: Any, y: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- caching ------------------------------------------------------------------------
+    def _state_key(self) -> tuple:
+        tensors = list(self.parameters(recurse=False)) + list(self.buffers(recurse=False))
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+
+    def _needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+
+    def _cached(self, name: str, event_shape: Shape, compute: Callable[[], Any]) -> Any:
+        if self._needs_grad():
+            value = compute()
+            if isinstance(value, Tensor):
+                self._cache = {(name, tuple(event_shape), self._state_key()): value.detach()}
+            return value
+        key = (name, tuple(event_shape), self._state_key())
+        if key not in self._cache:
+            # Keep only entries that still describe the current parameters.
+            state = key[2]
+            self._cache = {k: v for k, v in self._cache.items() if k[2] == state}
+            with torch.no_grad():
+                self._cache[key] = compute()
+        return self._cache[key]
+
+    def clear_cache(self) -> None:
+        """Forget the cached log-determinant and factorisation."""
+        self._cache = {}
+
+    # -- public API -----------------------------------------------------------------------
+    def log_abs_det(self, event_shape: Shape) -> Tensor:
+        """``log|det A|`` (a scalar) for inputs of event shape ``event_shape``; cached."""
+        value = self._cached("logdet", event_shape, lambda: self._log_abs_det(tuple(event_shape)))
+        if not bool(torch.isfinite(value)):
+            raise SingularLayerError(
+                f"{type(self).__name__}: weight matrix is singular (log|det| = {float(value)})"
+            )
+        return value
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y = self.transform(x)
+        logdet = self.log_abs_det(tuple(x.shape[1:]))
+        return y, logdet.to(device=y.device, dtype=y.dtype).expand(x.shape[0])
+
+    def inverse(self, y: Tensor) -> Tensor:
+        event_shape = self.input_shape_of(tuple(y.shape[1:]))
+        factors = self._cached("factors", event_shape, lambda: self._factorize(event_shape))
+        return self._inverse_with(factors, y)
+
+    def input_shape_of(self, output_event_shape: Shape) -> Shape:
+        """Event shape of the input that gives ``output_event_shape`` (same by default)."""
+        return tuple(output_event_shape)

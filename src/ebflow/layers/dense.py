@@ -1,0 +1,163 @@
+"""Dense layers ``y = W x + b`` on vectors, in four parameterisations of ``W``."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError, InputError, SingularLayerError
+from .base import LinearFlowLayer, Shape, checked_lu_factor, lu_solve
+
+__all__ = ["Dense", "random_orthogonal"]
+
+Parameterisation = Literal["full", "tril", "triu", "lu"]
+PARAMETERISATIONS: tuple[str, ...] = ("full", "tril", "triu", "lu")
+
+
+def random_orthogonal(n: int, generator: torch.Generator | None = None) -> Tensor:
+    """A Haar-random ``n x n`` orthogonal matrix (QR of a Gaussian matrix, signs fixed)."""
+    a = torch.randn(n, n, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(a)
+    return (q * torch.sign(torch.diagonal(r)).unsqueeze(0)).to(torch.get_default_dtype())
+
+
+class Dense(LinearFlowLayer):
+    r"""Dense layer :math:`y = W x + b` on inputs of shape ``(batch, features)``.
+
+    ``parameterisation`` chooses how :math:`W` is stored:
+
+    * ``"full"`` -- unconstrained :math:`W` (orthogonal initialisation);
+      :math:`\log|\det W|` by LU.
+    * ``"tril"`` / ``"triu"`` -- lower / upper triangular :math:`W` (identity initialisation);
+      :math:`\log|\det W| = \sum_i \log|W_{ii}|`.
+    * ``"lu"`` -- :math:`W = P L U` with a fixed permutation :math:`P`, unit lower-triangular
+      :math:`L` and upper-triangular :math:`U`; :math:`\log|\det W| = \sum_i \log|U_{ii}|`.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        out_features: int | None = None,
+        *,
+        parameterisation: Parameterisation = "full",
+        bias: bool = True,
+        init: Literal["orthogonal", "identity"] | None = None,
+    ) -> None:
+        super().__init__()
+        if out_features is not None and out_features != features:
+            raise ConfigError(
+                f"Dense layer must be square to be invertible: got {features} inputs and "
+                f"{out_features} outputs"
+            )
+        if not isinstance(features, int) or features < 1:
+            raise ConfigError(f"Dense layer needs a positive number of features, got {features!r}")
+        if parameterisation not in PARAMETERISATIONS:
+            raise ConfigError(
+                f"unknown dense parameterisation {parameterisation!r}; "
+                f"choose one of {', '.join(PARAMETERISATIONS)}"
+            )
+        self.features = features
+        self.parameterisation = parameterisation
+        d = features
+        if init is None:
+            init = "identity" if parameterisation in ("tril", "triu") else "orthogonal"
+        if init not in ("orthogonal", "identity"):
+            raise ConfigError(f"unknown dense initialisation {init!r}")
+        start = random_orthogonal(d) if init == "orthogonal" else torch.eye(d)
+
+        if parameterisation == "full":
+            self.weight = nn.Parameter(start.clone())
+        elif parameterisation in ("tril", "triu"):
+            tri = torch.tril if parameterisation == "tril" else torch.triu
+            self.weight = nn.Parameter(tri(start))
+            self.register_buffer("mask", tri(torch.ones(d, d)), persistent=False)
+        else:  # lu
+            p, l, u = torch.linalg.lu(start.double())
+            self.register_buffer("permutation", p.to(start.dtype))
+            self.lower = nn.Parameter(torch.tril(l, -1).to(start.dtype))
+            self.upper = nn.Parameter(torch.triu(u).to(start.dtype))
+            self.register_buffer("lower_mask", torch.tril(torch.ones(d, d), -1), persistent=False)
+            self.register_buffer("upper_mask", torch.triu(torch.ones(d, d)), persistent=False)
+            self.register_buffer("eye", torch.eye(d), persistent=False)
+        self.bias = nn.Parameter(torch.zeros(d)) if bias else None
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, parameterisation={self.parameterisation}, bias={self.bias is not None}"
+
+    # -- the matrix -----------------------------------------------------------------------
+    def _lu_factors(self) -> tuple[Tensor, Tensor]:
+        lower = self.lower * self.lower_mask + self.eye
+        upper = self.upper * self.upper_mask
+        return lower, upper
+
+    def matrix(self) -> Tensor:
+        """The weight matrix ``W`` (``features x features``)."""
+        if self.parameterisation == "full":
+            return self.weight
+        if self.parameterisation in ("tril", "triu"):
+            return self.weight * self.mask
+        lower, upper = self._lu_factors()
+        return self.permutation @ lower @ upper
+
+    # -- LinearFlowLayer -----------------------------------------------------------------
+    def output_shape(self, event_shape: Shape) -> Shape:
+        if tuple(event_shape) != (self.features,):
+            raise InputError(
+                f"Dense({self.features}) expects inputs of shape (batch, {self.features}), "
+                f"got event shape {tuple(event_shape)}"
+            )
+        return (self.features,)
+
+    def transform(self, x: Tensor) -> Tensor:
+        self._check_event_shape(x, (self.features,), "inputs")
+        return F.linear(x, self.matrix(), self.bias)
+
+    def _log_abs_det(self, event_shape: Shape) -> Tensor:
+        if self.parameterisation == "full":
+            return torch.linalg.slogdet(self.weight)[1]
+        if self.parameterisation in ("tril", "triu"):
+            return torch.log(torch.diagonal(self.weight).abs()).sum()
+        return torch.log(torch.diagonal(self.upper).abs()).sum()
+
+    def _factorize(self, event_shape: Shape) -> tuple[Tensor, ...]:
+        name = f"Dense({self.features}, {self.parameterisation})"
+        if self.parameterisation == "full":
+            return checked_lu_factor(self.weight.double(), name)
+        if self.parameterisation in ("tril", "triu"):
+            w = (self.weight * self.mask).double()
+            _check_triangular(w.diagonal(), name)
+            return (w,)
+        lower, upper = (t.double() for t in self._lu_factors())
+        _check_triangular(upper.diagonal(), name)
+        return (self.permutation.double(), lower, upper)
+
+    def _inverse_with(self, factors: tuple[Tensor, ...], y: Tensor) -> Tensor:
+        self._check_event_shape(y, (self.features,), "outputs")
+        rhs = y if self.bias is None else y - self.bias
+        rhs = rhs.double().T  # (features, batch)
+        if self.parameterisation == "full":
+            lu, pivots = factors
+            x = lu_solve(lu, pivots, rhs)
+        elif self.parameterisation in ("tril", "triu"):
+            (w,) = factors
+            x = torch.linalg.solve_triangular(w, rhs, upper=self.parameterisation == "triu")
+        else:
+            perm, lower, upper = factors
+            x = perm.T @ rhs
+            x = torch.linalg.solve_triangular(lower, x, upper=False, unitriangular=True)
+            x = torch.linalg.solve_triangular(upper, x, upper=True)
+        return x.T.to(y.dtype)
+
+
+def _check_triangular(diag: Tensor, name: str) -> None:
+    a = diag.abs()
+    n = a.numel()
+    if not bool(torch.isfinite(a).all()) or bool((a <= n * torch.finfo(a.dtype).eps * a.max()).any()):
+        raise SingularLayerError(
+            f"{name}: weight matrix is singular (smallest |diagonal| {float(a.min()):.3e}); "
+            "it cannot be inverted"
+        )
+

@@ -1,0 +1,175 @@
+"""Element-wise non-linear bijections (the set S_nl): their log-determinant is in the energy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import ConfigError, InputError
+from .base import FlowLayer
+
+__all__ = [
+    "SmoothLeakyReLU",
+    "ResidualSmoothLeakyReLU",
+    "LeakyReLU",
+    "Logit",
+    "Sigmoid",
+    "invert_increasing",
+]
+
+
+def _sum_event(t: Tensor) -> Tensor:
+    return t.reshape(t.shape[0], -1).sum(dim=1)
+
+
+def invert_increasing(
+    f: Callable[[Tensor], Tensor],
+    df: Callable[[Tensor], Tensor],
+    y: Tensor,
+    *,
+    f0: float,
+    min_slope: float,
+    max_slope: float,
+    max_iter: int = 100,
+) -> Tensor:
+    r"""Solve :math:`f(x) = y` element-wise for an increasing :math:`f` with
+    :math:`f' \in [m, M]` and :math:`f(0) = f_0`, by Newton steps safeguarded by bisection.
+
+    The root lies between :math:`(y - f_0)/M` and :math:`(y - f_0)/m`, which gives the bracket.
+    Works in float64 internally and returns ``y``'s dtype.
+    """
+    yd = y.detach().double()
+    a = (yd - f0) / max_slope
+    b = (yd - f0) / min_slope
+    lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+    x = a.clone()
+    tol = 4 * torch.finfo(torch.float64).eps
+    for _ in range(max_iter):
+        fx = f(x) - yd
+        lo = torch.where(fx < 0, x, lo)
+        hi = torch.where(fx > 0, x, hi)
+        step = fx / df(x)
+        x_new = x - step
+        outside = (x_new <= lo) | (x_new >= hi)
+        x_new = torch.where(outside, 0.5 * (lo + hi), x_new)
+        done = (x_new - x).abs() <= tol * (1 + x.abs())
+        x = x_new
+        if bool(done.all()):
+            break
+    return x.to(y.dtype)
+
+
+class SmoothLeakyReLU(FlowLayer):
+    r"""Smooth leaky ReLU :math:`y = \alpha x + (1 - \alpha)\,\mathrm{softplus}(x)`.
+
+    :math:`y' = \alpha + (1 - \alpha)\sigma(x) \in (\alpha, 1)`; the inverse is found by
+    safeguarded Newton iterations. ``0 < alpha < 1``.
+    """
+
+    def __init__(self, alpha: float = 0.3) -> None:
+        super().__init__()
+        if not 0.0 < alpha < 1.0:
+            raise ConfigError(f"SmoothLeakyReLU needs 0 < alpha < 1, got alpha={alpha}")
+        self.alpha = float(alpha)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}"
+
+    def _f(self, x: Tensor) -> Tensor:
+        return self.alpha * x + (1 - self.alpha) * F.softplus(x)
+
+    def _df(self, x: Tensor) -> Tensor:
+        return self.alpha + (1 - self.alpha) * torch.sigmoid(x)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self._f(x), _sum_event(torch.log(self._df(x)))
+
+    def inverse(self, y: Tensor) -> Tensor:
+        f0 = (1 - self.alpha) * float(torch.log(torch.tensor(2.0)))
+        return invert_increasing(self._f, self._df, y, f0=f0, min_slope=self.alpha, max_slope=1.0)
+
+
+class ResidualSmoothLeakyReLU(SmoothLeakyReLU):
+    r"""Residual smooth leaky ReLU :math:`y = x + \alpha x + (1 - \alpha)\,\mathrm{softplus}(x)`.
+
+    :math:`y' = 1 + \alpha + (1 - \alpha)\sigma(x) \in (1 + \alpha, 2)`.
+    """
+
+    def _f(self, x: Tensor) -> Tensor:
+        return x + super()._f(x)
+
+    def _df(self, x: Tensor) -> Tensor:
+        return 1 + super()._df(x)
+
+    def inverse(self, y: Tensor) -> Tensor:
+        f0 = (1 - self.alpha) * float(torch.log(torch.tensor(2.0)))
+        return invert_increasing(
+            self._f, self._df, y, f0=f0, min_slope=1 + self.alpha, max_slope=2.0
+        )
+
+
+class LeakyReLU(FlowLayer):
+    r"""Leaky ReLU :math:`y = x` for :math:`x \ge 0`, :math:`\alpha x` otherwise (``alpha > 0``).
+
+    :math:`\log|\det| = \log\alpha \cdot \#\{x_i < 0\}`.
+    """
+
+    def __init__(self, alpha: float = 0.1) -> None:
+        super().__init__()
+        if not alpha > 0.0:
+            raise ConfigError(f"LeakyReLU needs alpha > 0 to be invertible, got alpha={alpha}")
+        self.alpha = float(alpha)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}"
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        negative = x < 0
+        y = torch.where(negative, self.alpha * x, x)
+        logdet = _sum_event(negative.to(x.dtype)) * float(torch.log(torch.tensor(self.alpha)))
+        return y, logdet
+
+    def inverse(self, y: Tensor) -> Tensor:
+        return torch.where(y < 0, y / self.alpha, y)
+
+
+def _check_unit_interval(x: Tensor, owner: str) -> None:
+    if not bool(((x > 0) & (x < 1)).all()):
+        bad = x[~((x > 0) & (x < 1))]
+        raise InputError(
+            f"{owner} is defined on (0, 1) only; got {bad.numel()} values outside it "
+            f"(e.g. {float(bad.flatten()[0]):.4g})"
+        )
+
+
+class Logit(FlowLayer):
+    r"""Logit :math:`y = \log x - \log(1 - x)` on :math:`(0, 1)`.
+
+    :math:`\log|\det| = -\sum_i [\log x_i + \log(1 - x_i)]`. Inputs outside ``(0, 1)`` raise
+    :class:`~ebflow.errors.InputError`.
+    """
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        _check_unit_interval(x.detach(), "Logit")
+        log_x, log_1mx = torch.log(x), torch.log1p(-x)
+        return log_x - log_1mx, -_sum_event(log_x + log_1mx)
+
+    def inverse(self, y: Tensor) -> Tensor:
+        return torch.sigmoid(y)
+
+
+class Sigmoid(FlowLayer):
+    r"""Sigmoid :math:`y = 1 / (1 + e^{-x})`.
+
+    :math:`\log|\det| = \sum_i [\log\sigma(x_i) + \log\sigma(-x_i)]`.
+    """
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.sigmoid(x), _sum_event(F.logsigmoid(x) + F.logsigmoid(-x))
+
+    def inverse(self, y: Tensor) -> Tensor:
+        _check_unit_interval(y.detach(), "Sigmoid.inverse")
+        return torch.log(y) - torch.log1p(-y)

@@ -1,0 +1,219 @@
+r"""Training objectives. Each takes ``(model, x)`` and returns a scalar to minimise.
+
+With :math:`s(x) = -\nabla_x E(x)` the model score:
+
+* ``ml``    -- :math:`\mathbb{E}[-\log p(x)]`; needs every linear log-determinant.
+* ``sml``   -- surrogate with gradient :math:`\mathbb{E}_{data}\nabla E - \mathbb{E}_{model}\nabla E`,
+  model samples drawn by exact inversion (no gradient through them).
+* ``ssm``   -- sliced score matching, variance reduced:
+  :math:`\mathbb{E}[v^\top \nabla_x s\, v + \tfrac12\|s\|^2]`.
+* ``dsm``   -- denoising score matching: :math:`\mathbb{E}\,\tfrac12\|s(x+\sigma\epsilon) + \epsilon/\sigma\|^2`.
+* ``fdssm`` -- finite-difference SSM from energies at :math:`x, x \pm v`, :math:`\|v\| = \varepsilon`.
+* ``esm``   -- exact score matching :math:`\mathbb{E}[\operatorname{tr}\nabla_x s + \tfrac12\|s\|^2]`
+  (``D`` Hessian-vector products: small ``D`` only).
+
+The score-matching objectives (``ssm``, ``dsm``, ``fdssm``, ``esm``) only call
+:meth:`EBFlow.energy`: never a determinant, inverse or factorisation of a linear layer. Any of
+them takes an energy regulariser ``energy_reg`` (:math:`\lambda\,\mathbb{E}[E(x)]`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError
+from .flow import EBFlow
+
+__all__ = [
+    "Objective",
+    "OBJECTIVES",
+    "make_objective",
+    "ml_loss",
+    "sml_loss",
+    "ssm_loss",
+    "dsm_loss",
+    "fdssm_loss",
+    "esm_loss",
+]
+
+Projection = Literal["rademacher", "gaussian"]
+
+
+def _flat_sq_norm(t: Tensor) -> Tensor:
+    return t.reshape(t.shape[0], -1).pow(2).sum(dim=1)
+
+
+def _flat_dot(a: Tensor, b: Tensor) -> Tensor:
+    return (a * b).reshape(a.shape[0], -1).sum(dim=1)
+
+
+def _energy_and_grad(model: EBFlow, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x_with_grad, E(x), dE/dx)`` with the graph kept for a second differentiation."""
+    x = x.detach().requires_grad_(True)
+    e = model.energy(x)
+    (g,) = torch.autograd.grad(e.sum(), x, create_graph=True)
+    return x, e, g
+
+
+def ml_loss(model: EBFlow, x: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Maximum likelihood: :math:`\mathbb{E}[E(x)] + \log Z`. Returns ``(loss, E(x))``."""
+    e = model.energy(x)
+    return e.mean() + model.log_partition().to(e.dtype), e
+
+
+def sml_loss(model: EBFlow, x: Tensor, num_samples: int | None = None) -> tuple[Tensor, Tensor]:
+    r"""Sampling-based ML: :math:`\mathbb{E}_{data}[E] - \mathbb{E}_{model}[E]` with model samples
+    drawn by exact inversion and detached. Its gradient equals the ML gradient in expectation;
+    its value is not a likelihood. Returns ``(loss, E(x))``."""
+    n = x.shape[0] if num_samples is None else num_samples
+    with torch.no_grad():
+        samples = model.sample(n)
+    e = model.energy(x)
+    return e.mean() - model.energy(samples).mean(), e
+
+
+def _projections(x: Tensor, slices: int, projection: Projection) -> Tensor:
+    shape = (slices, *x.shape)
+    if projection == "rademacher":
+        return torch.randint(0, 2, shape, device=x.device).to(x.dtype) * 2 - 1
+    if projection == "gaussian":
+        return torch.randn(shape, dtype=x.dtype, device=x.device)
+    raise ConfigError(f"unknown SSM projection {projection!r}; choose 'rademacher' or 'gaussian'")
+
+
+def ssm_loss(
+    model: EBFlow, x: Tensor, slices: int = 1, projection: Projection = "rademacher"
+) -> tuple[Tensor, Tensor]:
+    r"""Sliced score matching (variance reduced), ``slices`` projections per example:
+    :math:`\mathbb{E}[-v^\top \nabla^2 E\, v + \tfrac12\|\nabla E\|^2]`. Returns ``(loss, E(x))``."""
+    if slices < 1:
+        raise ConfigError(f"SSM needs at least one slice, got slices={slices}")
+    v = _projections(x, slices, projection)
+    xr, e, g = _energy_and_grad(model, x.repeat(slices, *([1] * (x.dim() - 1))))
+    v = v.reshape(xr.shape)
+    (hv,) = torch.autograd.grad(_flat_dot(g, v).sum(), xr, create_graph=True)
+    loss = -_flat_dot(hv, v) + 0.5 * _flat_sq_norm(g)
+    return loss.mean(), e[: x.shape[0]]
+
+
+def dsm_loss(model: EBFlow, x: Tensor, sigma: float) -> tuple[Tensor, None]:
+    r"""Denoising score matching at noise level ``sigma``:
+    :math:`\mathbb{E}\,\tfrac12\|\nabla E(\tilde x) - \epsilon/\sigma\|^2`,
+    :math:`\tilde x = x + \sigma\epsilon`. Returns ``(loss, None)`` (no energy at ``x``)."""
+    if not sigma > 0:
+        raise ConfigError(f"DSM needs a noise level sigma > 0, got sigma={sigma}")
+    eps = torch.randn_like(x)
+    _, _, g = _energy_and_grad(model, x + sigma * eps)
+    return 0.5 * _flat_sq_norm(g - eps / sigma).mean(), None
+
+
+def _fdssm_per_example(model: EBFlow, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    r"""FDSSM terms for given directions ``v`` (``\|v\| = \varepsilon`` per example), scaled by
+    :math:`D/\varepsilon^2` so that they estimate the SSM objective. Returns ``(terms, E(x))``."""
+    b = x.shape[0]
+    e_all = model.energy(torch.cat([x, x + v, x - v]))
+    e, e_plus, e_minus = e_all[:b], e_all[b : 2 * b], e_all[2 * b :]
+    eps_sq = _flat_sq_norm(v)
+    d = x[0].numel()
+    terms = (e_plus - e_minus).pow(2) / 8 + 2 * e - e_plus - e_minus
+    return terms * d / eps_sq, e
+
+
+def _sphere(x: Tensor, radius: float) -> Tensor:
+    v = torch.randn_like(x)
+    norm = v.reshape(v.shape[0], -1).norm(dim=1).clamp_min(torch.finfo(x.dtype).tiny)
+    return v * (radius / norm).view(-1, *([1] * (x.dim() - 1)))
+
+
+def fdssm_loss(model: EBFlow, x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    r"""Finite-difference sliced score matching with step ``eps``:
+    :math:`\frac{D}{\varepsilon^2}\mathbb{E}[\tfrac18(E(x+v)-E(x-v))^2 + 2E(x) - E(x+v) - E(x-v)]`,
+    :math:`v` uniform on the sphere of radius :math:`\varepsilon`. Three energy evaluations, one
+    backward. Returns ``(loss, E(x))``."""
+    if not eps > 0:
+        raise ConfigError(f"FDSSM needs a step eps > 0, got eps={eps}")
+    terms, e = _fdssm_per_example(model, x, _sphere(x, eps))
+    return terms.mean(), e
+
+
+def esm_loss(model: EBFlow, x: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Exact score matching :math:`\mathbb{E}[-\operatorname{tr}\nabla^2 E + \tfrac12\|\nabla E\|^2]`
+    with the Hessian trace from ``D`` Hessian-vector products. Returns ``(loss, E(x))``."""
+    xr, e, g = _energy_and_grad(model, x)
+    g_flat = g.reshape(g.shape[0], -1)
+    d = g_flat.shape[1]
+    trace = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    for i in range(d):
+        (row,) = torch.autograd.grad(g_flat[:, i].sum(), xr, create_graph=True)
+        trace = trace + row.reshape(row.shape[0], -1)[:, i]
+    return (-trace + 0.5 * _flat_sq_norm(g)).mean(), e
+
+
+@dataclass
+class Objective:
+    """A configured objective: ``loss = objective(model, x)``.
+
+    ``energy_reg`` adds :math:`\\lambda\\,\\mathbb{E}[E(x)]` (reusing ``E(x)`` when the objective
+    already computed it). ``options`` are passed to the loss function (``sigma``, ``eps``,
+    ``slices``, ``projection``, ``num_samples``).
+    """
+
+    name: str
+    fn: Callable[..., tuple[Tensor, Tensor | None]]
+    options: dict = field(default_factory=dict)
+    energy_reg: float = 0.0
+
+    @property
+    def uses_log_det(self) -> bool:
+        """True when the objective needs linear-layer determinants (``ml``)."""
+        return self.name == "ml"
+
+    def __call__(self, model: EBFlow, x: Tensor) -> Tensor:
+        loss, e = self.fn(model, x, **self.options)
+        if self.energy_reg:
+            if e is None:
+                e = model.energy(x)
+            loss = loss + self.energy_reg * e.mean()
+        return loss
+
+
+OBJECTIVES: dict[str, tuple[Callable[..., tuple[Tensor, Tensor | None]], tuple[str, ...]]] = {
+    "ml": (ml_loss, ()),
+    "sml": (sml_loss, ("num_samples",)),
+    "ssm": (ssm_loss, ("slices", "projection")),
+    "dsm": (dsm_loss, ("sigma",)),
+    "fdssm": (fdssm_loss, ("eps",)),
+    "esm": (esm_loss, ()),
+}
+DEFAULTS: dict[str, dict] = {"dsm": {"sigma": 0.1}, "fdssm": {"eps": 0.1}}
+
+
+def make_objective(name: str, *, energy_reg: float = 0.0, **options) -> Objective:
+    """Build an objective by name (``ml``, ``sml``, ``ssm``, ``dsm``, ``fdssm``, ``esm``).
+
+    Unknown names or options raise :class:`~ebflow.errors.ConfigError`.
+    """
+    if name not in OBJECTIVES:
+        raise ConfigError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+    fn, allowed = OBJECTIVES[name]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"objective {name!r} takes no option(s) {', '.join(unknown)}; "
+            f"it takes: {', '.join(allowed) or 'none'}"
+        )
+    if not energy_reg >= 0:
+        raise ConfigError(f"energy_reg must be >= 0, got {energy_reg}")
+    merged = {**DEFAULTS.get(name, {}), **options}
+    if "sigma" in merged and not merged["sigma"] > 0:
+        raise ConfigError(f"sigma must be > 0, got {merged['sigma']}")
+    if "eps" in merged and not merged["eps"] > 0:
+        raise ConfigError(f"eps must be > 0, got {merged['eps']}")
+    if "slices" in merged and not (isinstance(merged["slices"], int) and merged["slices"] >= 1):
+        raise ConfigError(f"slices must be a positive integer, got {merged['slices']!r}")
+    return Objective(name=name, fn=fn, options=merged, energy_reg=float(energy_reg))
