@@ -53,7 +53,11 @@ def _flat_dot(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _energy_and_grad(model: EBFlow, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(x_with_grad, E(x), dE/dx)`` with the graph kept for a second differentiation."""
+    """``(x_with_grad, E(x), dE/dx)`` with the graph kept for a second differentiation.
+
+    The score objectives differentiate with respect to ``x``, so they enable grad mode
+    themselves: their value can also be computed inside ``torch.no_grad()`` (validation).
+    """
     x = x.detach().requires_grad_(True)
     e = model.energy(x)
     (g,) = torch.autograd.grad(e.sum(), x, create_graph=True)
@@ -86,6 +90,7 @@ def _projections(x: Tensor, slices: int, projection: Projection) -> Tensor:
     raise ConfigError(f"unknown SSM projection {projection!r}; choose 'rademacher' or 'gaussian'")
 
 
+@torch.enable_grad()
 def ssm_loss(
     model: EBFlow, x: Tensor, slices: int = 1, projection: Projection = "rademacher"
 ) -> tuple[Tensor, Tensor]:
@@ -101,6 +106,7 @@ def ssm_loss(
     return loss.mean(), e[: x.shape[0]]
 
 
+@torch.enable_grad()
 def dsm_loss(model: EBFlow, x: Tensor, sigma: float) -> tuple[Tensor, None]:
     r"""Denoising score matching at noise level ``sigma``:
     :math:`\mathbb{E}\,\tfrac12\|\nabla E(\tilde x) - \epsilon/\sigma\|^2`,
@@ -141,6 +147,7 @@ def fdssm_loss(model: EBFlow, x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return terms.mean(), e
 
 
+@torch.enable_grad()
 def esm_loss(model: EBFlow, x: Tensor) -> tuple[Tensor, Tensor]:
     r"""Exact score matching :math:`\mathbb{E}[-\operatorname{tr}\nabla^2 E + \tfrac12\|\nabla E\|^2]`
     with the Hessian trace from ``D`` Hessian-vector products. Returns ``(loss, E(x))``."""

@@ -62,7 +62,7 @@ def checked_lu_factor(matrix: Tensor, owner: str) -> tuple[Tensor, Tensor]:
     ``n * eps * max|pivot|`` (its condition number is beyond the dtype's precision).
     """
     lu, pivots, info = torch.linalg.lu_factor_ex(matrix)
-    diag = lu.diagonal(dim1=-2, dim2=-1).abs()
+    diag = lu.detach().diagonal(dim1=-2, dim2=-1).abs()
     n = matrix.shape[-1]
     eps = torch.finfo(matrix.dtype).eps
     if int(info.max()) > 0 or not bool(torch.isfinite(diag).all()):
@@ -91,7 +91,8 @@ class LinearFlowLayer(FlowLayer):
     buffer of the layer changes (checked through the tensors' version counters, which every
     in-place update such as ``optimizer.step()``, ``load_state_dict`` or ``copy_`` bumps).
     A computation that must carry gradients (grad mode on and some parameter requiring grad)
-    is never served from the cache.
+    is never served from the cache. Writing through ``param.data`` bypasses the version counter
+    (that is what ``.data`` is for): call :meth:`clear_cache` after doing so.
     """
 
     constant_jacobian = True
@@ -148,7 +149,7 @@ class LinearFlowLayer(FlowLayer):
         value = self._cached("logdet", event_shape, lambda: self._log_abs_det(tuple(event_shape)))
         if not bool(torch.isfinite(value)):
             raise SingularLayerError(
-                f"{type(self).__name__}: weight matrix is singular (log|det| = {float(value)})"
+                f"{type(self).__name__}: weight matrix is singular (log|det| = {float(value.detach())})"
             )
         return value
 

@@ -21,7 +21,8 @@ def random_orthogonal(n: int, generator: torch.Generator | None = None) -> Tenso
     """A Haar-random ``n x n`` orthogonal matrix (QR of a Gaussian matrix, signs fixed)."""
     a = torch.randn(n, n, generator=generator, dtype=torch.float64)
     q, r = torch.linalg.qr(a)
-    return (q * torch.sign(torch.diagonal(r)).unsqueeze(0)).to(torch.get_default_dtype())
+    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    return q.to(torch.get_default_dtype()).contiguous()
 
 
 class Dense(LinearFlowLayer):
@@ -153,7 +154,7 @@ class Dense(LinearFlowLayer):
 
 
 def _check_triangular(diag: Tensor, name: str) -> None:
-    a = diag.abs()
+    a = diag.detach().abs()
     n = a.numel()
     if not bool(torch.isfinite(a).all()) or bool((a <= n * torch.finfo(a.dtype).eps * a.max()).any()):
         raise SingularLayerError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -44,7 +45,8 @@ def invert_increasing(
     yd = y.detach().double()
     a = (yd - f0) / max_slope
     b = (yd - f0) / min_slope
-    lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+    margin = 1e-9 * (1 + yd.abs())  # guards the bracket against rounding in f0
+    lo, hi = torch.minimum(a, b) - margin, torch.maximum(a, b) + margin
     x = a.clone()
     tol = 4 * torch.finfo(torch.float64).eps
     for _ in range(max_iter):
@@ -53,7 +55,7 @@ def invert_increasing(
         hi = torch.where(fx > 0, x, hi)
         step = fx / df(x)
         x_new = x - step
-        outside = (x_new <= lo) | (x_new >= hi)
+        outside = (x_new < lo) | (x_new > hi)
         x_new = torch.where(outside, 0.5 * (lo + hi), x_new)
         done = (x_new - x).abs() <= tol * (1 + x.abs())
         x = x_new
@@ -88,7 +90,7 @@ class SmoothLeakyReLU(FlowLayer):
         return self._f(x), _sum_event(torch.log(self._df(x)))
 
     def inverse(self, y: Tensor) -> Tensor:
-        f0 = (1 - self.alpha) * float(torch.log(torch.tensor(2.0)))
+        f0 = (1 - self.alpha) * math.log(2.0)
         return invert_increasing(self._f, self._df, y, f0=f0, min_slope=self.alpha, max_slope=1.0)
 
 
@@ -105,7 +107,7 @@ class ResidualSmoothLeakyReLU(SmoothLeakyReLU):
         return 1 + super()._df(x)
 
     def inverse(self, y: Tensor) -> Tensor:
-        f0 = (1 - self.alpha) * float(torch.log(torch.tensor(2.0)))
+        f0 = (1 - self.alpha) * math.log(2.0)
         return invert_increasing(
             self._f, self._df, y, f0=f0, min_slope=1 + self.alpha, max_slope=2.0
         )
@@ -129,7 +131,7 @@ class LeakyReLU(FlowLayer):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         negative = x < 0
         y = torch.where(negative, self.alpha * x, x)
-        logdet = _sum_event(negative.to(x.dtype)) * float(torch.log(torch.tensor(self.alpha)))
+        logdet = _sum_event(negative.to(x.dtype)) * math.log(self.alpha)
         return y, logdet
 
     def inverse(self, y: Tensor) -> Tensor:

@@ -1,0 +1,256 @@
+"""Correctness of the training objectives: gradients, estimator agreement, consistency, and that
+score matching never touches a linear layer's determinant, inverse or factorisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import image_model_1ch, initialised, perturb
+from ebflow import EBFlow, make_objective
+from ebflow.errors import ConfigError
+from ebflow.layers import (
+    ActNorm,
+    AffineCoupling,
+    Conv1x1,
+    Conv2d,
+    Dense,
+    FixedAffine,
+    Flatten,
+    LinearFlowLayer,
+    ResidualSmoothLeakyReLU,
+    SmoothLeakyReLU,
+    Squeeze,
+)
+from ebflow.objectives import _fdssm_per_example, esm_loss, fdssm_loss, ssm_loss
+
+
+def tiny_model() -> EBFlow:
+    layers = [Dense(3), SmoothLeakyReLU(0.3), ActNorm(3), Dense(3, parameterisation="lu"),
+              AffineCoupling((3,), hidden=4, depth=1)]
+    return EBFlow(layers, (3,)).double()
+
+
+def _params(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _finite_difference_check(model, loss_of_model, seed=0, h=1e-6, entries=6):
+    """Compare autograd parameter gradients with central differences on a few entries each."""
+    torch.manual_seed(seed)
+    model.zero_grad()
+    loss_of_model().backward()
+    for p in _params(model):
+        grad = p.grad.detach().clone().reshape(-1)
+        flat = p.detach().view(-1)  # shares the version counter, so caches see the change
+        idx = torch.randperm(flat.numel())[:entries]
+        for i in idx.tolist():
+            old = flat[i].item()
+            with torch.no_grad():
+                flat[i] = old + h
+                torch.manual_seed(seed)
+                up = loss_of_model().item()
+                flat[i] = old - h
+                torch.manual_seed(seed)
+                down = loss_of_model().item()
+                flat[i] = old
+            numeric = (up - down) / (2 * h)
+            assert abs(numeric - grad[i].item()) <= 1e-5 * (1 + abs(numeric)), (p.shape, i, numeric, grad[i].item())
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [("ml", {}), ("ssm", {"slices": 2}), ("ssm", {"projection": "gaussian"}), ("dsm", {"sigma": 0.3}),
+     ("fdssm", {"eps": 0.1}), ("esm", {}), ("dsm", {"sigma": 0.3, "energy_reg": 0.1})],
+)
+def test_parameter_gradients_match_finite_differences(name, options):
+    x = torch.randn(8, 3, dtype=torch.float64)
+    model = initialised(tiny_model(), x)
+    objective = make_objective(name, **options)
+    _finite_difference_check(model, lambda: objective(model, x))
+
+
+def test_sml_gradient_is_energy_difference_with_samples_held_fixed():
+    x = torch.randn(8, 3, dtype=torch.float64)
+    model = initialised(tiny_model(), x)
+    objective = make_objective("sml", num_samples=16)
+    torch.manual_seed(5)
+    model.zero_grad()
+    objective(model, x).backward()
+    auto = [p.grad.clone() for p in _params(model)]
+    torch.manual_seed(5)
+    samples = model.sample(16)
+    model.zero_grad()
+    (model.energy(x).mean() - model.energy(samples).mean()).backward()
+    for a, p in zip(auto, _params(model)):
+        torch.testing.assert_close(a, p.grad)
+    _finite_difference_check(model, lambda: model.energy(x).mean() - model.energy(samples).mean())
+
+
+def test_sml_gradient_matches_ml_gradient_in_expectation():
+    model = perturb(EBFlow([Dense(2)], (2,)).double(), 0.3)
+    x = torch.randn(64, 2, dtype=torch.float64) * 1.5 + 0.5
+    model.zero_grad()
+    make_objective("ml")(model, x).backward()
+    ml = [p.grad.clone() for p in _params(model)]
+    model.zero_grad()
+    make_objective("sml", num_samples=400_000)(model, x).backward()
+    for g_ml, p in zip(ml, _params(model)):
+        torch.testing.assert_close(p.grad, g_ml, atol=0.02 * (1 + float(g_ml.abs().max())), rtol=0)
+
+
+def _hessian_parts(model, x, u):
+    """Per example: grad E, u^T H u (exact, autograd)."""
+    x = x.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(model.energy(x).sum(), x, create_graph=True)
+    (hu,) = torch.autograd.grad((g * u).sum(), x)
+    return g.detach(), (hu * u).sum(dim=1)
+
+
+def test_ssm_with_many_slices_approaches_esm():
+    x = torch.randn(6, 3, dtype=torch.float64)
+    model = initialised(tiny_model(), x, scale=0.5)
+    with torch.no_grad():
+        pass
+    exact = esm_loss(model, x)[0].item()
+    for projection in ("rademacher", "gaussian"):
+        torch.manual_seed(0)
+        estimate = ssm_loss(model, x, slices=20_000, projection=projection)[0].item()
+        assert abs(estimate - exact) < 0.01 * (1 + abs(exact)), (projection, estimate, exact)
+
+
+def test_fdssm_converges_to_sliced_score_matching_as_eps_shrinks():
+    x = torch.randn(5, 3, dtype=torch.float64)
+    model = initialised(tiny_model(), x, scale=0.5)
+    u = torch.randn(5, 3, dtype=torch.float64)
+    u = u / u.norm(dim=1, keepdim=True)
+    g, uhu = _hessian_parts(model, x, u)
+    d = 3
+    sliced = d * (0.5 * (g * u).sum(1) ** 2 - uhu)  # the same slice, exact derivatives
+    errors = []
+    for eps in (1e-1, 1e-2, 1e-3):
+        with torch.no_grad():
+            terms, _ = _fdssm_per_example(model, x, eps * u)
+        errors.append(float((terms - sliced).abs().max()))
+    assert errors[2] < 1e-4 * (1 + float(sliced.abs().max()))
+    assert errors[0] > errors[1] > errors[2]
+    # ... and in expectation over directions on the sphere it estimates the SSM / ESM objective.
+    exact = esm_loss(model, x)[0].item()
+    torch.manual_seed(0)
+    big = x.repeat(40_000, 1)
+    with torch.no_grad():
+        estimate = fdssm_loss(model, big, eps=1e-3)[0].item()
+    assert abs(estimate - exact) < 0.02 * (1 + abs(exact)), (estimate, exact)
+
+
+@pytest.mark.parametrize("name, options", [("ssm", {"slices": 4}), ("dsm", {"sigma": 0.05}), ("fdssm", {"eps": 0.05})])
+def test_gaussian_model_recovers_data_covariance(name, options):
+    """A single dense layer with bias is a Gaussian model; score matching is consistent."""
+    gen = torch.Generator().manual_seed(42)
+    true_cov = torch.tensor([[2.0, 0.6, 0.0], [0.6, 1.0, -0.3], [0.0, -0.3, 0.5]], dtype=torch.float64)
+    data = torch.randn(4000, 3, generator=gen, dtype=torch.float64) @ torch.linalg.cholesky(true_cov).T
+    data = data + torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    sample_cov = torch.cov(data.T, correction=0)
+    model = EBFlow([Dense(3)], (3,)).double()
+    objective = make_objective(name, **options)
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.05)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=800)
+    torch.manual_seed(0)
+    for _ in range(800):
+        optimiser.zero_grad()
+        objective(model, data).backward()
+        optimiser.step()
+        scheduler.step()
+    w = model.layers[0].matrix().detach()
+    model_cov = torch.linalg.inv(w.T @ w)
+    rel = float(torch.linalg.matrix_norm(model_cov - sample_cov) / torch.linalg.matrix_norm(sample_cov))
+    print(name, "relative covariance error", rel)
+    assert rel < 0.05, rel
+
+
+LINEAR_ROUTINES = ("slogdet", "det", "inv", "inv_ex", "lu_factor", "lu_factor_ex", "lu", "solve",
+                   "solve_ex", "lu_solve", "solve_triangular")
+
+
+@pytest.fixture
+def forbid_linear_algebra(monkeypatch):
+    """``activate()`` makes every determinant / inverse / factorisation routine raise when
+    called (after the models are built: their initialisation may factorise matrices)."""
+    calls: list[str] = []
+
+    def spy(name):
+        def boom(*args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"{name} was called")
+        return boom
+
+    def activate() -> list[str]:
+        for routine in LINEAR_ROUTINES:
+            monkeypatch.setattr(torch.linalg, routine, spy(f"torch.linalg.{routine}"))
+        for routine in ("det", "logdet", "slogdet", "inverse"):
+            monkeypatch.setattr(torch, routine, spy(f"torch.{routine}"))
+        for method in ("log_abs_det", "_log_abs_det", "_factorize", "inverse", "_inverse_with"):
+            monkeypatch.setattr(LinearFlowLayer, method, spy(f"LinearFlowLayer.{method}"))
+            for cls in (Dense, Conv2d, Conv1x1, ActNorm, FixedAffine, Flatten, Squeeze):
+                if method in cls.__dict__:
+                    monkeypatch.setattr(cls, method, spy(f"{cls.__name__}.{method}"))
+        return calls
+
+    return activate
+
+
+def every_linear_layer_model() -> EBFlow:
+    layers = [
+        FixedAffine(2.0, 0.1), Conv2d(1, 3), ResidualSmoothLeakyReLU(0.3), Squeeze(), Conv1x1(4),
+        ActNorm(4), Flatten((4, 2, 2)), Dense(16, parameterisation="full"), SmoothLeakyReLU(0.3),
+        Dense(16, parameterisation="tril"), Dense(16, parameterisation="triu"),
+        Dense(16, parameterisation="lu"),
+    ]
+    return EBFlow(layers, (1, 4, 4)).double()
+
+
+@pytest.mark.parametrize("name, options", [("ssm", {}), ("dsm", {"sigma": 0.1}), ("fdssm", {"eps": 0.1}),
+                                           ("esm", {}), ("dsm", {"sigma": 0.1, "energy_reg": 0.01})])
+def test_score_matching_never_calls_linear_algebra_of_linear_layers(name, options, forbid_linear_algebra):
+    x = torch.randn(8, 1, 4, 4, dtype=torch.float64)
+    models = (every_linear_layer_model(), image_model_1ch())
+    objective = make_objective(name, **options)
+    calls = forbid_linear_algebra()
+    for model in models:
+        loss = objective(model, x)
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert calls == []
+
+
+def test_the_spy_catches_maximum_likelihood(forbid_linear_algebra):
+    x = torch.randn(8, 1, 4, 4, dtype=torch.float64)
+    model = every_linear_layer_model()
+    calls = forbid_linear_algebra()
+    with pytest.raises(AssertionError):
+        make_objective("ml")(model, x)
+    assert calls
+
+
+def test_objective_configuration_errors():
+    with pytest.raises(ConfigError, match="unknown objective 'foo'"):
+        make_objective("foo")
+    with pytest.raises(ConfigError, match="sigma"):
+        make_objective("dsm", sigma=-1.0)
+    with pytest.raises(ConfigError, match="eps"):
+        make_objective("fdssm", eps=0.0)
+    with pytest.raises(ConfigError, match="slices"):
+        make_objective("ssm", slices=0)
+    with pytest.raises(ConfigError, match="takes no option"):
+        make_objective("ml", sigma=1.0)
+    with pytest.raises(ConfigError, match="energy_reg"):
+        make_objective("dsm", energy_reg=-1.0)
+    with pytest.raises(ConfigError, match="projection"):
+        make_objective("ssm", projection="uniform")(tiny_model(), torch.randn(2, 3, dtype=torch.float64))
+
+
+def test_ml_loss_is_mean_negative_log_likelihood():
+    x = torch.randn(8, 3, dtype=torch.float64)
+    model = initialised(tiny_model(), x)
+    torch.testing.assert_close(make_objective("ml")(model, x), -model.log_prob(x).mean())
