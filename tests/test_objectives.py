@@ -254,3 +254,24 @@ def test_ml_loss_is_mean_negative_log_likelihood():
     x = torch.randn(8, 3, dtype=torch.float64)
     model = initialised(tiny_model(), x)
     torch.testing.assert_close(make_objective("ml")(model, x), -model.log_prob(x).mean())
+
+
+@pytest.mark.parametrize("name, options", [("ssm", {"slices": 3}), ("dsm", {"sigma": 0.2}), ("fdssm", {"eps": 0.1})])
+def test_drawn_noise_makes_the_loss_shardable(name, options):
+    """The loss of a batch equals the mean of the losses of its halves given the same noise."""
+    x = torch.randn(8, 3, dtype=torch.float64)
+    model = initialised(tiny_model(), x)
+    objective = make_objective(name, **options)
+    noise = objective.draw_noise(tuple(x.shape), dtype=x.dtype, device=x.device,
+                                 generator=torch.Generator().manual_seed(3))
+    dim = objective.noise_batch_dim
+    full = objective(model, x, noise=noise)
+    halves = [objective(model, x[i:i + 4], noise=noise.narrow(dim, i, 4)) for i in (0, 4)]
+    torch.testing.assert_close(full, (halves[0] + halves[1]) / 2)
+    again = objective(model, x, noise=noise)
+    torch.testing.assert_close(full, again)
+    with pytest.raises(ConfigError, match="must have shape"):
+        objective(model, x[:4], noise=noise)
+    assert make_objective("ml").draw_noise((4, 3), dtype=x.dtype, device=x.device) is None
+    with pytest.raises(ConfigError, match="takes no noise"):
+        make_objective("ml")(model, x, noise=noise)

@@ -81,24 +81,39 @@ def sml_loss(model: EBFlow, x: Tensor, num_samples: int | None = None) -> tuple[
     return e.mean() - model.energy(samples).mean(), e
 
 
-def _projections(x: Tensor, slices: int, projection: Projection) -> Tensor:
-    shape = (slices, *x.shape)
+def _projections(
+    shape: tuple[int, ...], projection: Projection, *, dtype: torch.dtype, device: torch.device,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     if projection == "rademacher":
-        return torch.randint(0, 2, shape, device=x.device).to(x.dtype) * 2 - 1
+        signs = torch.randint(0, 2, shape, device=device, generator=generator)
+        return signs.to(dtype) * 2 - 1
     if projection == "gaussian":
-        return torch.randn(shape, dtype=x.dtype, device=x.device)
+        return torch.randn(shape, dtype=dtype, device=device, generator=generator)
     raise ConfigError(f"unknown SSM projection {projection!r}; choose 'rademacher' or 'gaussian'")
+
+
+def _check_noise(noise: Tensor, shape: tuple[int, ...], what: str) -> Tensor:
+    if tuple(noise.shape) != tuple(shape):
+        raise ConfigError(f"{what} must have shape {tuple(shape)}, got {tuple(noise.shape)}")
+    return noise
 
 
 @torch.enable_grad()
 def ssm_loss(
-    model: EBFlow, x: Tensor, slices: int = 1, projection: Projection = "rademacher"
+    model: EBFlow, x: Tensor, slices: int = 1, projection: Projection = "rademacher",
+    noise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Sliced score matching (variance reduced), ``slices`` projections per example:
-    :math:`\mathbb{E}[-v^\top \nabla^2 E\, v + \tfrac12\|\nabla E\|^2]`. Returns ``(loss, E(x))``."""
+    :math:`\mathbb{E}[-v^\top \nabla^2 E\, v + \tfrac12\|\nabla E\|^2]`. ``noise`` optionally
+    gives the projections ``v``, shape ``(slices, *x.shape)``. Returns ``(loss, E(x))``."""
     if slices < 1:
         raise ConfigError(f"SSM needs at least one slice, got slices={slices}")
-    v = _projections(x, slices, projection)
+    shape = (slices, *x.shape)
+    if noise is None:
+        v = _projections(shape, projection, dtype=x.dtype, device=x.device)
+    else:
+        v = _check_noise(noise, shape, "SSM projections")
     xr, e, g = _energy_and_grad(model, x.repeat(slices, *([1] * (x.dim() - 1))))
     v = v.reshape(xr.shape)
     (hv,) = torch.autograd.grad(_flat_dot(g, v).sum(), xr, create_graph=True)
@@ -107,13 +122,16 @@ def ssm_loss(
 
 
 @torch.enable_grad()
-def dsm_loss(model: EBFlow, x: Tensor, sigma: float) -> tuple[Tensor, None]:
+def dsm_loss(
+    model: EBFlow, x: Tensor, sigma: float, noise: Tensor | None = None
+) -> tuple[Tensor, None]:
     r"""Denoising score matching at noise level ``sigma``:
     :math:`\mathbb{E}\,\tfrac12\|\nabla E(\tilde x) - \epsilon/\sigma\|^2`,
-    :math:`\tilde x = x + \sigma\epsilon`. Returns ``(loss, None)`` (no energy at ``x``)."""
+    :math:`\tilde x = x + \sigma\epsilon`; ``noise`` optionally gives :math:`\epsilon`
+    (shape of ``x``). Returns ``(loss, None)`` (no energy at ``x``)."""
     if not sigma > 0:
         raise ConfigError(f"DSM needs a noise level sigma > 0, got sigma={sigma}")
-    eps = torch.randn_like(x)
+    eps = torch.randn_like(x) if noise is None else _check_noise(noise, tuple(x.shape), "DSM noise")
     _, _, g = _energy_and_grad(model, x + sigma * eps)
     return 0.5 * _flat_sq_norm(g - eps / sigma).mean(), None
 
@@ -130,20 +148,24 @@ def _fdssm_per_example(model: EBFlow, x: Tensor, v: Tensor) -> tuple[Tensor, Ten
     return terms * d / eps_sq, e
 
 
-def _sphere(x: Tensor, radius: float) -> Tensor:
-    v = torch.randn_like(x)
-    norm = v.reshape(v.shape[0], -1).norm(dim=1).clamp_min(torch.finfo(x.dtype).tiny)
-    return v * (radius / norm).view(-1, *([1] * (x.dim() - 1)))
+def _sphere(v: Tensor, radius: float) -> Tensor:
+    """Scale each example of ``v`` to norm ``radius`` (Gaussian ``v``: uniform on the sphere)."""
+    norm = v.reshape(v.shape[0], -1).norm(dim=1).clamp_min(torch.finfo(v.dtype).tiny)
+    return v * (radius / norm).view(-1, *([1] * (v.dim() - 1)))
 
 
-def fdssm_loss(model: EBFlow, x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def fdssm_loss(
+    model: EBFlow, x: Tensor, eps: float, noise: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     r"""Finite-difference sliced score matching with step ``eps``:
     :math:`\frac{D}{\varepsilon^2}\mathbb{E}[\tfrac18(E(x+v)-E(x-v))^2 + 2E(x) - E(x+v) - E(x-v)]`,
-    :math:`v` uniform on the sphere of radius :math:`\varepsilon`. Three energy evaluations, one
-    backward. Returns ``(loss, E(x))``."""
+    :math:`v` uniform on the sphere of radius :math:`\varepsilon`. ``noise`` optionally gives
+    Gaussian draws (shape of ``x``) that are scaled to that sphere. Three energy evaluations,
+    one backward. Returns ``(loss, E(x))``."""
     if not eps > 0:
         raise ConfigError(f"FDSSM needs a step eps > 0, got eps={eps}")
-    terms, e = _fdssm_per_example(model, x, _sphere(x, eps))
+    raw = torch.randn_like(x) if noise is None else _check_noise(noise, tuple(x.shape), "FDSSM noise")
+    terms, e = _fdssm_per_example(model, x, _sphere(raw, eps))
     return terms.mean(), e
 
 
@@ -180,8 +202,34 @@ class Objective:
         """True when the objective needs linear-layer determinants (``ml``)."""
         return self.name == "ml"
 
-    def __call__(self, model: EBFlow, x: Tensor) -> Tensor:
-        loss, e = self.fn(model, x, **self.options)
+    @property
+    def noise_batch_dim(self) -> int | None:
+        """Dimension of :meth:`draw_noise`'s output that indexes examples (None: no noise)."""
+        return {"ssm": 1, "dsm": 0, "fdssm": 0}.get(self.name)
+
+    def draw_noise(
+        self, batch_shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device,
+        generator: torch.Generator | None = None,
+    ) -> Tensor | None:
+        """Draw the random numbers the objective needs for a batch of shape ``batch_shape``
+        (``None`` for ``ml``, ``sml``, ``esm``). Passing them back as ``noise=`` makes the loss
+        a deterministic function of the batch: e.g. to give every example of a global batch the
+        same noise whichever process or shard it lands in."""
+        if self.name == "ssm":
+            shape = (self.options.get("slices", 1), *batch_shape)
+            return _projections(shape, self.options.get("projection", "rademacher"),
+                                dtype=dtype, device=device, generator=generator)
+        if self.name in ("dsm", "fdssm"):
+            return torch.randn(batch_shape, dtype=dtype, device=device, generator=generator)
+        return None
+
+    def __call__(self, model: EBFlow, x: Tensor, noise: Tensor | None = None) -> Tensor:
+        if noise is not None:
+            if self.noise_batch_dim is None:
+                raise ConfigError(f"objective {self.name!r} takes no noise")
+            loss, e = self.fn(model, x, noise=noise, **self.options)
+        else:
+            loss, e = self.fn(model, x, **self.options)
         if self.energy_reg:
             if e is None:
                 e = model.energy(x)
