@@ -275,3 +275,12 @@ def test_drawn_noise_makes_the_loss_shardable(name, options):
     assert make_objective("ml").draw_noise((4, 3), dtype=x.dtype, device=x.device) is None
     with pytest.raises(ConfigError, match="takes no noise"):
         make_objective("ml")(model, x, noise=noise)
+
+
+@pytest.mark.parametrize("name, options", [("ml", {}), ("ssm", {}), ("dsm", {"sigma": 0.3}), ("fdssm", {"eps": 0.1})])
+def test_parameter_gradients_of_a_convolutional_model_match_finite_differences(name, options):
+    """Convolutions, squeeze, 1x1 conv, ActNorm and a CNN coupling, in float64."""
+    x = torch.randn(4, 1, 4, 4, dtype=torch.float64)
+    model = initialised(image_model_1ch(), x, scale=0.1)
+    objective = make_objective(name, **options)
+    _finite_difference_check(model, lambda: objective(model, x), entries=3)

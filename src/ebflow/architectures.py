@@ -47,10 +47,13 @@ def dense_flow(
     parameterisation: str = "full",
     actnorm: bool = False,
     bias: bool = True,
+    init: str | None = None,
 ) -> EBFlow:
     """Fully connected EBFlow: [dense, smooth leaky ReLU (, ActNorm)] x (n-1), dense.
 
     Image events are flattened first. ``num_layers=2``, ``alpha=0.3`` is the paper's FC model.
+    ``init`` is passed to :class:`Dense` (``"identity"`` skips the orthogonal draw, e.g. when the
+    weights are loaded from a checkpoint right after).
     """
     if num_layers < 1:
         raise ConfigError(f"num_layers must be >= 1, got {num_layers}")
@@ -58,7 +61,7 @@ def dense_flow(
     d = math.prod(event_shape)
     layers: list[FlowLayer] = [] if len(event_shape) == 1 else [Flatten(event_shape)]
     for i in range(num_layers):
-        layers.append(Dense(d, parameterisation=parameterisation, bias=bias))
+        layers.append(Dense(d, parameterisation=parameterisation, bias=bias, init=init))
         if i < num_layers - 1:
             layers.append(SmoothLeakyReLU(alpha))
             if actnorm:

@@ -99,15 +99,53 @@ class EBFlow(nn.Module):
     # -- energy and score ---------------------------------------------------------------------
     def energy(self, x: Tensor) -> Tensor:
         r"""Energy :math:`E(x) = -\log p_u(g(x)) - \sum_{S_{nl}} \log|\det J|`, shape ``(batch,)``."""
-        h = self._check(x, "input x")
+        return self._energy_from(0, self._check(x, "input x"))
+
+    def _energy_from(self, start: int, h: Tensor) -> Tensor:
+        """The energy of the input of layer ``start`` given its value ``h`` there (layers before
+        ``start`` must all be linear: they contribute nothing to the energy)."""
         log_det_nl = torch.zeros(h.shape[0], dtype=h.dtype, device=h.device)
-        for layer in self.layers:
+        for layer in self.layers[start:]:
             if isinstance(layer, LinearFlowLayer):
                 h = layer.transform(h)
             else:
                 h, ld = layer(h)
                 log_det_nl = log_det_nl + ld
         return -self.prior.log_prob(h) - log_det_nl
+
+    # -- the leading linear layers (shared work for directional objectives) -----------------
+    @property
+    def linear_prefix_length(self) -> int:
+        """Number of leading layers with constant Jacobian, before the first non-linear one."""
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, LinearFlowLayer):
+                return i
+        return len(self.layers)
+
+    def linear_prefix(self, x: Tensor, direction: Tensor) -> tuple[Tensor, Tensor]:
+        r"""Push ``x`` and a direction ``v`` through the leading linear layers
+        :math:`h = A x + c`: returns :math:`(h, A v)`, with :math:`A v = T(v) - T(0)` for each
+        affine layer :math:`T` (the shift cancels, so gradients reach :math:`A` only).
+        The prefix adds nothing to the energy, so :math:`E(x \pm v) = `
+        :meth:`tail_energy` :math:`(h \pm A v)` and
+        :math:`v^\top \nabla_x^2 E\, v = (Av)^\top \nabla_h^2 E\, (Av)`: directional
+        objectives run the first (often the largest) layers once on ``x`` and once on ``v``
+        instead of on every perturbed copy of ``x``."""
+        h = self._check(x, "input x")
+        if tuple(direction.shape) != tuple(h.shape):
+            raise InputError(
+                f"direction must have the shape of x {tuple(h.shape)}, got {tuple(direction.shape)}"
+            )
+        u = direction
+        for layer in self.layers[: self.linear_prefix_length]:
+            h = layer.transform(h)  # first: a data-dependent initialisation sees the data
+            u = layer.transform(u) - layer.transform(torch.zeros_like(u[:1]))
+        return h, u
+
+    def tail_energy(self, h: Tensor) -> Tensor:
+        """:math:`E(x)` from ``h``, the output of :meth:`linear_prefix` (same value as
+        :meth:`energy` of ``x``), shape ``(batch,)``."""
+        return self._energy_from(self.linear_prefix_length, h)
 
     def score(self, x: Tensor, *, create_graph: bool = False) -> Tensor:
         r"""Score :math:`\nabla_x \log p(x) = -\nabla_x E(x)` (no partition function needed)."""

@@ -13,7 +13,8 @@ With :math:`s(x) = -\nabla_x E(x)` the model score:
   (``D`` Hessian-vector products: small ``D`` only).
 
 The score-matching objectives (``ssm``, ``dsm``, ``fdssm``, ``esm``) only call
-:meth:`EBFlow.energy`: never a determinant, inverse or factorisation of a linear layer. Any of
+:meth:`EBFlow.energy` (or its split :meth:`EBFlow.linear_prefix` / :meth:`EBFlow.tail_energy`):
+never a determinant, inverse or factorisation of a linear layer. Any of
 them takes an energy regulariser ``energy_reg`` (:math:`\lambda\,\mathbb{E}[E(x)]`).
 """
 
@@ -114,10 +115,15 @@ def ssm_loss(
         v = _projections(shape, projection, dtype=x.dtype, device=x.device)
     else:
         v = _check_noise(noise, shape, "SSM projections")
-    xr, e, g = _energy_and_grad(model, x.repeat(slices, *([1] * (x.dim() - 1))))
-    v = v.reshape(xr.shape)
-    (hv,) = torch.autograd.grad(_flat_dot(g, v).sum(), xr, create_graph=True)
-    loss = -_flat_dot(hv, v) + 0.5 * _flat_sq_norm(g)
+    xr = x.repeat(slices, *([1] * (x.dim() - 1))).detach().requires_grad_(True)
+    # Leading linear layers h = A x + c: v^T (d2E/dx2) v = u^T (d2E/dh2) u with u = A v, so the
+    # Hessian-vector product stops at h (dE/dx = A^T dE/dh is still needed for the norm term).
+    h, u = model.linear_prefix(xr, v.reshape(xr.shape))
+    e = model.tail_energy(h)
+    (g_h,) = torch.autograd.grad(e.sum(), h, create_graph=True)
+    g = g_h if h is xr else torch.autograd.grad(h, xr, g_h, create_graph=True)[0]
+    (hu,) = torch.autograd.grad(_flat_dot(g_h, u).sum(), h, create_graph=True)
+    loss = -_flat_dot(hu, u) + 0.5 * _flat_sq_norm(g)
     return loss.mean(), e[: x.shape[0]]
 
 
@@ -140,7 +146,10 @@ def _fdssm_per_example(model: EBFlow, x: Tensor, v: Tensor) -> tuple[Tensor, Ten
     r"""FDSSM terms for given directions ``v`` (``\|v\| = \varepsilon`` per example), scaled by
     :math:`D/\varepsilon^2` so that they estimate the SSM objective. Returns ``(terms, E(x))``."""
     b = x.shape[0]
-    e_all = model.energy(torch.cat([x, x + v, x - v]))
+    # E(x +- v) = tail(h +- A v) after the leading linear layers h = A x + c: those layers run
+    # on x and v (2 batches) instead of x, x + v, x - v (3 batches).
+    h, u = model.linear_prefix(x, v)
+    e_all = model.tail_energy(torch.cat([h, h + u, h - u]))
     e, e_plus, e_minus = e_all[:b], e_all[b : 2 * b], e_all[2 * b :]
     eps_sq = _flat_sq_norm(v)
     d = x[0].numel()

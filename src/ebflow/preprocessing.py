@@ -3,10 +3,11 @@ r"""Parameter-free image preprocessing and "match after preprocessing" (MaP).
 Pixels :math:`x \in \{0, \dots, 255\}` are dequantised, :math:`\tilde x = x + u`,
 :math:`u \sim U[0, 1)`, then mapped to
 
-.. math:: y = \kappa\,\operatorname{logit}\big(\delta + (1 - 2\delta)\,\tilde x / 256\big)
+.. math:: y = \operatorname{logit}\big(\delta + (1 - 2\delta)\,\tilde x / 256\big) / \kappa
 
 with shift :math:`\delta` (1e-6) and smoothness factor :math:`\kappa` (0.5 for FC models,
-0.75 for CNN models; :math:`\kappa < 1` flattens the logit's heavy tails). The map is a fixed
+0.75 for CNN models, as in the paper's recipes; the inverse is a sigmoid of slope
+:math:`\kappa`). The map is a fixed
 bijection of :math:`(0, 256)^D` with a log-determinant, so an exact NLL in data space is
 
 .. math:: -\log p(\tilde x) = -\log p_{model}(y) - \log|\det \partial y / \partial \tilde x|.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import ConfigError, InputError
@@ -68,25 +70,37 @@ class ImagePreprocessing:
     def _unit(self, x: Tensor) -> Tensor:
         return self.shift + (1 - 2 * self.shift) * x / self.num_bins
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        r"""Map dequantised pixels :math:`\tilde x \in (0, 256)` to :math:`y`; returns ``(y, log|det|)``."""
-        if bool((x < 0).any()) or bool((x > self.num_bins).any()):
+    def forward(self, x: Tensor, *, check: bool = True) -> tuple[Tensor, Tensor]:
+        r"""Map dequantised pixels :math:`\tilde x \in (0, 256)` to :math:`y`; returns ``(y, log|det|)``.
+
+        ``check=False`` skips the range check (values slightly outside ``[0, num_bins]`` still
+        map to finite ``y`` thanks to the shift)."""
+        if check and (bool((x < 0).any()) or bool((x > self.num_bins).any())):
             raise InputError(
                 f"dequantised pixels must lie in [0, {self.num_bins}], got range "
                 f"[{float(x.min())}, {float(x.max())}]"
             )
         p = self._unit(x)
         log_p, log_1mp = torch.log(p), torch.log1p(-p)
-        y = self.smoothness * (log_p - log_1mp)
-        per_entry = math.log(self.smoothness * (1 - 2 * self.shift) / self.num_bins) - log_p - log_1mp
+        y = (log_p - log_1mp) / self.smoothness
+        per_entry = math.log((1 - 2 * self.shift) / (self.smoothness * self.num_bins)) - log_p - log_1mp
         return y, per_entry.reshape(x.shape[0], -1).sum(dim=1)
 
     __call__ = forward
 
     def inverse(self, y: Tensor) -> Tensor:
         r"""Back to continuous pixels :math:`\tilde x \in (0, 256)`."""
-        p = torch.sigmoid(y / self.smoothness)
+        p = torch.sigmoid(y * self.smoothness)
         return (p - self.shift) * self.num_bins / (1 - 2 * self.shift)
+
+    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        r"""``(x, log|det dx/dy|)`` for the inverse map, computed stably with log-sigmoids:
+        :math:`\log\frac{dx}{dy} = \log\frac{\kappa n}{1 - 2\delta} + \log\sigma(\kappa y) + \log\sigma(-\kappa y)`."""
+        t = y * self.smoothness
+        x = (torch.sigmoid(t) - self.shift) * self.num_bins / (1 - 2 * self.shift)
+        per_entry = (math.log(self.smoothness * self.num_bins / (1 - 2 * self.shift))
+                     + F.logsigmoid(t) + F.logsigmoid(-t))
+        return x, per_entry.reshape(y.shape[0], -1).sum(dim=1)
 
     def to_pixels(self, y: Tensor) -> Tensor:
         """Back to integer-valued pixels in ``[0, num_bins - 1]`` (floor of :meth:`inverse`)."""
@@ -97,5 +111,5 @@ class ImagePreprocessing:
         return [
             FixedAffine((1 - 2 * self.shift) / self.num_bins, self.shift),
             Logit(),
-            FixedAffine(self.smoothness),
+            FixedAffine(1.0 / self.smoothness),
         ]

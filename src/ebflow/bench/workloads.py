@@ -1,0 +1,139 @@
+"""The benchmarked models and the training step timed for each method.
+
+A *step* is what one training iteration costs: ``zero_grad``, the objective's forward pass,
+the backward pass and an RMSprop update (the paper's optimiser). The ``plain`` step replaces the
+objective by ``mean E(x)``: one energy forward and backward, a floor no objective can beat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..architectures import conv_flow, coupling_flow, dense_flow
+from ..errors import ConfigError
+from ..flow import EBFlow
+from ..objectives import make_objective
+from ..preprocessing import ImagePreprocessing
+
+__all__ = [
+    "METHODS",
+    "MODELS",
+    "ModelSpec",
+    "fc_spec",
+    "get_spec",
+    "make_inputs",
+    "make_step",
+    "make_optimizer",
+]
+
+#: ``plain`` first: it is the denominator of every ratio.
+METHODS: tuple[str, ...] = ("plain", "ml", "sml", "ssm", "dsm", "fdssm")
+SCORE_MATCHING: tuple[str, ...] = ("ssm", "dsm", "fdssm")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one benchmarked model and its inputs.
+
+    ``smoothness`` is the MaP logit smoothness of image inputs (``None``: plain Gaussian
+    inputs); ``options`` hold the objectives' hyper-parameters (DSM ``sigma``, FDSSM ``eps``).
+    """
+
+    name: str
+    build: Callable[[], EBFlow]
+    event_shape: tuple[int, ...]
+    smoothness: float | None = None
+    options: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        n = 1
+        for s in self.event_shape:
+            n *= s
+        return n
+
+
+def _noise(level: float) -> dict[str, dict]:
+    return {"dsm": {"sigma": level}, "fdssm": {"eps": level}}
+
+
+MNIST, CIFAR = (1, 28, 28), (3, 32, 32)
+MODELS: dict[str, ModelSpec] = {
+    "mnist-fc": ModelSpec("mnist-fc", lambda: dense_flow(MNIST), MNIST, 0.5, _noise(1.0)),
+    "cifar-fc": ModelSpec("cifar-fc", lambda: dense_flow(CIFAR), CIFAR, 0.5, _noise(0.1)),
+    "mnist-cnn": ModelSpec("mnist-cnn", lambda: conv_flow(MNIST), MNIST, 0.75, _noise(0.1)),
+    "cifar-cnn": ModelSpec("cifar-cnn", lambda: conv_flow(CIFAR), CIFAR, 0.75, _noise(0.1)),
+    "toy2d": ModelSpec("toy2d", lambda: coupling_flow(2), (2,), None, _noise(0.1)),
+}
+
+
+def fc_spec(dim: int) -> ModelSpec:
+    """The FC architecture (2 dense ``D x D`` layers, smooth leaky ReLU) on vectors of ``dim``."""
+    if not isinstance(dim, int) or dim < 2:
+        raise ConfigError(f"scaling dimensions must be integers >= 2, got {dim!r}")
+    return ModelSpec(f"fc-{dim}", lambda: dense_flow((dim,)), (dim,), None, _noise(0.1))
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec of a named model (``mnist-fc``, ``cifar-fc``, ``mnist-cnn``, ``cifar-cnn``,
+    ``toy2d``) or of ``fc-D`` (the FC architecture at dimension ``D``)."""
+    if name in MODELS:
+        return MODELS[name]
+    if name.startswith("fc-") and name[3:].isdigit():
+        return fc_spec(int(name[3:]))
+    raise ConfigError(
+        f"unknown benchmark model {name!r}; choose one of {', '.join(MODELS)} or fc-D")
+
+
+def make_inputs(
+    spec: ModelSpec, batch: int, *, device: torch.device, generator: torch.Generator
+) -> Tensor:
+    """A float32 batch shaped like the model's data: MaP-preprocessed random 8-bit images for
+    image models, standard normal vectors otherwise."""
+    shape = (batch, *spec.event_shape)
+    if spec.smoothness is None:
+        x = torch.randn(shape, generator=generator)
+    else:
+        pre = ImagePreprocessing(smoothness=spec.smoothness)
+        pixels = torch.randint(0, 256, shape, generator=generator).float()
+        x, _ = pre.forward(pre.dequantize(pixels, generator=generator))
+    return x.to(device=device, dtype=torch.float32)
+
+
+def make_optimizer(model: EBFlow) -> torch.optim.Optimizer:
+    """RMSprop with learning rate 1e-4: the paper's optimiser for the image models."""
+    return torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+
+def make_step(
+    model: EBFlow, method: str, x: Tensor, optimizer: torch.optim.Optimizer,
+    options: dict | None = None,
+) -> Callable[[], None]:
+    """One training iteration of ``method`` on the fixed batch ``x``.
+
+    ``method`` is ``plain`` (``mean E(x)``) or an objective name. Gradients are taken with
+    respect to the parameters only (``backward(inputs=...)``), never the data.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if method == "plain":
+        def loss_fn() -> Tensor:
+            return model.energy(x).mean()
+    elif method in METHODS:
+        objective = make_objective(method, **(options or {}))
+
+        def loss_fn() -> Tensor:
+            return objective(model, x)
+    else:
+        raise ConfigError(f"unknown benchmark method {method!r}; choose from {', '.join(METHODS)}")
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward(inputs=params)
+        optimizer.step()
+
+    return step

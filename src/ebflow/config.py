@@ -1,0 +1,357 @@
+"""Run configurations: a flat dictionary of named, typed and range-checked keys.
+
+A configuration starts from :data:`DEFAULTS`, then a preset shipped in ``ebflow/configs/`` (or a
+user YAML file, which may name a ``preset`` to start from), then ``key=value`` overrides. Every
+key is validated; unknown keys and out-of-range values raise :class:`~ebflow.errors.ConfigError`
+naming the key. YAML is read with ``yaml.safe_load`` only.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+__all__ = [
+    "DEFAULTS",
+    "FIELDS",
+    "LOSSES",
+    "DATASETS",
+    "MODELS",
+    "RESUMABLE_KEYS",
+    "list_presets",
+    "load_preset",
+    "load_config",
+    "parse_overrides",
+    "resolve_config",
+    "validate_config",
+    "grad_clip_for",
+    "dump_config",
+]
+
+LOSSES = ("ml", "sml", "ssm", "dsm", "fdssm", "esm")
+TOY_DATASETS = ("toy2d-sine", "toy2d-swirl", "toy2d-checkerboard")
+IMAGE_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "synthetic-mnist", "synthetic-cifar10")
+DATASETS = (*TOY_DATASETS, "mm10", "points", *IMAGE_DATASETS)
+MODELS = ("coupling", "dense", "conv", "glow")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One configuration key: its default, accepted types, a range check and a description."""
+
+    default: Any
+    types: tuple[type, ...]
+    help: str
+    check: Callable[[Any], bool] | None = None
+    rule: str = ""
+    nullable: bool = False
+
+
+def _positive(v: Any) -> bool:
+    return v > 0
+
+
+def _non_negative(v: Any) -> bool:
+    return v >= 0
+
+
+def _unit_open(v: Any) -> bool:
+    return 0 <= v < 1
+
+
+def _choice(options: Iterable[str]) -> Callable[[Any], bool]:
+    allowed = tuple(options)
+    return lambda v: v in allowed
+
+
+def _grad_clip_ok(v: Any) -> bool:
+    if isinstance(v, Mapping):
+        return all(k in LOSSES and isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+                   for k, x in v.items())
+    return v > 0
+
+
+_INT, _FLOAT, _STR, _BOOL = (int,), (int, float), (str,), (bool,)
+
+FIELDS: dict[str, Field] = {
+    # -- identity --------------------------------------------------------------------------
+    "name": Field("custom", _STR, "name of the preset / experiment"),
+    "description": Field("", _STR, "one line shown by `ebflow configs`"),
+    "seed": Field(0, _INT, "seed of every random number generator", _non_negative, ">= 0"),
+    "device": Field("auto", _STR, "cpu, cuda, cuda:N or auto (cuda when available)",
+                    lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "auto|cpu|cuda[:N]"),
+    "num_threads": Field(None, _INT, "CPU threads for torch (null = torch's default)", _positive,
+                         "> 0", nullable=True),
+    "dtype": Field("float32", _STR, "model and data precision", _choice(("float32", "float64")),
+                   "float32|float64"),
+    # -- data ------------------------------------------------------------------------------
+    "data": Field("digits", _STR, "data set", _choice(DATASETS), "|".join(DATASETS)),
+    "data_dir": Field(None, _STR, "folder with local data files (MNIST IDX / CIFAR-10 batches)",
+                      nullable=True),
+    "data_file": Field(None, _STR, "a .npy file of points (N, D) for data=points", nullable=True),
+    "download": Field(True, _BOOL, "download MNIST / CIFAR-10 through torchvision when missing"),
+    "val_size": Field(None, _INT, "examples held out of the training set for validation "
+                      "(MNIST: 10000)", _positive, "> 0", nullable=True),
+    "max_train": Field(None, _INT, "use at most this many training examples (quick runs)",
+                       _positive, "> 0", nullable=True),
+    "max_eval": Field(None, _INT, "use at most this many validation/test examples (quick runs)",
+                      _positive, "> 0", nullable=True),
+    "toy_points": Field(2000, _INT, "toy data: number of base points of the smoothed mixture",
+                        _positive, "> 0"),
+    "toy_noise": Field(0.375, _FLOAT, "toy data: std of the Gaussian smoothing of the points",
+                       _positive, "> 0"),
+    "toy_train_size": Field(50000, _INT, "toy/mm10 data: training samples", _positive, "> 0"),
+    "toy_eval_size": Field(5000, _INT, "toy/mm10 data: validation and test samples each",
+                           _positive, "> 0"),
+    "data_seed": Field(1234, _INT, "seed of generated data and of data splits", _non_negative, ">= 0"),
+    # -- preprocessing -----------------------------------------------------------------------
+    "map": Field(True, _BOOL, "match after preprocessing: the loss sees logit-space images"),
+    "logit_smoothness": Field(0.5, _FLOAT, "smoothness factor of the logit (0.5 FC, 0.75 CNN)",
+                              _positive, "> 0"),
+    "logit_shift": Field(1e-6, _FLOAT, "shift away from 0 and 1 before the logit",
+                         lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    "num_bins": Field(None, _INT, "pixel levels (256 for 8-bit; digits: 17); null = from the data",
+                      lambda v: v >= 2, ">= 2", nullable=True),
+    # -- model -------------------------------------------------------------------------------
+    "model": Field("dense", _STR, "architecture", _choice(MODELS), "|".join(MODELS)),
+    "num_layers": Field(2, _INT, "dense: number of dense layers", _positive, "> 0"),
+    "parameterisation": Field("full", _STR, "dense: weight parameterisation",
+                              _choice(("full", "tril", "triu", "lu")), "full|tril|triu|lu"),
+    "actnorm": Field(False, _BOOL, "dense: ActNorm after each non-linearity"),
+    "alpha": Field(0.3, _FLOAT, "slope parameter of the smooth leaky ReLU", lambda v: 0 < v < 1,
+                   "in (0, 1)"),
+    "blocks": Field(10, _INT, "coupling: blocks; conv: blocks of convolutions", _positive, "> 0"),
+    "hidden": Field(64, _INT, "coupling/glow: width of the conditioner", _positive, "> 0"),
+    "depth": Field(2, _INT, "coupling: hidden layers of the conditioner MLP", _positive, "> 0"),
+    "convs_per_block": Field(2, _INT, "conv: convolutions per block", _positive, "> 0"),
+    "kernel_size": Field(7, _INT, "conv: kernel size (odd)", lambda v: v > 0 and v % 2 == 1,
+                         "odd and > 0"),
+    "levels": Field(2, _INT, "glow: levels", _positive, "> 0"),
+    "steps": Field(16, _INT, "glow: steps per level", _positive, "> 0"),
+    # -- objective ---------------------------------------------------------------------------
+    "loss": Field("ssm", _STR, "training objective", _choice(LOSSES), "|".join(LOSSES)),
+    "sigma": Field(0.1, _FLOAT, "DSM noise level", _positive, "> 0"),
+    "eps": Field(0.1, _FLOAT, "FDSSM step size", _positive, "> 0"),
+    "slices": Field(1, _INT, "SSM projections per example", _positive, "> 0"),
+    "projection": Field("rademacher", _STR, "SSM projection distribution",
+                        _choice(("rademacher", "gaussian")), "rademacher|gaussian"),
+    "sml_samples": Field(None, _INT, "SML model samples per step (null = batch size)", _positive,
+                         "> 0", nullable=True),
+    "energy_reg": Field(0.0, _FLOAT, "lambda of the energy regulariser lambda*E[E(x)]",
+                        _non_negative, ">= 0"),
+    # -- optimisation ------------------------------------------------------------------------
+    "optimizer": Field("rmsprop", _STR, "optimizer", _choice(("rmsprop", "adam", "sgd")),
+                       "rmsprop|adam|sgd"),
+    "lr": Field(1e-4, _FLOAT, "learning rate", _positive, "> 0"),
+    "weight_decay": Field(0.0, _FLOAT, "weight decay", _non_negative, ">= 0"),
+    "lr_decay": Field(1.0, _FLOAT, "learning rate factor gamma applied after each epoch",
+                      lambda v: 0 < v <= 1, "in (0, 1]"),
+    "lr_decay_epochs": Field(0, _INT, "apply lr_decay for the first N epochs only",
+                             _non_negative, ">= 0"),
+    "batch_size": Field(100, _INT, "training batch size", _positive, "> 0"),
+    "eval_batch_size": Field(500, _INT, "evaluation batch size", _positive, "> 0"),
+    "epochs": Field(None, _INT, "stop after this many epochs", _positive, "> 0", nullable=True),
+    "max_iters": Field(None, _INT, "stop after this many iterations", _positive, "> 0",
+                       nullable=True),
+    "max_minutes": Field(None, _FLOAT, "stop after this many minutes of training time "
+                         "(evaluation excluded), then test the best checkpoint", _positive, "> 0",
+                         nullable=True),
+    "ema_decay": Field(0.999, _FLOAT, "EMA decay of the parameters", _unit_open, "in [0, 1)"),
+    "grad_clip": Field(None, (int, float, dict), "gradient-norm clipping: a number, or a mapping "
+                       "loss -> number", _grad_clip_ok, "> 0 (or {loss: value > 0})",
+                       nullable=True),
+    "max_nonfinite": Field(20, _INT, "stop after this many consecutive non-finite steps",
+                           _positive, "> 0"),
+    # -- bookkeeping -------------------------------------------------------------------------
+    "eval_every": Field(500, _INT, "validate (EMA weights) every N iterations", _positive, "> 0"),
+    "checkpoint_every": Field(500, _INT, "write checkpoints/last.pt every N iterations",
+                              _positive, "> 0"),
+    "log_every": Field(50, _INT, "log training metrics every N iterations", _positive, "> 0"),
+    "num_samples": Field(64, _INT, "samples drawn for samples.png at the end", _positive, "> 0"),
+    "progress": Field(True, _BOOL, "show a tqdm progress bar"),
+    "tensorboard": Field(True, _BOOL, "write TensorBoard events"),
+}
+
+DEFAULTS: dict[str, Any] = {k: f.default for k, f in FIELDS.items()}
+
+#: Keys that may change when a run is resumed (they do not change the model or the maths).
+RESUMABLE_KEYS = frozenset({
+    "epochs", "max_iters", "max_minutes", "eval_every", "checkpoint_every", "log_every",
+    "num_samples", "progress", "tensorboard", "device", "data_dir", "download", "max_nonfinite", "num_threads",
+    "description",
+})
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, FIELDS, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint} (see `ebflow configs --keys`)")
+
+
+def _coerce(key: str, value: Any) -> Any:
+    f = FIELDS[key]
+    if value is None:
+        if f.nullable:
+            return None
+        raise ConfigError(f"config key {key!r} may not be null")
+    if isinstance(value, bool) and bool not in f.types:
+        raise ConfigError(f"config key {key!r} must be {_type_names(f)}, got a boolean {value!r}")
+    if isinstance(value, str) and (f.types == _FLOAT or f.types == _INT or float in f.types):
+        value = _number_from_text(value)  # YAML 1.1 reads "1e-4" as a string
+    if f.types == _FLOAT and isinstance(value, int):
+        value = float(value)
+    if f.types == _INT and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, f.types):
+        raise ConfigError(
+            f"config key {key!r} must be {_type_names(f)}, got {type(value).__name__} {value!r}"
+        )
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key {key!r} must be finite, got {value!r}")
+    if f.check is not None:
+        try:
+            ok = f.check(value)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"config key {key!r} must be {f.rule}, got {value!r}")
+    return dict(value) if isinstance(value, Mapping) else value
+
+
+def _number_from_text(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _type_names(f: Field) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "a mapping"}
+    out = " or ".join(dict.fromkeys(names[t] for t in f.types))
+    return out + (" or null" if f.nullable else "")
+
+
+def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Check every key and value; return a complete config (missing keys take their default)."""
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"a config must be a mapping of keys to values, got {type(config).__name__}")
+    out = dict(DEFAULTS)
+    for key, value in config.items():
+        if key not in FIELDS:
+            raise _unknown_key(str(key))
+        out[key] = _coerce(key, value)
+    if out["data"] == "points" and not out["data_file"]:
+        raise ConfigError("config key 'data_file' must name a .npy file when data is 'points'")
+    if out["epochs"] is None and out["max_iters"] is None and out["max_minutes"] is None:
+        raise ConfigError("set at least one of the config keys 'epochs', 'max_iters', 'max_minutes'")
+    return out
+
+
+def grad_clip_for(config: Mapping[str, Any]) -> float | None:
+    """The gradient-clipping threshold that applies to this config's loss (None: no clipping)."""
+    clip = config.get("grad_clip")
+    if isinstance(clip, Mapping):
+        clip = clip.get(config["loss"])
+    return None if clip is None else float(clip)
+
+
+# -- presets and files ---------------------------------------------------------------------------
+def _preset_dir() -> Any:
+    return resources.files("ebflow") / "configs"
+
+
+def list_presets() -> dict[str, str]:
+    """Preset name -> its one-line description, in a stable order."""
+    out: dict[str, str] = {}
+    for entry in sorted(_preset_dir().iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".yaml"):
+            data = _read_yaml_text(entry.read_text(encoding="utf-8"), entry.name)
+            out[entry.name[:-5]] = str(data.get("description", ""))
+    return out
+
+
+def _read_yaml_text(text: str, where: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where} is not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must hold a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The raw key/value mapping of a shipped preset."""
+    entry = _preset_dir() / f"{name}.yaml"
+    if not entry.is_file():
+        presets = ", ".join(list_presets())
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {presets} (or a YAML file path)")
+    data = _read_yaml_text(entry.read_text(encoding="utf-8"), f"preset {name!r}")
+    data.setdefault("name", name)
+    return data
+
+
+def load_config(name_or_file: str) -> dict[str, Any]:
+    """Raw mapping of a preset name or a YAML file; a file may say ``preset: NAME`` to extend one."""
+    path = Path(name_or_file)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        data = _read_yaml_text(path.read_text(encoding="utf-8"), f"config file {str(path)!r}")
+        base = data.pop("preset", None)
+        if base is not None:
+            merged = load_preset(str(base))
+            merged.update(data)
+            return merged
+        return data
+    return load_preset(name_or_file)
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """Parse ``key=value`` strings; values are read as YAML scalars (``1e-3``, ``true``, ``null``)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        if key not in FIELDS:
+            raise _unknown_key(key)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"cannot read the value of config key {key!r}: {raw!r} ({err})") from err
+        if FIELDS[key].types == _STR and value is not None and not isinstance(value, str):
+            value = raw.strip()  # e.g. data_dir=2024 stays a string
+        out[key] = _coerce(key, value) if value is not None else value
+    return out
+
+
+def resolve_config(
+    name_or_file: str | None = None, overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Defaults, then the preset/file, then the overrides; validated."""
+    raw = load_config(name_or_file) if name_or_file else load_preset("digits-fc")
+    raw.update(overrides or {})
+    return validate_config(raw)
+
+
+def dump_config(config: Mapping[str, Any]) -> str:
+    """YAML text of a config, keys in schema order."""
+    ordered = {k: config[k] for k in FIELDS if k in config}
+    return yaml.safe_dump(ordered, sort_keys=False, default_flow_style=None)

@@ -1,0 +1,215 @@
+"""Training loop: exact resume after a kill, non-finite steps, NLL in data space, budgets."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ebflow.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ebflow.config import resolve_config
+from ebflow.errors import ConfigError
+from ebflow.runs import load_run
+from ebflow.training import (
+    FAULT_ENV,
+    EpochShuffleSampler,
+    TrainingDivergedError,
+    build_model,
+    build_preprocessing,
+    evaluate_nll,
+    model_input,
+    train,
+)
+
+QUIET = dict(tensorboard=False, progress=False, num_threads=1)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _run(args, env_extra=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "ebflow", *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _equal_states(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_killed_and_resumed_run_ends_with_the_uninterrupted_parameters(tmp_path):
+    sets = ["max_iters=40", "epochs=null", "checkpoint_every=10", "eval_every=20", "log_every=5",
+            "num_samples=4", "tensorboard=false", "progress=false", "num_threads=1"]
+    args = ["train", "--config", "digits-fc", "--seed", "3"] + [a for s in sets for a in ("--set", s)]
+    killed = tmp_path / "killed"
+    first = _run(args + ["--out", str(killed)], {FAULT_ENV: "25"})
+    assert first.returncode == -9, first.stderr[-2000:]
+    assert load_checkpoint(killed / "checkpoints" / "last.pt")["step"] == 20
+    resumed = _run(["train", "--resume", str(killed)])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    config = resolve_config("digits-fc", {**QUIET, "max_iters": 40, "epochs": None, "seed": 3,
+                                          "checkpoint_every": 10, "eval_every": 20, "log_every": 5,
+                                          "num_samples": 4})
+    train(config, tmp_path / "straight")
+    a = load_checkpoint(killed / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 40 and a["epoch"] == b["epoch"]
+    assert _equal_states(a["model"], b["model"])
+    assert _equal_states(a["ema"]["shadow"], b["ema"]["shadow"])
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    # metrics.csv has no duplicated rows from the replayed steps
+    rows = (killed / "metrics.csv").read_text().splitlines()[1:]
+    train_steps = [int(r.split(",")[0]) for r in rows if r.split(",")[3]]
+    assert train_steps == sorted(set(train_steps))
+
+
+def _tiny(name="digits-fc", **overrides):
+    return resolve_config(name, {**QUIET, "max_iters": 6, "epochs": None, "eval_every": 3,
+                                 "checkpoint_every": 3, "log_every": 1, "num_samples": 4, **overrides})
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+    import ebflow.training as training
+
+    real = training.optimisation_step
+    calls = {"n": 0}
+
+    def flaky(model, objective, optimizer, x, grad_clip=None):
+        calls["n"] += 1
+        if calls["n"] in (2, 4):
+            return real(model, lambda m, xb: objective(m, xb) * float("nan"), optimizer, x, grad_clip)
+        return real(model, objective, optimizer, x, grad_clip)
+
+    monkeypatch.setattr(training, "optimisation_step", flaky)
+    result = train(_tiny(), tmp_path / "r")
+    assert result.skipped_steps == 2 and result.step == 6
+    ckpt = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")
+    assert ckpt["skipped_steps"] == 2 and ckpt["ema"]["num_updates"] == 4
+
+
+@pytest.mark.parametrize("limit, stop_step", [(4, 7), (9, 12)])  # 12 = the end of epoch 0
+def test_consecutive_non_finite_steps_stop_with_a_usable_checkpoint(tmp_path, monkeypatch, limit, stop_step):
+    import ebflow.training as training
+
+    real = training.optimisation_step
+    calls = {"n": 0}
+
+    def breaks_after_three(model, objective, optimizer, x, grad_clip=None):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            return real(model, lambda m, xb: objective(m, xb) + float("inf"), optimizer, x, grad_clip)
+        return real(model, objective, optimizer, x, grad_clip)
+
+    monkeypatch.setattr(training, "optimisation_step", breaks_after_three)
+    with pytest.raises(TrainingDivergedError, match=f"{limit} consecutive steps were skipped"):
+        train(_tiny(max_iters=50, max_nonfinite=limit, checkpoint_every=100, eval_every=100),
+              tmp_path / "r")
+    run = load_run(tmp_path / "r" / "checkpoints" / "last.pt")
+    assert run.step == stop_step
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())
+    assert math.isfinite(run.evaluate("val")["nll"])
+    monkeypatch.undo()  # the cause is fixed: the run continues from its last checkpoint
+    result = train(None, tmp_path / "r", resume=True, overrides={"max_iters": 15})
+    assert result.step == 15 and result.epoch == 1
+
+
+def test_data_space_nll_with_map_equals_the_model_with_preprocessing_inside():
+    config = _tiny()
+    pre = build_preprocessing(config, 17)
+    outside = build_model(config, (1, 8, 8), pre).double()
+    with torch.no_grad():
+        for p in outside.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    inside = build_model({**config, "map": False}, (1, 8, 8), pre).double()
+    inside.layers[3:].load_state_dict(outside.layers.state_dict())
+    pixels = torch.randint(0, 17, (40, 1, 8, 8)).double()
+    a = evaluate_nll(outside, pixels, pre, True, batch_size=16, seed=1)
+    b = evaluate_nll(inside, pixels, pre, False, batch_size=16, seed=1)
+    assert a["nll"] == pytest.approx(b["nll"], rel=1e-10)
+    assert a["bpd"] == pytest.approx(a["nll"] / (64 * math.log(2)))
+    y, logdet = model_input(pixels, pre, True, torch.Generator().manual_seed(0))
+    assert y.shape == pixels.shape and logdet.shape == (40,)
+
+
+def test_time_budget_stops_training_and_tests_the_best_checkpoint(tmp_path):
+    config = _tiny(max_iters=None, max_minutes=0.01, eval_every=20, checkpoint_every=20)
+    result = train(config, tmp_path / "r")
+    assert 0.6 <= result.train_seconds < 60 and result.step > 1
+    assert math.isfinite(result.test["nll"]) and (tmp_path / "r" / "results.json").exists()
+    assert (tmp_path / "r" / "samples.png").exists() and (tmp_path / "r" / "checkpoints" / "best.pt").exists()
+
+
+def test_existing_run_is_never_overwritten_and_resume_keeps_the_maths(tmp_path):
+    train(_tiny(), tmp_path / "r")
+    with pytest.raises(ConfigError, match="--resume"):
+        train(_tiny(), tmp_path / "r")
+    with pytest.raises(ConfigError, match="'lr'"):
+        train(None, tmp_path / "r", resume=True, overrides={"lr": 1.0})
+    more = train(None, tmp_path / "r", resume=True, overrides={"max_iters": 9})
+    assert more.step == 9
+
+
+def test_mismatched_checkpoint_gives_a_clear_error(tmp_path):
+    train(_tiny(), tmp_path / "r")
+    path = tmp_path / "r" / "checkpoints" / "last.pt"
+    state = load_checkpoint(path)
+    state["config"]["num_layers"] = 3  # the stored weights are for 2 layers
+    save_checkpoint(path, {k: v for k, v in state.items() if k not in ("digest", "format", "version")})
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_run(path)
+    with pytest.raises(CheckpointError, match="does not match"):
+        train(None, tmp_path / "r", resume=True)
+
+
+def test_epoch_sampler_depends_only_on_seed_and_epoch():
+    s = EpochShuffleSampler(10, seed=2)
+    s.set_epoch(3)
+    first = list(s)
+    s.set_epoch(4)
+    assert list(s) != first and sorted(s) == list(range(10))
+    s.set_epoch(3)
+    assert list(s) == first
+
+
+def test_injected_sampler_and_non_main_process_write_nothing(tmp_path):
+    config = _tiny(max_iters=4)
+    sampler = torch.utils.data.SequentialSampler(range(1200))
+    sampler.set_epoch = lambda epoch: None  # the interface of DistributedSampler
+    result = train(config, tmp_path / "r", sampler=sampler, is_main_process=False)
+    assert result.step == 4 and not (tmp_path / "r").exists()
+
+
+def test_load_run_gives_the_ema_model_and_raw_data(tmp_path):
+    train(_tiny(), tmp_path / "r")
+    for path in (tmp_path / "r", tmp_path / "r" / "checkpoints" / "last.pt"):
+        run = load_run(path)
+        assert run.run_dir == tmp_path / "r" and not run.model.training
+        assert run.map is True and run.preprocessing.num_bins == 17
+        assert run.config["name"] == "digits-fc"
+        pixels = run.data("test")
+        assert pixels.shape == (297, 1, 8, 8) and float(pixels.max()) <= 16
+    ckpt = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")
+    for name, p in run.model.named_parameters():
+        assert torch.equal(p.detach(), ckpt["ema"]["shadow"][name])
+
+
+def test_num_threads_applies_to_the_run_only(tmp_path, monkeypatch):
+    import ebflow.training as training
+
+    seen = []
+    real = training.optimisation_step
+    monkeypatch.setattr(training, "optimisation_step",
+                        lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+    torch.set_num_threads(2)
+    train(_tiny(max_iters=2, num_threads=1), tmp_path / "r")
+    assert seen == [1, 1] and torch.get_num_threads() == 2
