@@ -18,13 +18,7 @@ from ebflow.inpaint import (
 DIGITS_BINS = 17  # scikit-learn digits: 8x8, pixel levels 0..16 (as ebflow.data loads them)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread avoids spin-waiting on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,7 @@ from ebflow.mcmc import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread avoids spin-waiting on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gaussian_flow(d: int, seed: int = 0) -> tuple[EBFlow, torch.Tensor, torch.Tensor]:
