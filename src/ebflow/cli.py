@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -26,7 +27,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="train a model (no arguments: the embedded digits-fc default, ~2 min on CPU)",
         description="Train an EBFlow. With no arguments: the 'digits-fc' preset (scikit-learn 8x8 "
-                    "digits, FC EBFlow, denoising score matching).",
+                    "digits, FC EBFlow, denoising score matching). On several GPUs or machines, "
+                    "start the same command with torchrun, e.g. `torchrun --nproc_per_node=4 -m "
+                    "ebflow train ...`: batch_size is then the global batch, split over the "
+                    "processes.",
     )
     p.add_argument("--config", default=None, metavar="NAME|FILE",
                    help=f"preset name (see `ebflow configs`) or YAML file (default: {DEFAULT_PRESET})")
@@ -43,6 +47,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .distributed import init_from_env, shutdown
     from .training import train
 
     _speed_up_cpu_allocations()
@@ -57,23 +62,48 @@ def _train(args: argparse.Namespace) -> int:
         if args.config or args.out:
             raise_usage("--resume continues a run with its own config and directory; "
                         "do not combine it with --config or --out")
-        run_dir = Path(args.resume)
-        print(f"resuming {run_dir}")
-        result = train(None, run_dir, resume=True, overrides=overrides)
+        config = None
+        device = args.device or "auto"
     else:
         config = resolve_config(args.config or DEFAULT_PRESET, overrides)
-        run_dir = Path(args.out) if args.out else (
-            Path("runs") / f"{config['name']}-{config['loss']}-{time.strftime('%Y%m%d-%H%M%S')}")
-        print(f"training {config['name']} with {config['loss']} in {run_dir}")
-        result = train(config, run_dir)
+        device = config["device"]
+    # Under torchrun: join the process group (NCCL on CUDA, Gloo on CPU); else one process.
+    ctx = init_from_env(device)
+    say = print if ctx.is_main else (lambda *a, **k: None)
+    try:
+        if config is None:
+            run_dir = Path(args.resume)
+            say(f"resuming {run_dir}" + (f" on {ctx.world_size} processes ({ctx.backend})"
+                                         if ctx.is_distributed else ""))
+            result = train(None, run_dir, resume=True, overrides=overrides, distributed=ctx)
+        else:
+            run_dir = Path(args.out) if args.out else (
+                Path("runs") / f"{config['name']}-{config['loss']}-{time.strftime('%Y%m%d-%H%M%S')}")
+            run_dir = ctx.broadcast_object(run_dir)  # rank 0's clock names the run
+            say(f"training {config['name']} with {config['loss']} in {run_dir}")
+            if ctx.is_distributed:
+                say(_batch_line(ctx.world_size, config["batch_size"], config["lr"]))
+            result = train(config, run_dir, distributed=ctx)
+    finally:
+        shutdown(ctx)
     test = result.test
-    print(f"finished: {result.step} iterations, {result.epoch} epochs, "
-          f"{result.train_seconds:.1f} s of training ({result.ms_per_iter:.1f} ms/iteration), "
-          f"{result.skipped_steps} skipped steps")
+    if ctx.is_distributed:
+        say(_batch_line(result.world_size, result.global_batch, None))
+    say(f"finished: {result.step} iterations, {result.epoch} epochs, "
+        f"{result.train_seconds:.1f} s of training ({result.ms_per_iter:.1f} ms/iteration, "
+        f"{result.examples_per_second:.0f} examples/s), {result.skipped_steps} skipped steps")
     if test:
-        print(_format_metrics("test", test))
-    print(f"run directory: {run_dir}")
+        say(_format_metrics("test", test))
+    say(f"run directory: {run_dir}")
     return 0
+
+
+def _batch_line(world_size: int, global_batch: int, lr: float | None) -> str:
+    text = (f"{world_size} processes: global batch {global_batch} = {world_size} x "
+            f"{global_batch // world_size} per process")
+    if lr is not None:
+        text += f"; lr {lr:g} is the rate for the global batch"
+    return text
 
 
 def _speed_up_cpu_allocations() -> None:
@@ -248,13 +278,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .errors import EBFlowError
     from .training import TrainingDivergedError
 
+    # in a torchrun run every process reports; the others say which they are
+    rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else "0"
+    who = "" if rank == "0" else f"[rank {rank}] "
     try:
         return int(args.handler(args) or 0)
     except TrainingDivergedError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{who}error: {err}", file=sys.stderr)
         return EXIT_DIVERGED
     except EBFlowError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{who}error: {err}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted; continue with `ebflow train --resume RUN_DIR` (from the last checkpoint)",

@@ -157,7 +157,8 @@ FIELDS: dict[str, Field] = {
                       lambda v: 0 < v <= 1, "in (0, 1]"),
     "lr_decay_epochs": Field(0, _INT, "apply lr_decay for the first N epochs only",
                              _non_negative, ">= 0"),
-    "batch_size": Field(100, _INT, "training batch size", _positive, "> 0"),
+    "batch_size": Field(100, _INT, "training batch size: the global batch, split evenly over "
+                        "the processes of a torchrun run", _positive, "> 0"),
     "eval_batch_size": Field(500, _INT, "evaluation batch size", _positive, "> 0"),
     "epochs": Field(None, _INT, "stop after this many epochs", _positive, "> 0", nullable=True),
     "max_iters": Field(None, _INT, "stop after this many iterations", _positive, "> 0",
@@ -171,6 +172,9 @@ FIELDS: dict[str, Field] = {
                        nullable=True),
     "max_nonfinite": Field(20, _INT, "stop after this many consecutive non-finite steps",
                            _positive, "> 0"),
+    "grad_sync": Field("auto", _STR, "torchrun runs: how gradients are averaged over processes "
+                       "(auto = ddp: DistributedDataParallel; allreduce: one flat all-reduce)",
+                       _choice(("auto", "ddp", "allreduce")), "auto|ddp|allreduce"),
     # -- bookkeeping -------------------------------------------------------------------------
     "eval_every": Field(500, _INT, "validate (EMA weights) every N iterations", _positive, "> 0"),
     "checkpoint_every": Field(500, _INT, "write checkpoints/last.pt every N iterations",
@@ -187,7 +191,7 @@ DEFAULTS: dict[str, Any] = {k: f.default for k, f in FIELDS.items()}
 RESUMABLE_KEYS = frozenset({
     "epochs", "max_iters", "max_minutes", "eval_every", "checkpoint_every", "log_every",
     "num_samples", "progress", "tensorboard", "device", "data_dir", "download", "max_nonfinite", "num_threads",
-    "description",
+    "description", "grad_sync",
 })
 
 

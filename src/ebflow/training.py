@@ -1,9 +1,15 @@
 """Training runs: build the model, data pipeline, objective and optimiser from a config, train
 with EMA, validation, atomic checkpoints and exact resume, then test the best checkpoint.
 
-The loop is ready for data-parallel training: the batch sampler is injectable (e.g. a
-``DistributedSampler``), every file write is gated by ``is_main_process``, and one optimisation
-step lives in :func:`optimisation_step`, where a gradient all-reduce would go.
+The same loop runs in one process or in ``N`` processes started by ``torchrun``
+(:mod:`ebflow.distributed`). ``batch_size`` is the *global* batch: global batch ``k`` of an
+epoch is rows ``[kG, (k+1)G)`` of the epoch's permutation (fixed by ``(seed, epoch)``), and
+process ``r`` takes its rows ``[rB, (r+1)B)``, ``B = G / N``. The random numbers of a step
+(dequantisation noise, DSM/FDSSM Gaussians, SSM projections) are drawn for the whole global
+batch from a generator seeded by ``(seed, step)``, identically on every process, and each
+process keeps its rows. A step on ``N`` processes is therefore the single-process step on the
+global batch (up to summation order), and a resumed run continues exactly, on any number of
+processes. Only rank 0 writes logs, images and checkpoints.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from .architectures import conv_flow, coupling_flow, dense_flow, glow_flow
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import RESUMABLE_KEYS, dump_config, grad_clip_for, validate_config
 from .data import DataSplits, load_data
+from .distributed import SINGLE_PROCESS, Distributed, GradientSync, make_gradient_sync, poisoned_loss
+from .distributed import current as current_distributed
 from .ema import EMA
 from .errors import ConfigError, EBFlowError, InputError, SingularLayerError
 from .flow import EBFlow
@@ -45,12 +53,14 @@ __all__ = [
     "build_scheduler",
     "make_loader",
     "model_input",
+    "step_seed",
     "evaluate_nll",
     "optimisation_step",
     "train",
 ]
 
 EVAL_SEED_OFFSET = 9_999_991
+SML_STREAM = 1  # step_seed stream of SML's model samples (plus the rank)
 FAULT_ENV = "EBFLOW_FAULT_KILL_AT_STEP"  # testing aid: SIGKILL the process after this step
 
 
@@ -144,11 +154,21 @@ def build_scheduler(config: Mapping[str, Any], optimizer: torch.optim.Optimizer)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: gamma ** min(e, n))
 
 
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    """A 63-bit seed determined by ``(seed, step, stream)`` alone (NumPy's ``SeedSequence``
+    mixing: nearby tuples give unrelated seeds)."""
+    import numpy as np
+
+    words = np.random.SeedSequence([int(seed), int(step), int(stream)]).generate_state(2, np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
 class EpochShuffleSampler(Sampler[int]):
     """A fresh permutation of ``range(n)`` per epoch, fixed by ``(seed, epoch)`` alone.
 
-    Same interface as ``torch.utils.data.DistributedSampler`` (``set_epoch``), which can be
-    injected in its place for data-parallel runs.
+    Any sampler with ``set_epoch`` can be injected in its place. It must yield the *global*
+    order (the same on every process): in data-parallel runs the loader itself gives each
+    process its rows of every global batch, so a ``DistributedSampler`` would shard twice.
     """
 
     def __init__(self, n: int, seed: int = 0) -> None:
@@ -166,10 +186,14 @@ class EpochShuffleSampler(Sampler[int]):
 
 
 class _ResumableBatches(Sampler[list[int]]):
-    """Batches of indices from a sampler, dropping the last partial batch; can skip ahead."""
+    """Global batches of ``batch_size`` indices from a sampler (the last partial batch is
+    dropped), of which this process (``rank`` of ``world_size``) yields its rows
+    ``[rank * B, (rank + 1) * B)``, ``B = batch_size / world_size``; can skip ahead."""
 
-    def __init__(self, sampler: Sampler[int], batch_size: int) -> None:
+    def __init__(self, sampler: Sampler[int], batch_size: int, rank: int = 0, world_size: int = 1) -> None:
         self.sampler, self.batch_size, self.skip = sampler, batch_size, 0
+        local = batch_size // world_size
+        self.rows = slice(rank * local, (rank + 1) * local)
 
     def __iter__(self) -> Iterator[list[int]]:
         batch: list[int] = []
@@ -178,7 +202,7 @@ class _ResumableBatches(Sampler[list[int]]):
             batch.append(i)
             if len(batch) == self.batch_size:
                 if count >= self.skip:
-                    yield batch
+                    yield batch[self.rows]
                 count += 1
                 batch = []
 
@@ -199,30 +223,46 @@ class _TensorRows(torch.utils.data.Dataset):
         return self.data[rows]
 
 
-def make_loader(data: Tensor, batch_size: int, sampler: Sampler[int]) -> DataLoader:
-    """A loader of whole batches drawn from ``data`` in the order of ``sampler``."""
+def make_loader(
+    data: Tensor, batch_size: int, sampler: Sampler[int], *, rank: int = 0, world_size: int = 1,
+) -> DataLoader:
+    """A loader of whole batches drawn from ``data`` in the order of ``sampler``: this process's
+    ``batch_size / world_size`` rows of each global batch of ``batch_size``."""
     if len(sampler) < batch_size:  # type: ignore[arg-type]
         raise ConfigError(
             f"config key 'batch_size' ({batch_size}) is larger than the {len(sampler)} training "
             "examples"  # type: ignore[arg-type]
         )
+    if batch_size % world_size:
+        raise ConfigError(
+            f"config key 'batch_size' ({batch_size}) is the global batch and must split evenly over "
+            f"the {world_size} processes; use a multiple of {world_size}"
+        )
     # The loader gets its own generator: creating an iterator must not draw from the global
     # RNG, or a run resumed mid-epoch would see different noise than the uninterrupted run.
-    return DataLoader(_TensorRows(data), sampler=_ResumableBatches(sampler, batch_size),
+    return DataLoader(_TensorRows(data),
+                      sampler=_ResumableBatches(sampler, batch_size, rank, world_size),
                       batch_size=None, generator=torch.Generator())
 
 
 def model_input(
     x: Tensor, preprocessing: ImagePreprocessing | None, use_map: bool,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, *, dequantization_noise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Raw data -> ``(model input, log|det| of the preprocessing or None)``.
 
-    Images are dequantised; with MaP they are also preprocessed (the model sees ``y``).
+    Images are dequantised (``x + u``, ``u ~ U[0, 1)`` drawn from ``generator``, or the given
+    ``dequantization_noise``); with MaP they are also preprocessed (the model sees ``y``).
     """
     if preprocessing is None:
         return x, None
-    x_deq = preprocessing.dequantize(x, generator=generator)
+    if dequantization_noise is not None:
+        if dequantization_noise.shape != x.shape:
+            raise InputError(f"dequantisation noise must have the shape of the batch {tuple(x.shape)}, "
+                             f"got {tuple(dequantization_noise.shape)}")
+        x_deq = x + dequantization_noise
+    else:
+        x_deq = preprocessing.dequantize(x, generator=generator)
     if not use_map:
         return x_deq, None
     return preprocessing.forward(x_deq)
@@ -231,14 +271,23 @@ def model_input(
 @torch.no_grad()
 def evaluate_nll(
     model: EBFlow, data: Tensor, preprocessing: ImagePreprocessing | None, use_map: bool,
-    batch_size: int = 500, seed: int = 0,
+    batch_size: int = 500, seed: int = 0, *, dist: Distributed | None = None,
 ) -> dict[str, float]:
     r"""Exact NLL of ``data`` in data space: ``nll`` (nats per example) and
-    ``bpd`` = nll / (D ln 2). Dequantisation noise is drawn from a generator seeded by ``seed``,
-    so repeated evaluations are comparable."""
-    g = torch.Generator().manual_seed(seed)
+    ``bpd`` = nll / (D ln 2). The dequantisation noise of batch ``k`` comes from a generator
+    seeded by ``(seed, k)``, so repeated evaluations are comparable and the result does not
+    depend on how the batches are spread over processes.
+
+    With ``dist`` (a data-parallel run) process ``r`` of ``N`` evaluates batches
+    ``k = r (mod N)``; the sums of log-likelihoods and the counts are then all-reduced, so
+    :math:`\text{nll} = -\sum_i \log p(x_i) / n` exactly as in one process (not an average of
+    per-process averages)."""
+    ctx = dist if dist is not None else SINGLE_PROCESS
     total, n = 0.0, 0
-    for xb in data.split(batch_size):
+    for k, xb in enumerate(data.split(batch_size)):
+        if k % ctx.world_size != ctx.rank:
+            continue
+        g = torch.Generator().manual_seed(step_seed(seed, k))
         # dequantisation and preprocessing (and its log-determinant) in float64
         inp, logdet = model_input(xb.to("cpu", torch.float64), preprocessing, use_map, generator=g)
         inp = inp.to(model.device, model.dtype)
@@ -247,7 +296,9 @@ def evaluate_nll(
             log_p = log_p + logdet.double()
         total += float(-log_p.sum())
         n += xb.shape[0]
-    nll = total / n
+    total, count = ctx.all_reduce_sum([total, n])
+    n = int(count)
+    nll = total / n if n else math.nan
     d = math.prod(data.shape[1:])
     return {"nll": nll, "bpd": nll / (d * math.log(2)), "n": n}
 
@@ -261,27 +312,43 @@ class StepOutcome:
 
 
 def optimisation_step(
-    model: EBFlow, objective: Objective, optimizer: torch.optim.Optimizer, x: Tensor,
-    grad_clip: float | None = None,
+    model: nn.Module, objective: Any, optimizer: torch.optim.Optimizer, x: Tensor,
+    grad_clip: float | None = None, *, sync: GradientSync | None = None,
 ) -> StepOutcome:
-    """One step: loss, backward, (gradient all-reduce goes here), norm / clip, update.
+    """One step: ``loss = objective(model, x)``, backward, gradient averaging over processes
+    (``sync``), norm / clip, update.
 
     A non-finite loss or gradient, or a singular layer, skips the update (``finite=False``).
+    With ``sync`` (data-parallel runs) a process whose loss failed still runs the backward pass
+    and the averaging, with NaN gradients: every process then sees the same non-finite norm and
+    all skip the step together.
     """
     optimizer.zero_grad(set_to_none=True)
+    error = ""
     try:
-        loss = objective(model, x)
+        loss: Tensor | None = objective(model, x)
     except (SingularLayerError, InputError) as err:
-        return StepOutcome(float("nan"), float("nan"), False, str(err))
-    value = float(loss.detach())
+        if sync is None:
+            return StepOutcome(float("nan"), float("nan"), False, str(err))
+        loss, error = None, str(err)
+    if sync is not None:
+        error = error or sync.forward_error()
+    value = float(loss.detach()) if loss is not None else float("nan")
     if not math.isfinite(value):
-        return StepOutcome(value, float("nan"), False, "non-finite loss")
+        if sync is None:
+            return StepOutcome(value, float("nan"), False, "non-finite loss")
+        error = error or "non-finite loss"
+        params = [p for p in model.parameters() if p.requires_grad]
+        loss = poisoned_loss(params) if loss is None else loss * math.nan
+    assert loss is not None
     loss.backward()
+    if sync is not None:
+        sync.after_backward([p for p in model.parameters() if p.requires_grad])
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
     if not math.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)
-        return StepOutcome(value, norm, False, "non-finite gradient")
+        return StepOutcome(value, norm, False, error or "non-finite gradient")
     if grad_clip is not None and norm > grad_clip:
         torch.nn.utils.clip_grads_with_norm_(grads, grad_clip, torch.tensor(norm))
     optimizer.step()
@@ -289,7 +356,7 @@ def optimisation_step(
 
 
 # -- logging ------------------------------------------------------------------------------------
-CSV_COLUMNS = ["step", "epoch", "train_s", "loss", "grad_norm", "ms_per_iter", "lr",
+CSV_COLUMNS = ["step", "epoch", "train_s", "loss", "grad_norm", "ms_per_iter", "examples_per_s", "lr",
                "skipped_steps", "val_nll", "val_bpd", "test_nll", "test_bpd", "kl", "fisher"]
 
 
@@ -336,10 +403,21 @@ class TrainResult:
     skipped_steps: int
     best_val_nll: float
     test: dict[str, float] = field(default_factory=dict)
+    world_size: int = 1
+    global_batch: int = 0
 
     @property
     def ms_per_iter(self) -> float:
         return 1000 * self.train_seconds / max(self.step, 1)
+
+    @property
+    def batch_per_process(self) -> int:
+        return self.global_batch // self.world_size
+
+    @property
+    def examples_per_second(self) -> float:
+        """Training throughput of the whole run: global examples per second of training."""
+        return self.step * self.global_batch / self.train_seconds if self.train_seconds > 0 else math.nan
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -365,6 +443,14 @@ def _resume_config(saved: Mapping[str, Any], overrides: Mapping[str, Any]) -> di
     return validate_config({**saved, **overrides})
 
 
+def _check_pixels(data: Tensor, num_bins: int, what: str) -> None:
+    """Pixel levels must lie in ``[0, num_bins - 1]`` (checked once, not per batch)."""
+    lo, hi = float(data.min()), float(data.max())
+    if lo < 0 or hi > num_bins - 1:
+        raise InputError(f"{what} pixel values must lie in [0, {num_bins - 1}], got range [{lo}, {hi}]; "
+                         "check the config key 'num_bins'")
+
+
 class Trainer:
     """Holds the state of one training run (see :func:`train`)."""
 
@@ -372,13 +458,18 @@ class Trainer:
         self, config: Mapping[str, Any], run_dir: Path, *, device: torch.device,
         splits: DataSplits | None = None, sampler: Sampler[int] | None = None,
         is_main_process: bool = True, resume_state: Mapping[str, Any] | None = None,
+        dist: Distributed = SINGLE_PROCESS,
     ) -> None:
         self.config = dict(config)
         self.run_dir = run_dir
         self.device = device
-        self.is_main = is_main_process
+        self.dist = dist
+        self.is_main = is_main_process and dist.is_main
         torch.manual_seed(config["seed"])
-        self.splits = splits if splits is not None else load_data(config)
+        if splits is None:
+            # one download per machine; an error anywhere stops every process
+            splits = dist.local_main_first(lambda: load_data(config))
+        self.splits = splits
         self.pre = build_preprocessing(config, self.splits.num_bins)
         self.use_map = bool(config["map"]) and self.pre is not None
         self.model = build_model(config, self.splits.event_shape, self.pre).to(device)
@@ -389,11 +480,17 @@ class Trainer:
         self.optimizer = build_optimizer(config, self.params)
         self.scheduler = build_scheduler(config, self.optimizer)
         self.ema = EMA(self.model, config["ema_decay"])
+        if self.pre is not None:
+            _check_pixels(self.splits.train, self.pre.num_bins, "training")
         self.train_data = self.splits.train.to(device)
+        self.global_batch = int(config["batch_size"])
+        self.local_batch = self.global_batch // dist.world_size
         self.sampler = sampler if sampler is not None else EpochShuffleSampler(
             self.train_data.shape[0], config["seed"])
-        self.loader = make_loader(self.train_data, config["batch_size"], self.sampler)
+        self.loader = make_loader(self.train_data, self.global_batch, self.sampler,
+                                  rank=dist.rank, world_size=dist.world_size)
         self.batches_per_epoch = len(self.loader)
+        self.noise_generator = torch.Generator(device=device)
         self.step = self.epoch = self.batch_in_epoch = 0
         self.train_seconds = 0.0
         self.skipped = self.consecutive_bad = 0
@@ -402,10 +499,14 @@ class Trainer:
             self._load_state(resume_state)
         else:
             self._initialise()
+        # after the (identical) initialisation: DDP broadcasts rank 0's parameters once
+        self.sync = make_gradient_sync(dist, self.model, self.objective, config["grad_sync"])
+        self.train_module: nn.Module = self.sync.train_module if self.sync is not None else self.model
 
     # -- state --------------------------------------------------------------------------
     def _initialise(self) -> None:
-        """Data-dependent initialisation (ActNorm) from a first batch, without touching the RNG."""
+        """Data-dependent initialisation (ActNorm) from a first batch, without touching the RNG.
+        The batch depends on the seed alone, so every process initialises identically."""
         g = torch.Generator().manual_seed(self.config["seed"] + 1)
         idx = torch.randperm(self.train_data.shape[0], generator=g)[: max(2, min(500, self.train_data.shape[0]))]
         x = self.train_data[idx.to(self.train_data.device)].to(self.dtype).cpu()
@@ -423,6 +524,7 @@ class Trainer:
             "best_val_nll": self.best_val,
             "event_shape": list(self.splits.event_shape),
             "num_bins": self.pre.num_bins if self.pre is not None else None,
+            "world_size": self.dist.world_size,
         }
 
     def _load_state(self, state: Mapping[str, Any]) -> None:
@@ -446,14 +548,50 @@ class Trainer:
         if self.is_main:
             save_checkpoint(self.run_dir / "checkpoints" / name, self.state())
 
+    # -- one step's inputs ----------------------------------------------------------------
+    def _step_inputs(self, xb: Tensor) -> tuple[Tensor, Tensor | None]:
+        """This process's model input and objective noise for the current step.
+
+        The dequantisation noise and the objective's noise are drawn for the whole global
+        batch from a generator seeded by ``(seed, step)`` -- the same numbers on every process
+        and in a resumed run -- and each process keeps the rows of its examples.
+        """
+        g = self.noise_generator.manual_seed(step_seed(self.config["seed"], self.step))
+        shape = (self.global_batch, *xb.shape[1:])
+        start, rows = self.dist.rank * self.local_batch, self.local_batch
+        x = xb.to(self.dtype)
+        if self.pre is not None:
+            u = torch.rand(shape, dtype=self.dtype, device=self.device, generator=g)
+            inp, _ = model_input(x, self.pre, self.use_map, dequantization_noise=u.narrow(0, start, rows))
+        else:
+            inp = x
+        noise = self.objective.draw_noise(shape, dtype=self.dtype, device=self.device, generator=g)
+        if noise is not None:
+            noise = noise.narrow(self.objective.noise_batch_dim, start, rows)  # type: ignore[arg-type]
+        if self.objective.name == "sml":
+            # SML's model samples: each process draws its own (seeded by step and rank)
+            torch.manual_seed(step_seed(self.config["seed"], self.step, SML_STREAM + self.dist.rank))
+        return inp, noise
+
+    def _step_objective(self, noise: Tensor | None) -> Any:
+        """The loss of this step as ``f(module, x)`` (the form :func:`optimisation_step` takes)."""
+        if self.sync is not None:
+            sync = self.sync
+            return lambda module, x: sync.loss(module, x, noise)
+        if noise is None:
+            return self.objective
+        objective = self.objective
+        return lambda model, x: objective(model, x, noise=noise)
+
     # -- evaluation ---------------------------------------------------------------------
     def evaluate(self, split: str) -> dict[str, float]:
+        """NLL of a split with EMA weights, sharded over the processes and reduced exactly."""
         data = self.splits.split(split)
         with self.ema.average_parameters():
             self.model.eval()
             out = evaluate_nll(self.model, data, self.pre, self.use_map,
                                self.config["eval_batch_size"],
-                               seed=self.config["seed"] + EVAL_SEED_OFFSET)
+                               seed=self.config["seed"] + EVAL_SEED_OFFSET, dist=self.dist)
             self.model.train()
         return out
 
@@ -474,6 +612,9 @@ class Trainer:
     def run(self, log: MetricsLog | None) -> None:
         c = self.config
         fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
+        # the time budget must stop every process at the same step: they share rank 0's clock
+        shared_clock = self.dist.is_distributed and c["max_minutes"] is not None
+        sync_kwargs = {"sync": self.sync} if self.sync is not None else {}
         bar = None
         if self.is_main and c["progress"]:
             from tqdm.auto import tqdm
@@ -490,10 +631,9 @@ class Trainer:
                 self.loader.sampler.skip = self.batch_in_epoch  # type: ignore[attr-defined]
                 t0 = time.perf_counter()
                 for xb in self.loader:
-                    x = xb.to(self.dtype)
-                    inp, _ = model_input(x, self.pre, self.use_map)
-                    out = optimisation_step(self.model, self.objective, self.optimizer, inp,
-                                            self.grad_clip)
+                    inp, noise = self._step_inputs(xb)
+                    out = optimisation_step(self.train_module, self._step_objective(noise),
+                                            self.optimizer, inp, self.grad_clip, **sync_kwargs)
                     self.step += 1
                     self.batch_in_epoch += 1
                     if out.finite:
@@ -510,6 +650,8 @@ class Trainer:
                     t1 = time.perf_counter()
                     self.train_seconds += t1 - t0
                     window_time += t1 - t0
+                    if shared_clock:
+                        self.train_seconds = self.dist.broadcast_float(self.train_seconds)
                     if bar is not None:
                         bar.update(1)
                         if window_n and self.step % 10 == 0:
@@ -519,15 +661,20 @@ class Trainer:
                         self._next_epoch()
                     if self.consecutive_bad >= c["max_nonfinite"]:
                         self._diverged(out)
-                    if self.step % c["log_every"] == 0 and log is not None:
-                        log.log(self.step, {
-                            "epoch": self.epoch, "train_s": round(self.train_seconds, 3),
-                            "loss": window_loss / window_n if window_n else float("nan"),
-                            "grad_norm": window_norm / window_n if window_n else float("nan"),
-                            "ms_per_iter": 1000 * window_time / c["log_every"],
-                            "lr": self.optimizer.param_groups[0]["lr"],
-                            "skipped_steps": self.skipped,
-                        })
+                    if self.step % c["log_every"] == 0:
+                        # the loss of the global batch: the mean of the processes' losses
+                        loss = self.dist.mean(window_loss / window_n) if window_n else float("nan")
+                        if log is not None:
+                            log.log(self.step, {
+                                "epoch": self.epoch, "train_s": round(self.train_seconds, 3),
+                                "loss": loss,
+                                "grad_norm": window_norm / window_n if window_n else float("nan"),
+                                "ms_per_iter": 1000 * window_time / c["log_every"],
+                                "examples_per_s": self.global_batch * c["log_every"] / window_time
+                                if window_time > 0 else float("nan"),
+                                "lr": self.optimizer.param_groups[0]["lr"],
+                                "skipped_steps": self.skipped,
+                            })
                         window_loss, window_n, window_time, window_norm = 0.0, 0, 0.0, 0.0
                     done = self._done()
                     if self.step % c["eval_every"] == 0 or done:
@@ -576,11 +723,25 @@ def _check_run_dir(run_dir: Path, resume: bool) -> None:
         )
 
 
+def _run_device(requested: str | None, ctx: Distributed) -> torch.device:
+    """The device of this process: the process group's in a data-parallel run (which must
+    agree with the requested one), else the requested one."""
+    if not ctx.is_distributed or ctx.device is None:
+        return resolve_device(requested)
+    if requested not in (None, "auto") and torch.device(requested).type != ctx.device.type:
+        raise ConfigError(
+            f"device {requested!r} was requested, but the process group was set up for "
+            f"{ctx.device.type} ({ctx.backend}); pass the same --device to every process"
+        )
+    return ctx.device
+
+
 def train(
     config: Mapping[str, Any] | None, run_dir: str | Path, *, resume: bool = False,
     overrides: Mapping[str, Any] | None = None, device: str | torch.device | None = None,
     sampler: Sampler[int] | None = None, is_main_process: bool = True,
     splits: DataSplits | None = None, final_outputs: bool = True,
+    distributed: Distributed | None = None,
 ) -> TrainResult:
     """Train (or resume) a run in ``run_dir``; returns the final state and test metrics.
 
@@ -588,23 +749,29 @@ def train(
     may change only the keys in :data:`~ebflow.config.RESUMABLE_KEYS`. After training, the
     best-validation checkpoint (EMA weights) is evaluated on the test split, and
     ``samples.png`` (plus ``density.png`` for 2-D data) and ``results.json`` are written.
+
+    In a process group (``torchrun``; see :func:`ebflow.distributed.init_from_env`, or pass
+    ``distributed``) every process calls this with the same arguments: rank 0 reads the
+    checkpoint to resume from and shares it, each process trains on its rows of every global
+    batch, and only rank 0 writes files.
     """
+    ctx = distributed if distributed is not None else current_distributed()
     run_dir = Path(run_dir)
     state = None
     if resume:
-        state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-        config = _resume_config(state["config"], overrides or {})
+        state = ctx.from_main(lambda: load_checkpoint(run_dir / "checkpoints" / "last.pt"))
+        config = ctx.everywhere(lambda: _resume_config(state["config"], overrides or {}))
     else:
         if config is None:
             raise ConfigError("a config is needed to start a new run")
         config = validate_config({**config, **(overrides or {})})
-    dev = resolve_device(str(device) if device is not None else config["device"])
+    dev = ctx.everywhere(lambda: _run_device(str(device) if device is not None else config["device"], ctx))
     threads = torch.get_num_threads()
     if config["num_threads"] is not None:
         torch.set_num_threads(config["num_threads"])
     try:
         return _train(config, run_dir, resume, state, dev, sampler, is_main_process, splits,
-                      final_outputs)
+                      final_outputs, ctx)
     finally:
         torch.set_num_threads(threads)
 
@@ -612,22 +779,24 @@ def train(
 def _train(
     config: dict[str, Any], run_dir: Path, resume: bool, state: Mapping[str, Any] | None,
     dev: torch.device, sampler: Sampler[int] | None, is_main_process: bool,
-    splits: DataSplits | None, final_outputs: bool,
+    splits: DataSplits | None, final_outputs: bool, ctx: Distributed = SINGLE_PROCESS,
 ) -> TrainResult:
+    is_main = is_main_process and ctx.is_main
     if is_main_process:
-        _check_run_dir(run_dir, resume)
+        ctx.from_main(lambda: _check_run_dir(run_dir, resume))
     # Data and model first: a missing data set must not leave an empty run directory behind.
     trainer = Trainer(config, run_dir, device=dev, splits=splits, sampler=sampler,
-                      is_main_process=is_main_process, resume_state=state)
-    if is_main_process:
+                      is_main_process=is_main_process, resume_state=state, dist=ctx)
+    if is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(config))
-    log = MetricsLog(run_dir, trainer.step if resume else None, config["tensorboard"]) if is_main_process else None
+    log = MetricsLog(run_dir, trainer.step if resume else None, config["tensorboard"]) if is_main else None
     try:
         trainer.run(log)
         result = TrainResult(run_dir, trainer.step, trainer.epoch, trainer.train_seconds,
-                             trainer.skipped, trainer.best_val)
-        if is_main_process and final_outputs:
+                             trainer.skipped, trainer.best_val, world_size=ctx.world_size,
+                             global_batch=trainer.global_batch)
+        if final_outputs and (is_main or ctx.is_distributed):
             result.test = finish_run(trainer, log)
     finally:
         if log is not None:
@@ -636,23 +805,65 @@ def _train(
 
 
 def finish_run(trainer: Trainer, log: MetricsLog | None) -> dict[str, float]:
-    """Test the best-validation checkpoint; write results.json, samples.png (density.png)."""
-    from .runs import load_run, save_density_plot, save_samples
+    """Test the best-validation checkpoint; write results.json, samples.png (density.png).
 
-    ckpt = trainer.run_dir / "checkpoints" / "best.pt"
-    if not ckpt.exists():
-        ckpt = trainer.run_dir / "checkpoints" / "last.pt"
-    run = load_run(ckpt, device=trainer.device, splits=trainer.splits)
-    test = run.evaluate("test")
+    In a data-parallel run rank 0 reads the checkpoint and shares its weights; the test NLL is
+    computed on shards and reduced exactly; only rank 0 writes."""
+    from .runs import load_run
+
+    ctx = trainer.dist
+
+    def load() -> Any:
+        ckpt = trainer.run_dir / "checkpoints" / "best.pt"
+        if not ckpt.exists():
+            ckpt = trainer.run_dir / "checkpoints" / "last.pt"
+        return load_run(ckpt, device=trainer.device, splits=trainer.splits)
+
+    loaded: list[Any] = []
+
+    def load_on_main() -> dict[str, Tensor] | None:
+        loaded.append(load())
+        if not ctx.is_distributed:
+            return None
+        return {k: v.cpu() for k, v in loaded[0].model.state_dict().items()}
+
+    weights = ctx.from_main(load_on_main)  # a bad checkpoint stops every process
+    run = loaded[0] if loaded else None
+    model = run.model if run is not None else trainer.model
+    if run is None:  # the other processes evaluate rank 0's weights
+        model.load_state_dict(weights)
+        model.eval()
+    test = evaluate_nll(model, trainer.splits.split("test"), trainer.pre, trainer.use_map,
+                        trainer.config["eval_batch_size"],
+                        seed=trainer.config["seed"] + EVAL_SEED_OFFSET, dist=ctx)
+    if not trainer.is_main or run is None:
+        return test
+    if trainer.splits.mixture is not None:
+        from .toy_metrics import toy_metrics
+
+        test.update(toy_metrics(run.model, trainer.splits.mixture, trainer.splits.split("test"),
+                                trainer.config["eval_batch_size"]))
+    _write_results(trainer, run, test, log)
+    return test
+
+
+def _write_results(trainer: Trainer, run: Any, test: dict[str, float], log: MetricsLog | None) -> None:
+    from .runs import save_density_plot, save_samples
+
     if log is not None:
         log.log(trainer.step, {"epoch": trainer.epoch, "train_s": round(trainer.train_seconds, 3),
                                **{f"test_{k}": v for k, v in test.items() if k in ("nll", "bpd")},
                                **{k: v for k, v in test.items() if k in ("kl", "fisher")}})
+    world = trainer.dist.world_size
     results = {
         "config": trainer.config["name"], "loss": trainer.config["loss"],
-        "checkpoint": ckpt.name, "checkpoint_step": run.step, "iterations": trainer.step,
+        "checkpoint": run.checkpoint.name, "checkpoint_step": run.step, "iterations": trainer.step,
         "epochs": trainer.epoch, "train_seconds": trainer.train_seconds,
         "ms_per_iter": 1000 * trainer.train_seconds / max(trainer.step, 1),
+        "processes": world, "global_batch": trainer.global_batch,
+        "batch_per_process": trainer.global_batch // world,
+        "examples_per_s": trainer.step * trainer.global_batch / trainer.train_seconds
+        if trainer.train_seconds > 0 else None,
         "skipped_steps": trainer.skipped, "best_val_nll": trainer.best_val,
         **{f"test_{k}": v for k, v in test.items()},
     }
@@ -664,4 +875,3 @@ def finish_run(trainer: Trainer, log: MetricsLog | None) -> dict[str, float]:
             save_density_plot(run, trainer.run_dir / "density.png")
     except EBFlowError as err:  # a model that cannot be inverted still has its metrics
         print(f"warning: could not draw samples: {err}")
-    return test
