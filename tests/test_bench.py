@@ -261,6 +261,10 @@ def test_linear_prefix_splits_the_energy_exactly():
     for sign in (1, -1):
         assert torch.allclose(model.tail_energy(h + sign * u), model.energy(x + sign * v),
                               rtol=1e-12, atol=1e-10)
+    # initialised and without a gradient to x, [x; v; 0] go through the prefix in one pass
+    h2, u2 = model.linear_prefix(x, v)
+    assert torch.allclose(h2, h, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(u2, u, rtol=1e-12, atol=1e-12)
     # SSM through the prefix equals the textbook double backward with respect to x
     signs = torch.randn(1, *x.shape, dtype=torch.float64).sign()
     xr = x.detach().requires_grad_(True)
@@ -284,3 +288,13 @@ def test_reuse_large_allocations_is_idempotent():
         assert first
     big = torch.ones(3000, 3000)  # 36 MB: still an ordinary, correct tensor
     assert float(big.sum()) == 9e6
+
+
+def test_other_process_load_is_a_share_of_the_cpus():
+    from ebflow.bench.machine import OtherProcessLoad, load_average
+
+    meter = OtherProcessLoad().start()
+    sum(i * i for i in range(200_000))  # our own work is not "other"
+    share = meter.share
+    assert share is None or 0.0 <= share <= 1.0
+    assert isinstance(load_average(), str)

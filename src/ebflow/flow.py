@@ -123,24 +123,36 @@ class EBFlow(nn.Module):
         return len(self.layers)
 
     def linear_prefix(self, x: Tensor, direction: Tensor) -> tuple[Tensor, Tensor]:
-        r"""Push ``x`` and a direction ``v`` through the leading linear layers
-        :math:`h = A x + c`: returns :math:`(h, A v)`, with :math:`A v = T(v) - T(0)` for each
-        affine layer :math:`T` (the shift cancels, so gradients reach :math:`A` only).
-        The prefix adds nothing to the energy, so :math:`E(x \pm v) = `
-        :meth:`tail_energy` :math:`(h \pm A v)` and
+        r"""Push ``x`` and a direction ``v`` through the leading linear layers, an affine map
+        :math:`P(x) = A x + c`: returns :math:`(P(x), A v)` with :math:`A v = P(v) - P(0)`
+        (the shift cancels, so gradients reach :math:`A` only). The prefix adds nothing to the
+        energy, so :math:`E(x \pm v) = ` :meth:`tail_energy` :math:`(h \pm A v)` and
         :math:`v^\top \nabla_x^2 E\, v = (Av)^\top \nabla_h^2 E\, (Av)`: directional
-        objectives run the first (often the largest) layers once on ``x`` and once on ``v``
-        instead of on every perturbed copy of ``x``."""
+        objectives run the first (often the largest) layers on ``x`` and ``v`` instead of on
+        every perturbed copy of ``x``."""
         h = self._check(x, "input x")
         if tuple(direction.shape) != tuple(h.shape):
             raise InputError(
                 f"direction must have the shape of x {tuple(h.shape)}, got {tuple(direction.shape)}"
             )
-        u = direction
-        for layer in self.layers[: self.linear_prefix_length]:
-            h = layer.transform(h)  # first: a data-dependent initialisation sees the data
-            u = layer.transform(u) - layer.transform(torch.zeros_like(u[:1]))
-        return h, u
+        prefix = self.layers[: self.linear_prefix_length]
+        if not prefix:
+            return h, direction
+        rows = torch.cat([direction, torch.zeros_like(direction[:1])])
+        pending_init = any(not bool(getattr(layer, "initialized", True)) for layer in prefix)
+        if h.requires_grad or pending_init:
+            # x on its own: its gradient must not run through v's rows, and a pending
+            # data-dependent initialisation (ActNorm) must see the data alone.
+            for layer in prefix:
+                h = layer.transform(h)
+            for layer in prefix:
+                rows = layer.transform(rows)
+            return h, rows[:-1] - rows[-1:]
+        b = h.shape[0]
+        rows = torch.cat([h, rows])  # one pass: larger products, one weight gradient per layer
+        for layer in prefix:
+            rows = layer.transform(rows)
+        return rows[:b], rows[b:-1] - rows[-1:]
 
     def tail_energy(self, h: Tensor) -> Tensor:
         """:math:`E(x)` from ``h``, the output of :meth:`linear_prefix` (same value as

@@ -334,16 +334,18 @@ def optimisation_step(
     if sync is not None:
         error = error or sync.forward_error()
     value = float(loss.detach()) if loss is not None else float("nan")
+    params = [p for p in model.parameters() if p.requires_grad]
     if not math.isfinite(value):
         if sync is None:
             return StepOutcome(value, float("nan"), False, "non-finite loss")
         error = error or "non-finite loss"
-        params = [p for p in model.parameters() if p.requires_grad]
         loss = poisoned_loss(params) if loss is None else loss * math.nan
     assert loss is not None
-    loss.backward()
+    # Differentiate with respect to the parameters only: the score objectives' graphs also
+    # reach their (detached) input copies, whose gradients nobody needs.
+    loss.backward(inputs=params)
     if sync is not None:
-        sync.after_backward([p for p in model.parameters() if p.requires_grad])
+        sync.after_backward(params)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
     if not math.isfinite(norm):

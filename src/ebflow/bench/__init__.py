@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import platform
 import sys
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ import torch
 
 from ..errors import ConfigError
 from ..runtime import large_allocation_reuse_active, reuse_large_allocations
+from .machine import OtherProcessLoad, load_average
 from .report import Target, check_targets, format_markdown, write_csv, write_plot
 from .sections import (
     REFERENCE_MS,
@@ -51,6 +51,9 @@ __all__ = [
     "run",
     "QUICK",
 ]
+
+#: Above this share of the CPUs used by other processes, the report says the run was disturbed.
+BUSY_SHARE = 0.05
 
 #: A tiny configuration (seconds, not minutes): for smoke tests and a first look.
 QUICK = dict(
@@ -106,14 +109,6 @@ def _check_config(config: BenchConfig) -> torch.device:
     return device
 
 
-def _load() -> str:
-    try:
-        one, five, _ = os.getloadavg()
-    except OSError:  # not available on this platform
-        return "n/a"
-    return f"{one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs"
-
-
 def _header(config: BenchConfig, device: torch.device) -> str:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         platform.processor() or platform.machine())
@@ -140,11 +135,20 @@ def run_benchmark(config: BenchConfig | None = None) -> BenchResult:
         "iteration": iteration_section, "scaling": scaling_section,
         "evaluation": evaluation_section, "memory": memory_section,
     }
-    load_before = _load()
+    load_before = load_average()
+    others = OtherProcessLoad().start()
     for section in SECTIONS:
         if section in config.sections:
             rows += runners[section](config, device)
-    header += f". Load average before: {load_before}; after: {_load()}"
+    share = others.share
+    header += f". Load average before: {load_before}"
+    if share is not None:
+        header += f"; other processes used {100 * share:.0f}% of the CPUs during the run"
+    header += "."
+    if share is not None and share > BUSY_SHARE:
+        header += (" **The machine was shared: absolute times are inflated and noisy (ratios "
+                   "between the methods of one model much less so); re-run on a quiet machine "
+                   "for final figures.**")
     return BenchResult(config, rows, check_targets(rows, device.type), header)
 
 

@@ -181,6 +181,7 @@ def write_plot(rows: Sequence[Row], path: Path, title: str = "") -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     panels = [s for s in ("iteration", "scaling", "memory") if any(r.section == s for r in rows)]
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(6 * max(len(panels), 1), 4.5),
@@ -209,6 +210,9 @@ def write_plot(rows: Sequence[Row], path: Path, title: str = "") -> None:
                 slope = math.nan if exp is None else exp.value
                 label = m if math.isnan(slope) else f"{m} (slope {slope:.2f})"
                 ax.loglog([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+            dims = sorted({r.dim for r in times})
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xticks(dims, [str(d) for d in dims])
             ax.set_xlabel("D")
             ax.set_ylabel("ms / iteration")
             ax.set_title("scaling (FC, log-log)")

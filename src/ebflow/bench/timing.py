@@ -54,7 +54,8 @@ def time_round_robin(
     """Median wall-clock time of each step, measured in interleaved rounds after warm-up.
 
     A step that takes less than ``min_round_s`` is called several times per round (the round's
-    time divided by the calls), so that timer resolution and Python overhead do not dominate.
+    time divided by the calls), so that timer resolution and Python overhead do not dominate;
+    the last warm-up call (at least one, untimed, even with ``warmup=0``) calibrates that.
     The order of the steps rotates from round to round.
     """
     if repeats < 1 or warmup < 0:
