@@ -111,6 +111,7 @@ def _worker(out: Path) -> None:
         nll = evaluate_nll(model, val, pre, True, batch_size=7, seed=3, dist=ctx)
         (out / f"eval-rank{ctx.rank}.json").write_text(json.dumps(nll))
         _gradient_check(ctx, out)
+        ctx.barrier()
     finally:
         shutdown(ctx)
 

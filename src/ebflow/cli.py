@@ -25,9 +25,9 @@ DEFAULT_PRESET = "digits-fc"
 # -- train ----------------------------------------------------------------------------------------
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "train", help="train a model (no arguments: the embedded digits-fc default, ~2 min on CPU)",
+        "train", help="train a model (no arguments: the embedded digits-fc default, ~1 min on CPU)",
         description="Train an EBFlow. With no arguments: the 'digits-fc' preset (scikit-learn 8x8 "
-                    "digits, FC EBFlow, denoising score matching). On several GPUs or machines, "
+                    "digits, FC EBFlow, sliced score matching). On several GPUs or machines, "
                     "start the same command with torchrun, e.g. `torchrun --nproc_per_node=4 -m "
                     "ebflow train ...`: batch_size is then the global batch, split over the "
                     "processes.",
@@ -84,6 +84,9 @@ def _train(args: argparse.Namespace) -> int:
             if ctx.is_distributed:
                 say(_batch_line(ctx.world_size, config["batch_size"], config["lr"]))
             result = train(config, run_dir, distributed=ctx)
+        # Rank 0 alone tests the best checkpoint and writes the final files: the others wait
+        # for it, so that no process tears the group down while another still uses it.
+        ctx.barrier()
     finally:
         shutdown(ctx)
     test = result.test

@@ -309,8 +309,6 @@ class ObjectiveModule(nn.Module):
 
     def forward(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
         try:
-            if noise is None:
-                return self.objective(self.model, x)
             return self.objective(self.model, x, noise=noise)
         except (SingularLayerError, InputError) as err:
             self.error = str(err)
@@ -349,8 +347,6 @@ class GradientSync:
         """This process's loss on its rows ``x`` (``module`` is :attr:`train_module`)."""
         if self.mode == "ddp":
             return module(x, noise)
-        if noise is None:
-            return self.objective(module, x)
         return self.objective(module, x, noise=noise)
 
     def forward_error(self) -> str:

@@ -13,6 +13,8 @@ layers and recomputed only after a parameter changes.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -79,10 +81,7 @@ class EBFlow(nn.Module):
     @property
     def dim(self) -> int:
         """Number of dimensions ``D`` of one example."""
-        n = 1
-        for s in self.event_shape:
-            n *= s
-        return n
+        return math.prod(self.event_shape)
 
     @property
     def linear_layers(self) -> list[LinearFlowLayer]:

@@ -76,9 +76,9 @@ def sml_loss(model: EBFlow, x: Tensor, num_samples: int | None = None) -> tuple[
     drawn by exact inversion and detached. Its gradient equals the ML gradient in expectation;
     its value is not a likelihood. Returns ``(loss, E(x))``."""
     n = x.shape[0] if num_samples is None else num_samples
+    e = model.energy(x)  # first: a pending data-dependent initialisation sees the data
     with torch.no_grad():
         samples = model.sample(n)
-    e = model.energy(x)
     return e.mean() - model.energy(samples).mean(), e
 
 

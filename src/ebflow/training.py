@@ -248,11 +248,13 @@ def make_loader(
 def model_input(
     x: Tensor, preprocessing: ImagePreprocessing | None, use_map: bool,
     generator: torch.Generator | None = None, *, dequantization_noise: Tensor | None = None,
+    check: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Raw data -> ``(model input, log|det| of the preprocessing or None)``.
 
     Images are dequantised (``x + u``, ``u ~ U[0, 1)`` drawn from ``generator``, or the given
     ``dequantization_noise``); with MaP they are also preprocessed (the model sees ``y``).
+    ``check=False`` skips the pixel-range check (training data are checked once, at start-up).
     """
     if preprocessing is None:
         return x, None
@@ -265,7 +267,7 @@ def model_input(
         x_deq = preprocessing.dequantize(x, generator=generator)
     if not use_map:
         return x_deq, None
-    return preprocessing.forward(x_deq)
+    return preprocessing.forward(x_deq, check=check)
 
 
 @torch.no_grad()
@@ -380,7 +382,7 @@ class MetricsLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=None if resume_step is None else resume_step + 1)
 
     def log(self, step: int, values: Mapping[str, float | int | str]) -> None:
         with open(self.path, "a", newline="") as f:
@@ -564,7 +566,8 @@ class Trainer:
         x = xb.to(self.dtype)
         if self.pre is not None:
             u = torch.rand(shape, dtype=self.dtype, device=self.device, generator=g)
-            inp, _ = model_input(x, self.pre, self.use_map, dequantization_noise=u.narrow(0, start, rows))
+            inp, _ = model_input(x, self.pre, self.use_map, dequantization_noise=u.narrow(0, start, rows),
+                                 check=False)
         else:
             inp = x
         noise = self.objective.draw_noise(shape, dtype=self.dtype, device=self.device, generator=g)
@@ -580,8 +583,6 @@ class Trainer:
         if self.sync is not None:
             sync = self.sync
             return lambda module, x: sync.loss(module, x, noise)
-        if noise is None:
-            return self.objective
         objective = self.objective
         return lambda model, x: objective(model, x, noise=noise)
 
@@ -718,9 +719,10 @@ class Trainer:
 
 
 def _check_run_dir(run_dir: Path, resume: bool) -> None:
-    if not resume and (run_dir / "checkpoints" / "last.pt").exists():
+    held = [n for n in ("last.pt", "best.pt") if (run_dir / "checkpoints" / n).exists()]
+    if not resume and held:
         raise ConfigError(
-            f"{str(run_dir)!r} already holds a run (checkpoints/last.pt); use --resume {run_dir} "
+            f"{str(run_dir)!r} already holds a run (checkpoints/{held[0]}); use --resume {run_dir} "
             "to continue it, or choose another --out"
         )
 

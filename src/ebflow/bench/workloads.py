@@ -7,6 +7,8 @@ objective by ``mean E(x)``: one energy forward and backward, a floor no objectiv
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -51,10 +53,7 @@ class ModelSpec:
 
     @property
     def dim(self) -> int:
-        n = 1
-        for s in self.event_shape:
-            n *= s
-        return n
+        return math.prod(self.event_shape)
 
 
 def _noise(level: float) -> dict[str, dict]:

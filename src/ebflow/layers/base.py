@@ -91,8 +91,8 @@ class LinearFlowLayer(FlowLayer):
     buffer of the layer changes (checked through the tensors' version counters, which every
     in-place update such as ``optimizer.step()``, ``load_state_dict`` or ``copy_`` bumps).
     A computation that must carry gradients (grad mode on and some parameter requiring grad)
-    is never served from the cache. Writing through ``param.data`` bypasses the version counter
-    (that is what ``.data`` is for): call :meth:`clear_cache` after doing so.
+    is never served from the cache. A fingerprint of the values also catches writes that do not
+    bump the version counter (``param.data``, fused optimizers).
     """
 
     constant_jacobian = True
@@ -118,8 +118,21 @@ class LinearFlowLayer(FlowLayer):
 
     # -- caching ------------------------------------------------------------------------
     def _state_key(self) -> tuple:
+        """Identity of the current parameter values: storage, version counter, dtype, device,
+        and a fingerprint (sum and norm in float64) of every floating tensor. The fingerprint
+        catches updates that bypass the version counter (``param.data`` writes, fused
+        optimizers); it costs one pass over the weights, far below a factorisation."""
         tensors = list(self.parameters(recurse=False)) + list(self.buffers(recurse=False))
-        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        with torch.no_grad():
+            floating = [t.detach() for t in tensors if t.is_floating_point()]
+            prints = (
+                torch.stack([torch.stack([t.sum(dtype=torch.float64),
+                                          torch.linalg.vector_norm(t, dtype=torch.float64)])
+                             for t in floating]).tolist()
+                if floating else []
+            )
+        meta = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        return meta + tuple(tuple(p) for p in prints)
 
     def _needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
