@@ -386,7 +386,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def _denoise_sigma(value: str, config: dict) -> float:
     if str(value).lower() == "auto":
-        return float(config.get("sigma", 0.0)) if config.get("loss") == "dsm" else 0.0
+        # The chain runs in the MaP space; a run without MaP learnt its DSM sigma in pixel
+        # units, which does not carry over, so it gets no automatic step.
+        dsm_in_chain_space = config.get("loss") == "dsm" and config.get("map", True)
+        return float(config.get("sigma", 0.0)) if dsm_in_chain_space else 0.0
     try:
         sigma = float(value)
     except ValueError:
