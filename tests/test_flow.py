@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import image_model_1ch, image_model_2ch, initialised, perturb, vector_model
-from ebflow import EBFlow, coupling_flow
+from ebflow import EBFlow, coupling_flow, glow_flow
 from ebflow.layers import Conv2d, Dense, LinearFlowLayer
 
 
@@ -27,7 +27,14 @@ def brute_force_log_prob(model: EBFlow, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
+def glow_split_model() -> EBFlow:
+    """Multi-scale Glow: squeeze, [ActNorm, 1x1 conv, coupling], split prior, then the second
+    level on the kept half only (wrapped layers on a flat event)."""
+    return glow_flow((1, 4, 4), levels=2, steps=2, hidden=8).double()
+
+
 MODELS = {
+    "glow-split": (glow_split_model, (1, 4, 4)),
     "vector": (vector_model, (4,)),
     "conv-1x4x4": (image_model_1ch, (1, 4, 4)),
     "conv-2x4x4": (image_model_2ch, (2, 4, 4)),
@@ -226,3 +233,28 @@ def test_log_partition_follows_updates_that_do_not_bump_the_version_counter(how)
         expected = -sum(torch.linalg.slogdet(l.matrix().double())[1] for l in model.layers)
     assert not torch.allclose(after, before)
     torch.testing.assert_close(after, expected.to(after.dtype), atol=1e-4, rtol=1e-5)
+
+
+def test_glow_split_prior_factors_out_half_of_the_channels():
+    model = glow_split_model()
+    assert model.latent_shape == (16,)
+    x = torch.randn(8, 1, 4, 4, dtype=torch.float64)
+    initialised(model, x)
+    split_at = [i for i, l in enumerate(model.layers) if type(l).__name__ == "Flatten"][0]
+    with torch.no_grad():
+        h = x
+        for layer in model.layers[:split_at]:  # level 1 and its split prior: (4, 2, 2)
+            h = layer(h)[0]
+        h2 = h.clone()
+        h2[:, 2:] += torch.randn_like(h2[:, 2:])  # change the factored-out half only
+
+        def rest(t):
+            for layer in model.layers[split_at:]:
+                t = layer(t)[0]
+            return t
+
+        z, z2 = rest(h), rest(h2)
+    torch.testing.assert_close(z2[:, :8], z[:, :8])  # later levels never see that half
+    torch.testing.assert_close(z2[:, 8:], h2[:, 2:].reshape(8, -1))  # it goes straight to z
+    wrapped = [l for l in model.layers if type(l).__name__ == "_LinearOnFirstPart"]
+    assert wrapped and all(any(l is m for m in model.linear_layers) for l in wrapped)

@@ -19,6 +19,7 @@ from .layers import (
     ResidualSmoothLeakyReLU,
     SmoothLeakyReLU,
     Squeeze,
+    on_first_part,
 )
 
 __all__ = ["coupling_flow", "dense_flow", "conv_flow", "glow_flow"]
@@ -95,18 +96,35 @@ def conv_flow(
 
 
 def glow_flow(
-    event_shape: Sequence[int], *, levels: int = 2, steps: int = 16, hidden: int = 64
+    event_shape: Sequence[int], *, levels: int = 2, steps: int = 16, hidden: int = 64,
+    split_prior: bool = True,
 ) -> EBFlow:
-    """Glow-style flow: per level a squeeze and ``steps`` x [ActNorm, 1x1 conv, affine coupling]."""
+    r"""Glow-style multi-scale flow: per level a squeeze and ``steps`` x [ActNorm, 1x1 conv,
+    affine coupling]. With ``split_prior``, every level but the last ends with a split prior --
+    an affine coupling that Gaussianises the second half of the channels given the first, i.e.
+    :math:`z_b \sim N(\mu(z_a), \sigma(z_a)^2)` -- and the later levels act on the first half
+    only (the event is flattened there; the latent is a vector)."""
     c, h, w = event_shape
+    total = c * h * w
     layers: list[FlowLayer] = []
-    for _ in range(levels):
-        layers.append(Squeeze())
+    part: tuple[int, int, int] | None = None  # shape of the part still transformed, once flat
+
+    def add(layer: FlowLayer, shape_in: tuple[int, int, int]) -> None:
+        layers.append(layer if part is None else on_first_part(layer, shape_in, total))
+
+    for level in range(levels):
+        squeeze = Squeeze()
+        add(squeeze, (c, h, w))
         c, h, w = 4 * c, h // 2, w // 2
         for s in range(steps):
-            layers += [
-                ActNorm(c),
-                Conv1x1(c),
-                AffineCoupling((c, h, w), hidden=hidden, swap=bool(s % 2)),
-            ]
+            for layer in (ActNorm(c), Conv1x1(c), AffineCoupling((c, h, w), hidden=hidden, swap=bool(s % 2))):
+                add(layer, (c, h, w))
+        if split_prior and level < levels - 1:
+            if c < 2:
+                raise ConfigError(f"cannot split {c} channel(s) at level {level + 1}")
+            add(AffineCoupling((c, h, w), hidden=hidden, swap=False), (c, h, w))
+            if part is None:
+                layers.append(Flatten((c, h, w)))
+            c = c // 2  # the first half goes on; the second half is factored out
+            part = (c, h, w)
     return EBFlow(layers, tuple(event_shape))

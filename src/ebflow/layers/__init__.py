@@ -7,10 +7,11 @@ from .coupling import AffineCoupling, cnn_conditioner, mlp_conditioner
 from .dense import Dense, random_orthogonal
 from .elementwise import LeakyReLU, Logit, ResidualSmoothLeakyReLU, Sigmoid, SmoothLeakyReLU
 from .reshape import Flatten, Reshape, Squeeze, Unsqueeze
+from .split import on_first_part
 
 __all__ = [
     "ActNorm", "AffineCoupling", "Conv1x1", "Conv2d", "Dense", "FixedAffine", "Flatten",
     "FlowLayer", "LeakyReLU", "LinearFlowLayer", "Logit", "Reshape", "ResidualSmoothLeakyReLU",
     "Sigmoid", "SmoothLeakyReLU", "Squeeze", "Unsqueeze", "cnn_conditioner",
-    "convolution_matrix", "mlp_conditioner", "random_orthogonal",
+    "convolution_matrix", "mlp_conditioner", "on_first_part", "random_orthogonal",
 ]
