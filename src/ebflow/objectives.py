@@ -94,9 +94,12 @@ def _projections(
     raise ConfigError(f"unknown SSM projection {projection!r}; choose 'rademacher' or 'gaussian'")
 
 
-def _check_noise(noise: Tensor, shape: tuple[int, ...], what: str) -> Tensor:
+def _check_noise(noise: Tensor, shape: tuple[int, ...], what: str, like: Tensor) -> Tensor:
     if tuple(noise.shape) != tuple(shape):
         raise ConfigError(f"{what} must have shape {tuple(shape)}, got {tuple(noise.shape)}")
+    if noise.dtype != like.dtype or noise.device != like.device:
+        raise ConfigError(f"{what} must have the batch's dtype and device ({like.dtype}, {like.device}), "
+                          f"got ({noise.dtype}, {noise.device})")
     return noise
 
 
@@ -114,7 +117,7 @@ def ssm_loss(
     if noise is None:
         v = _projections(shape, projection, dtype=x.dtype, device=x.device)
     else:
-        v = _check_noise(noise, shape, "SSM projections")
+        v = _check_noise(noise, shape, "SSM projections", x)
     xr = x.repeat(slices, *([1] * (x.dim() - 1))).detach().requires_grad_(True)
     # Leading linear layers h = A x + c: v^T (d2E/dx2) v = u^T (d2E/dh2) u with u = A v, so the
     # Hessian-vector product stops at h (dE/dx = A^T dE/dh is still needed for the norm term).
@@ -137,7 +140,7 @@ def dsm_loss(
     (shape of ``x``). Returns ``(loss, None)`` (no energy at ``x``)."""
     if not sigma > 0:
         raise ConfigError(f"DSM needs a noise level sigma > 0, got sigma={sigma}")
-    eps = torch.randn_like(x) if noise is None else _check_noise(noise, tuple(x.shape), "DSM noise")
+    eps = torch.randn_like(x) if noise is None else _check_noise(noise, tuple(x.shape), "DSM noise", x)
     _, _, g = _energy_and_grad(model, x + sigma * eps)
     return 0.5 * _flat_sq_norm(g - eps / sigma).mean(), None
 
@@ -173,7 +176,7 @@ def fdssm_loss(
     one backward. Returns ``(loss, E(x))``."""
     if not eps > 0:
         raise ConfigError(f"FDSSM needs a step eps > 0, got eps={eps}")
-    raw = torch.randn_like(x) if noise is None else _check_noise(noise, tuple(x.shape), "FDSSM noise")
+    raw = torch.randn_like(x) if noise is None else _check_noise(noise, tuple(x.shape), "FDSSM noise", x)
     terms, e = _fdssm_per_example(model, x, _sphere(raw, eps))
     return terms.mean(), e
 
@@ -280,4 +283,6 @@ def make_objective(name: str, *, energy_reg: float = 0.0, **options) -> Objectiv
         raise ConfigError(f"eps must be > 0, got {merged['eps']}")
     if "slices" in merged and not (isinstance(merged["slices"], int) and merged["slices"] >= 1):
         raise ConfigError(f"slices must be a positive integer, got {merged['slices']!r}")
+    if "projection" in merged and merged["projection"] not in ("rademacher", "gaussian"):
+        raise ConfigError(f"unknown SSM projection {merged['projection']!r}; choose 'rademacher' or 'gaussian'")
     return Objective(name=name, fn=fn, options=merged, energy_reg=float(energy_reg))

@@ -152,6 +152,12 @@ class LinearFlowLayer(FlowLayer):
                 self._cache[key] = compute()
         return self._cache[key]
 
+    def _log_abs_det_from_factors(self, event_shape: Shape) -> Tensor:
+        """``sum log|U_ii|`` of the cached float64 LU factorisation that :meth:`inverse` uses,
+        so that ``log Z`` and sampling share one factorisation (no gradient)."""
+        lu, _ = self._cached("factors", event_shape, lambda: self._factorize(event_shape))
+        return torch.log(lu.diagonal().abs()).sum()
+
     def clear_cache(self) -> None:
         """Forget the cached log-determinant and factorisation."""
         self._cache = {}

@@ -157,8 +157,7 @@ class Conv2d(LinearFlowLayer):
     def _log_abs_det(self, event_shape: Shape) -> Tensor:
         if self._needs_grad():
             return torch.linalg.slogdet(self.matrix(event_shape))[1]
-        lu, _ = self._cached("factors", event_shape, lambda: self._factorize(event_shape))
-        return torch.log(lu.diagonal().abs()).sum()
+        return self._log_abs_det_from_factors(event_shape)
 
     def _factorize(self, event_shape: Shape) -> tuple[Tensor, Tensor]:
         return checked_lu_factor(self.matrix(event_shape), f"Conv2d(k={self.kernel_size})")
@@ -207,7 +206,9 @@ class Conv1x1(LinearFlowLayer):
 
     def _log_abs_det(self, event_shape: Shape) -> Tensor:
         _, h, w = event_shape
-        return h * w * torch.linalg.slogdet(self.weight)[1]
+        if self._needs_grad():
+            return h * w * torch.linalg.slogdet(self.weight)[1]
+        return h * w * self._log_abs_det_from_factors(event_shape)
 
     def _factorize(self, event_shape: Shape) -> tuple[Tensor, Tensor]:
         return checked_lu_factor(self.weight.double(), f"Conv1x1({self.channels})")

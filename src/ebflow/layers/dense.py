@@ -118,7 +118,9 @@ class Dense(LinearFlowLayer):
 
     def _log_abs_det(self, event_shape: Shape) -> Tensor:
         if self.parameterisation == "full":
-            return torch.linalg.slogdet(self.weight)[1]
+            if self._needs_grad():
+                return torch.linalg.slogdet(self.weight)[1]
+            return self._log_abs_det_from_factors(event_shape)
         if self.parameterisation in ("tril", "triu"):
             return torch.log(torch.diagonal(self.weight).abs()).sum()
         return torch.log(torch.diagonal(self.upper).abs()).sum()
