@@ -52,6 +52,7 @@ __all__ = [
     "SINGLE_PROCESS",
     "GRAD_SYNC_MODES",
     "launched_by_torchrun",
+    "resolve_device",
     "backend_for",
     "init_from_env",
     "current",
@@ -207,15 +208,21 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """``auto`` (or None) -> cuda when available, else cpu; checks that cuda exists if asked."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
 def _process_device(requested: str | torch.device | None, local_rank: int, world_size: int) -> torch.device:
     name = "auto" if requested is None else str(requested)
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    device = resolve_device(name)
     if device.type != "cuda":
         return device
-    if not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
     if device.index is not None and world_size > 1 and device.index != local_rank:
         raise ConfigError(
             f"device {name!r} was requested, but with torchrun every process uses the GPU of its "

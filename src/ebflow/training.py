@@ -33,7 +33,14 @@ from .architectures import conv_flow, coupling_flow, dense_flow, glow_flow
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import RESUMABLE_KEYS, dump_config, grad_clip_for, validate_config
 from .data import DataSplits, load_data
-from .distributed import SINGLE_PROCESS, Distributed, GradientSync, make_gradient_sync, poisoned_loss
+from .distributed import (
+    SINGLE_PROCESS,
+    Distributed,
+    GradientSync,
+    make_gradient_sync,
+    poisoned_loss,
+    resolve_device,
+)
 from .distributed import current as current_distributed
 from .ema import EMA
 from .errors import ConfigError, EBFlowError, InputError, SingularLayerError
@@ -69,16 +76,6 @@ class TrainingDivergedError(EBFlowError):
 
 
 # -- building blocks ----------------------------------------------------------------------------
-def resolve_device(name: str | None) -> torch.device:
-    """``auto`` (or None) -> cuda when available, else cpu; checks that cuda exists if asked."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    return device
-
-
 def build_preprocessing(config: Mapping[str, Any], num_bins: int | None) -> ImagePreprocessing | None:
     """The image preprocessing of an image config (None for point data)."""
     if num_bins is None:

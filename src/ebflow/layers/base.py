@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError, SingularLayerError
 
-__all__ = ["FlowLayer", "LinearFlowLayer", "Shape", "lu_solve", "checked_lu_factor"]
+__all__ = ["FlowLayer", "LinearFlowLayer", "Shape", "lu_solve", "checked_lu_factor", "check_pivots"]
 
 Shape = tuple[int, ...]
 
@@ -62,17 +62,24 @@ def checked_lu_factor(matrix: Tensor, owner: str) -> tuple[Tensor, Tensor]:
     ``n * eps * max|pivot|`` (its condition number is beyond the dtype's precision).
     """
     lu, pivots, info = torch.linalg.lu_factor_ex(matrix)
-    diag = lu.detach().diagonal(dim1=-2, dim2=-1).abs()
-    n = matrix.shape[-1]
-    eps = torch.finfo(matrix.dtype).eps
-    if int(info.max()) > 0 or not bool(torch.isfinite(diag).all()):
+    if int(info.max()) > 0:
         raise SingularLayerError(f"{owner}: weight matrix is singular; it cannot be inverted")
-    if bool((diag <= n * eps * diag.max()).any()):
+    check_pivots(lu.diagonal(dim1=-2, dim2=-1), owner)
+    return lu, pivots
+
+
+def check_pivots(pivots: Tensor, owner: str) -> None:
+    """Raise :class:`SingularLayerError` unless every pivot (diagonal of a triangular factor) is
+    finite and larger than ``n * eps * max|pivot|``."""
+    diag = pivots.detach().abs()
+    eps = torch.finfo(diag.dtype).eps
+    if not bool(torch.isfinite(diag).all()):
+        raise SingularLayerError(f"{owner}: weight matrix is singular; it cannot be inverted")
+    if bool((diag <= diag.numel() * eps * diag.max()).any()):
         raise SingularLayerError(
             f"{owner}: weight matrix is numerically singular (smallest pivot "
             f"{float(diag.min()):.3e}, largest {float(diag.max()):.3e}); it cannot be inverted"
         )
-    return lu, pivots
 
 
 def lu_solve(lu: Tensor, pivots: Tensor, rhs: Tensor) -> Tensor:

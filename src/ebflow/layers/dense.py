@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError, InputError, SingularLayerError
-from .base import LinearFlowLayer, Shape, checked_lu_factor, lu_solve
+from ..errors import ConfigError, InputError
+from .base import LinearFlowLayer, Shape, check_pivots, checked_lu_factor, lu_solve
 
 __all__ = ["Dense", "random_orthogonal"]
 
@@ -131,10 +131,10 @@ class Dense(LinearFlowLayer):
             return checked_lu_factor(self.weight.double(), name)
         if self.parameterisation in ("tril", "triu"):
             w = (self.weight * self.mask).double()
-            _check_triangular(w.diagonal(), name)
+            check_pivots(w.diagonal(), name)
             return (w,)
         lower, upper = (t.double() for t in self._lu_factors())
-        _check_triangular(upper.diagonal(), name)
+        check_pivots(upper.diagonal(), name)
         return (self.permutation.double(), lower, upper)
 
     def _inverse_with(self, factors: tuple[Tensor, ...], y: Tensor) -> Tensor:
@@ -153,14 +153,4 @@ class Dense(LinearFlowLayer):
             x = torch.linalg.solve_triangular(lower, x, upper=False, unitriangular=True)
             x = torch.linalg.solve_triangular(upper, x, upper=True)
         return x.T.to(y.dtype)
-
-
-def _check_triangular(diag: Tensor, name: str) -> None:
-    a = diag.detach().abs()
-    n = a.numel()
-    if not bool(torch.isfinite(a).all()) or bool((a <= n * torch.finfo(a.dtype).eps * a.max()).any()):
-        raise SingularLayerError(
-            f"{name}: weight matrix is singular (smallest |diagonal| {float(a.min()):.3e}); "
-            "it cannot be inverted"
-        )
 
