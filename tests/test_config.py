@@ -41,7 +41,8 @@ def test_recipes_follow_the_design():
     assert fc["logit_smoothness"] == 0.5 and cnn["logit_smoothness"] == 0.75
     assert cifar["energy_reg"] == 0.001 and fc["energy_reg"] == 0.0
     assert fc["val_size"] == 10000 and fc["map"] is True
-    assert grad_clip_for({**fc, "loss": "fdssm"}) == 5.0 and grad_clip_for({**fc, "loss": "ssm"}) is None
+    assert grad_clip_for(resolve_config("mnist-fc", {"loss": "fdssm"})) == 5.0
+    assert grad_clip_for(resolve_config("mnist-fc", {"loss": "ssm"})) is None
     assert resolve_config("toy2d-sine")["dtype"] == "float64"
     assert resolve_config("digits-fc")["num_bins"] == 17
 
@@ -115,3 +116,63 @@ def test_yaml_is_read_safely(tmp_path):
     evil.write_text("lr: !!python/object/apply:os.system ['echo hacked']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         resolve_config(str(evil))
+
+
+def _recipe(preset, loss, *keys):
+    c = resolve_config(preset, {"loss": loss})
+    return tuple(c[k] for k in keys)
+
+
+def test_recipes_per_objective_follow_design_4_2():
+    """DESIGN §4.2: LR decay gamma / milestones (decay after each of the first milestones - 1
+    epochs), weight decay, clipping and lambda per experiment *and* objective."""
+    keys = ("lr_decay", "lr_decay_epochs", "weight_decay", "grad_clip", "energy_reg")
+    for loss in ("ml", "sml", "ssm", "dsm"):
+        assert _recipe("mnist-fc", loss, *keys) == (0.95, 49, 0.0, None, 0.0)
+    assert _recipe("mnist-fc", "fdssm", *keys) == (0.95, 49, 0.0, 5.0, 0.0)
+    assert _recipe("mnist-cnn", "ml", *keys) == (0.925, 49, 1e-5, None, 0.0)
+    assert _recipe("mnist-cnn", "sml", *keys) == (0.925, 49, 1e-5, None, 0.0)
+    assert _recipe("mnist-cnn", "ssm", *keys) == (0.95, 49, 0.0, None, 0.0)
+    assert _recipe("mnist-cnn", "dsm", *keys) == (0.95, 49, 1e-5, None, 0.0)
+    assert _recipe("mnist-cnn", "fdssm", *keys) == (0.95, 49, 0.0, 5.0, 0.0)
+    assert _recipe("cifar-fc", "ml", *keys) == (0.7, 19, 0.0, None, 0.0)
+    assert _recipe("cifar-fc", "ssm", *keys) == (0.85, 29, 0.0, None, 0.001)
+    assert _recipe("cifar-fc", "dsm", *keys) == (0.85, 29, 0.0, None, 0.001)
+    # the reference adds lambda*E before dividing FDSSM by eps^2: lambda * D / eps^2 here
+    assert _recipe("cifar-fc", "fdssm", *keys) == (0.7, 19, 0.0, None, pytest.approx(0.001 * 3072 / 0.01))
+    assert _recipe("cifar-cnn", "ml", *keys) == (0.8, 19, 0.0, None, 0.0)
+    assert _recipe("cifar-cnn", "ssm", *keys) == (0.9, 19, 0.0, None, 0.001)
+    assert _recipe("cifar-cnn", "fdssm", *keys)[:2] == (0.85, 49)
+    for preset in ("mnist-fc", "mnist-cnn", "cifar-fc", "cifar-cnn"):
+        c = resolve_config(preset)
+        assert (c["optimizer"], c["lr"], c["batch_size"], c["ema_decay"], c["ema_warmup"],
+                c["weight_init"]) == ("rmsprop", 1e-4, 100, 0.999, True, "negative_identity")
+    cifar = resolve_config("cifar-fc")
+    assert cifar["augment"] is True and cifar["val_size"] == 10000
+    glow = resolve_config("mnist-glow", {"loss": "dsm"})
+    assert (glow["optimizer"], glow["lr"], glow["weight_decay"], glow["grad_clip"], glow["energy_reg"],
+            glow["logit_smoothness"], glow["epochs"], glow["lr_decay"], glow["sigma"]) == (
+        "adam", 1e-5, 0.1, 500.0, 0.1, 1.0, 80, 1.0, 0.1)
+    assert _recipe("toy2d-sine", "ml", "lr", "batch_size", "max_iters") == (5e-4, 2048, 50000)
+    assert _recipe("toy2d-sine", "dsm", "lr") == (1e-4,)
+    assert _recipe("toy2d-swirl", "ml", "lr") == (5e-3,)
+    assert _recipe("toy2d-checkerboard", "ssm", "lr", "batch_size", "max_iters") == (1e-4, 10000, 100000)
+    assert _recipe("toy2d-sine", "fdssm", "eps", "toy_eval_size") == (0.1, 10000)
+    assert _recipe("mm10-lu", "ml", "num_layers", "optimizer", "lr", "max_iters", "batch_size") == (
+        10, "adam", 1e-3, 10000, 2048)
+
+
+def test_explicit_override_beats_the_per_loss_recipe():
+    assert resolve_config("mnist-cnn", {"loss": "ml"})["weight_decay"] == 1e-5
+    assert resolve_config("mnist-cnn", {"loss": "ml", "weight_decay": 0.0})["weight_decay"] == 0.0
+    with pytest.raises(ConfigError, match="per_loss"):
+        resolve_config("mnist-fc", {"per_loss": {"ml": {"no_such_key": 1}}})
+    with pytest.raises(ConfigError, match="per_loss"):
+        resolve_config("mnist-fc", {"per_loss": {"nope": {"lr": 1}}})
+
+
+def test_no_map_dsm_needs_the_drop_switch():
+    with pytest.raises(ConfigError, match="drop_out_of_domain"):
+        resolve_config("mnist-fc", {"loss": "dsm", "map": False})
+    c = resolve_config("mnist-fc", {"loss": "fdssm", "map": False, "drop_out_of_domain": True})
+    assert c["drop_out_of_domain"] is True

@@ -79,9 +79,11 @@ def conv_flow(
     convs_per_block: int = 2,
     kernel_size: int = 7,
     alpha: float = 0.3,
+    init: str = "identity",
 ) -> EBFlow:
     """Convolutional EBFlow: ``blocks`` blocks of ``convs_per_block`` C->C convolutions with a
-    residual smooth leaky ReLU between convolutions, and a squeeze between blocks."""
+    residual smooth leaky ReLU between convolutions, and a squeeze between blocks. ``init`` is
+    passed to :class:`Conv2d`."""
     c, h, w = event_shape
     layers: list[FlowLayer] = []
     for b in range(blocks):
@@ -89,7 +91,7 @@ def conv_flow(
             layers.append(Squeeze())
             c, h, w = 4 * c, h // 2, w // 2
         for i in range(convs_per_block):
-            layers.append(Conv2d(c, kernel_size))
+            layers.append(Conv2d(c, kernel_size, init=init))
             if not (b == blocks - 1 and i == convs_per_block - 1):
                 layers.append(ResidualSmoothLeakyReLU(alpha))
     return EBFlow(layers, tuple(event_shape))

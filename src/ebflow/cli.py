@@ -227,6 +227,16 @@ def _configs(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- reproduce ---------------------------------------------------------------------------------------
+def _add_reproduce(sub: argparse._SubParsersAction) -> None:
+    from . import reproduce
+
+    p = sub.add_parser("reproduce", help="reproduce one of the paper's tables (train every cell, "
+                                         "then report ours next to the paper's)")
+    reproduce.add_arguments(p)
+    p.set_defaults(handler=reproduce.run)
+
+
 # -- optional subcommands ----------------------------------------------------------------------------
 def _optional_module(name: str) -> ModuleType | None:
     try:
@@ -266,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_sample(sub)
     _add_configs(sub)
+    _add_reproduce(sub)
     _add_optional(sub, "bench", "benchmark training steps and evaluation")
     _add_optional(sub, "inpaint", "inpaint masked image regions by Langevin MCMC on the energy")
     return parser

@@ -34,6 +34,7 @@ __all__ = [
     "resolve_config",
     "validate_config",
     "grad_clip_for",
+    "apply_per_loss",
     "dump_config",
 ]
 
@@ -78,6 +79,13 @@ def _grad_clip_ok(v: Any) -> bool:
         return all(k in LOSSES and isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
                    for k, x in v.items())
     return v > 0
+
+
+def _per_loss_ok(v: Any) -> bool:
+    return isinstance(v, Mapping) and all(
+        k in LOSSES and isinstance(inner, Mapping) and all(key in FIELDS and key not in ("per_loss", "loss")
+                                                           for key in inner)
+        for k, inner in v.items())
 
 
 _INT, _FLOAT, _STR, _BOOL = (int,), (int, float), (str,), (bool,)
@@ -126,6 +134,10 @@ FIELDS: dict[str, Field] = {
     "num_layers": Field(2, _INT, "dense: number of dense layers", _positive, "> 0"),
     "parameterisation": Field("full", _STR, "dense: weight parameterisation",
                               _choice(("full", "tril", "triu", "lu")), "full|tril|triu|lu"),
+    "weight_init": Field("default", _STR, "dense/conv: initial weights (default: orthogonal dense, "
+                         "identity kernel + noise; negative_identity: exactly -I, bias ~ N(0, 0.01^2), "
+                         "the paper's recipe)", _choice(("default", "negative_identity")),
+                         "default|negative_identity"),
     "actnorm": Field(False, _BOOL, "dense: ActNorm after each non-linearity"),
     "alpha": Field(0.3, _FLOAT, "slope parameter of the smooth leaky ReLU", lambda v: 0 < v < 1,
                    "in (0, 1)"),
@@ -146,8 +158,11 @@ FIELDS: dict[str, Field] = {
                         _choice(("rademacher", "gaussian")), "rademacher|gaussian"),
     "sml_samples": Field(None, _INT, "SML model samples per step (null = batch size)", _positive,
                          "> 0", nullable=True),
-    "energy_reg": Field(0.0, _FLOAT, "lambda of the energy regulariser lambda*E[E(x)]",
+    "energy_reg": Field(0.0, _FLOAT, "lambda of the energy regulariser lambda*E[E(x)]/D",
                         _non_negative, ">= 0"),
+    "drop_out_of_domain": Field(False, _BOOL, "DSM/FDSSM without MaP: examples whose perturbed "
+                                "input leaves the logit's domain contribute 0 to the loss (the "
+                                "paper's ablation) instead of failing the step"),
     # -- optimisation ------------------------------------------------------------------------
     "optimizer": Field("rmsprop", _STR, "optimizer", _choice(("rmsprop", "adam", "sgd")),
                        "rmsprop|adam|sgd"),
@@ -166,10 +181,17 @@ FIELDS: dict[str, Field] = {
     "max_minutes": Field(None, _FLOAT, "stop after this many minutes of training time "
                          "(evaluation excluded), then test the best checkpoint", _positive, "> 0",
                          nullable=True),
-    "ema_decay": Field(0.999, _FLOAT, "EMA decay of the parameters", _unit_open, "in [0, 1)"),
+    "ema_decay": Field(0.999, _FLOAT, "EMA decay of the parameters (0: no averaging, the "
+                       "ablation's 'no EMA')", _unit_open, "in [0, 1)"),
+    "ema_warmup": Field(True, _BOOL, "EMA decay min(ema_decay, (1+t)/(10+t)) at update t"),
     "grad_clip": Field(None, (int, float, dict), "gradient-norm clipping: a number, or a mapping "
                        "loss -> number", _grad_clip_ok, "> 0 (or {loss: value > 0})",
                        nullable=True),
+    "per_loss": Field(None, (dict,), "recipe values per objective: {loss: {key: value}}, applied "
+                      "when that loss trains (explicit --set values win)", _per_loss_ok,
+                      "{loss: {config key: value}}", nullable=True),
+    "augment": Field(False, _BOOL, "images: random horizontal flips and translations by up to "
+                     "2 pixels of the training batches (the CIFAR-10 recipe)"),
     "max_nonfinite": Field(20, _INT, "stop after this many consecutive non-finite steps",
                            _positive, "> 0"),
     "grad_sync": Field("auto", _STR, "torchrun runs: how gradients are averaged over processes "
@@ -259,6 +281,16 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
         out[key] = _coerce(key, value)
     if out["data"] == "points" and not out["data_file"]:
         raise ConfigError("config key 'data_file' must name a .npy file when data is 'points'")
+    if out["per_loss"]:
+        out["per_loss"] = {loss: {k: _coerce(k, v) for k, v in inner.items()}
+                           for loss, inner in out["per_loss"].items()}
+    if (not out["map"] and out["loss"] in ("dsm", "fdssm") and not out["drop_out_of_domain"]
+            and out["data"] in IMAGE_DATASETS):
+        raise ConfigError(
+            f"{out['loss']} without MaP (map=false) perturbs pixels out of the logit's domain (0, 1); "
+            "set drop_out_of_domain=true to drop those examples from the loss (the paper's ablation), "
+            "or train with map=true"
+        )
     if out["epochs"] is None and out["max_iters"] is None and out["max_minutes"] is None:
         raise ConfigError("set at least one of the config keys 'epochs', 'max_iters', 'max_minutes'")
     return out
@@ -346,13 +378,32 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+def apply_per_loss(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``raw`` with its ``per_loss`` entry for the chosen loss applied, except for the keys that
+    ``overrides`` sets explicitly (those win)."""
+    out = dict(raw)
+    out.update(overrides or {})
+    table = out.get("per_loss") or {}
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"config key 'per_loss' must be a mapping loss -> {{key: value}}, got {table!r}")
+    entry = table.get(out.get("loss", DEFAULTS["loss"])) or {}
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"config key 'per_loss' entry for {out.get('loss')!r} must be a mapping")
+    for key, value in entry.items():
+        if key not in FIELDS:
+            raise _unknown_key(str(key))
+        if key not in (overrides or {}):
+            out[key] = value
+    return out
+
+
 def resolve_config(
     name_or_file: str | None = None, overrides: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Defaults, then the preset/file, then the overrides; validated."""
+    """Defaults, then the preset/file, then its ``per_loss`` entry for the chosen loss, then the
+    overrides; validated."""
     raw = load_config(name_or_file) if name_or_file else load_preset("digits-fc")
-    raw.update(overrides or {})
-    return validate_config(raw)
+    return validate_config(apply_per_loss(raw, overrides))
 
 
 def dump_config(config: Mapping[str, Any]) -> str:

@@ -1,4 +1,5 @@
-r"""Exponential moving average of parameters: :math:`\bar\theta \leftarrow d\,\bar\theta + (1-d)\,\theta`."""
+r"""Exponential moving average of parameters: :math:`\bar\theta \leftarrow d_t\,\bar\theta + (1-d_t)\,\theta`,
+with the warm-up :math:`d_t = \min(d, (1 + t) / (10 + t))` at update :math:`t` (optional)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ __all__ = ["EMA"]
 
 
 class EMA:
-    """Keeps an exponential moving average of a model's floating-point parameters.
+    r"""Keeps an exponential moving average of a model's floating-point parameters.
 
-    The average starts from the parameters seen at the first :meth:`update` (so that
-    data-dependent initialisations such as ActNorm's are included), and is used for evaluation
-    and sampling through :meth:`average_parameters`::
+    The average starts from the parameters seen at the first :meth:`update` (update ``t = 0``),
+    and is used for evaluation and sampling through :meth:`average_parameters`. With
+    ``warmup=True`` (the paper's recipe) update ``t`` uses the decay
+    :math:`\min(d, (1 + t)/(10 + t))`, so that early averages forget the first weights quickly
+    (0.17 at ``t = 1``, 0.5 at ``t = 8``, 0.9 at ``t = 80``, ``d = 0.999`` from ``t = 8991``);
+    with ``warmup=False`` every update uses ``d``::
 
         ema = EMA(model, decay=0.999)
         for batch in data:
@@ -27,16 +31,23 @@ class EMA:
             nll = -model.log_prob(x).mean()
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
+    def __init__(self, model: nn.Module, decay: float = 0.999, *, warmup: bool = True) -> None:
         if not 0.0 <= decay < 1.0:
             raise ConfigError(f"EMA decay must be in [0, 1), got {decay}")
         self.model = model
         self.decay = float(decay)
+        self.warmup = bool(warmup)
         self.num_updates = 0
         self.shadow: dict[str, Tensor] = {}
 
     def _params(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.dtype.is_floating_point}
+
+    @property
+    def current_decay(self) -> float:
+        """The decay the next :meth:`update` uses."""
+        t = self.num_updates
+        return min(self.decay, (1 + t) / (10 + t)) if self.warmup else self.decay
 
     @torch.no_grad()
     def update(self) -> None:
@@ -47,7 +58,7 @@ class EMA:
         else:
             names = list(params)
             torch._foreach_lerp_(
-                [self.shadow[n] for n in names], [params[n].detach() for n in names], 1.0 - self.decay
+                [self.shadow[n] for n in names], [params[n].detach() for n in names], 1.0 - self.current_decay
             )
         self.num_updates += 1
 
@@ -72,7 +83,8 @@ class EMA:
                     p.copy_(backup[n])
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": dict(self.shadow)}
+        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,
+                "shadow": dict(self.shadow)}
 
     def load_state_dict(self, state: dict) -> None:
         params = self._params()
@@ -85,5 +97,6 @@ class EMA:
             if t.shape != params[n].shape:
                 raise ConfigError(f"EMA state for {n!r} has shape {tuple(t.shape)}, model has {tuple(params[n].shape)}")
         self.decay = float(state["decay"])
+        self.warmup = bool(state.get("warmup", False))  # checkpoints before 0.2 had none
         self.num_updates = int(state["num_updates"])
         self.shadow = {n: t.detach().clone().to(params[n]) for n, t in shadow.items()}

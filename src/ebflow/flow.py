@@ -112,6 +112,27 @@ class EBFlow(nn.Module):
                 log_det_nl = log_det_nl + ld
         return -self.prior.log_prob(h) - log_det_nl
 
+    @torch.no_grad()
+    def in_domain(self, x: Tensor) -> Tensor:
+        """Per-example mask (``(batch,)``, bool): True where ``x`` lies in the model's domain,
+        i.e. every layer with a restricted domain (e.g. a :class:`~ebflow.layers.Logit` inside
+        a model trained without MaP) accepts its input. Runs the layers up to the last such
+        layer, on the rows still in the domain."""
+        h = self._check(x, "input x")
+        keep = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+        restricted = [i for i, layer in enumerate(self.layers)
+                      if type(layer).in_domain is not FlowLayer.in_domain]
+        rows = torch.arange(h.shape[0], device=h.device)
+        for i, layer in enumerate(self.layers[: max(restricted, default=-1) + 1]):
+            ok = layer.in_domain(h)
+            if ok is not None:
+                keep[rows[~ok]] = False
+                h, rows = h[ok], rows[ok]
+            if i == max(restricted) or h.shape[0] == 0:
+                break
+            h = layer.transform(h) if isinstance(layer, LinearFlowLayer) else layer(h)[0]
+        return keep
+
     # -- the leading linear layers (shared work for directional objectives) -----------------
     @property
     def linear_prefix_length(self) -> int:

@@ -14,15 +14,29 @@ With :math:`s(x) = -\nabla_x E(x)` the model score:
 
 The score-matching objectives (``ssm``, ``dsm``, ``fdssm``, ``esm``) only call
 :meth:`EBFlow.energy` (or its split :meth:`EBFlow.linear_prefix` / :meth:`EBFlow.tail_energy`):
-never a determinant, inverse or factorisation of a linear layer. Any of
-them takes an energy regulariser ``energy_reg`` (:math:`\lambda\,\mathbb{E}[E(x)]`).
+never a determinant, inverse or factorisation of a linear layer.
+
+**Loss scale.** ``ml`` and ``sml`` are in nats per example. The score-matching objectives are
+*per dimension*: the per-example sums above divided by ``D`` (FDSSM: the finite-difference sum
+divided by :math:`\varepsilon^2`, which estimates the same quantity). This is the scale of the
+paper's reference recipes, so a gradient-clipping threshold taken from them means the same here,
+and loss curves compare across data sizes. The energy regulariser ``energy_reg`` adds
+:math:`\lambda\,\mathbb{E}[E(x)]/D` (the reference adds :math:`\lambda E` before its
+division by ``D``; for FDSSM it divides by :math:`\varepsilon^2` instead, so a reference FDSSM
+:math:`\lambda` corresponds to :math:`\lambda D/\varepsilon^2` here).
+
+**Inputs outside the model's domain.** A model trained without MaP holds a logit, defined on
+``(0, 1)`` only; DSM's and FDSSM's perturbed inputs can leave it. With
+``drop_out_of_domain=True`` those examples contribute 0 to the batch mean (the reference
+replaces their NaN loss by 0) and are counted in :attr:`Objective.dropped_examples`; by default
+they raise :class:`~ebflow.errors.InputError`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -31,6 +45,8 @@ from .errors import ConfigError
 from .flow import EBFlow
 
 __all__ = [
+    "LossTerms",
+    "ObjectiveSpec",
     "Objective",
     "OBJECTIVES",
     "make_objective",
@@ -53,6 +69,18 @@ def _flat_dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).reshape(a.shape[0], -1).sum(dim=1)
 
 
+class LossTerms(NamedTuple):
+    """What an objective function returns: the per-example ``loss`` (shape ``(batch,)``, 0 for
+    dropped examples), the energy ``E(x)`` per example when it was computed on the way (else
+    ``None``), the number of ``dropped`` examples (outside the model's domain) and the mask
+    of the ``kept`` ones (``None``: all)."""
+
+    loss: Tensor
+    energy: Tensor | None
+    dropped: int = 0
+    kept: Tensor | None = None
+
+
 def _energy_and_grad(model: EBFlow, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(x_with_grad, E(x), dE/dx)`` with the graph kept for a second differentiation.
 
@@ -65,21 +93,43 @@ def _energy_and_grad(model: EBFlow, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return x, e, g
 
 
-def ml_loss(model: EBFlow, x: Tensor) -> tuple[Tensor, Tensor]:
-    r"""Maximum likelihood: :math:`\mathbb{E}[E(x)] + \log Z`. Returns ``(loss, E(x))``."""
+def _zero_loss(model: EBFlow, batch: int, like: Tensor) -> Tensor:
+    """Per-example zeros that are still connected to the parameters (a batch whose every
+    example was dropped gives a zero gradient, not a backward error)."""
+    anchor = sum((p.sum() * 0 for p in model.parameters() if p.requires_grad), like.new_zeros(()))
+    return like.new_zeros(batch) + anchor
+
+
+def _on_rows(
+    model: EBFlow, keep: Tensor, batch: int, like: Tensor, compute: Callable[[Tensor], LossTerms],
+) -> LossTerms:
+    """Evaluate ``compute`` on the kept rows; dropped rows get loss (and energy) 0."""
+    dropped = int(batch - int(keep.sum()))
+    if dropped == 0:
+        return compute(keep.new_ones(()))  # a 0-d mask: every row
+    if dropped == batch:
+        return LossTerms(_zero_loss(model, batch, like), like.new_zeros(batch), dropped, keep)
+    part = compute(keep)
+    loss = _zero_loss(model, batch, like).index_put((keep,), part.loss)
+    energy = None if part.energy is None else like.new_zeros(batch).index_put((keep,), part.energy)
+    return LossTerms(loss, energy, dropped, keep)
+
+
+def ml_loss(model: EBFlow, x: Tensor) -> LossTerms:
+    r"""Maximum likelihood: :math:`E(x) + \log Z = -\log p(x)` per example (nats)."""
     e = model.energy(x)
-    return e.mean() + model.log_partition().to(e.dtype), e
+    return LossTerms(e + model.log_partition().to(e.dtype), e)
 
 
-def sml_loss(model: EBFlow, x: Tensor, num_samples: int | None = None) -> tuple[Tensor, Tensor]:
-    r"""Sampling-based ML: :math:`\mathbb{E}_{data}[E] - \mathbb{E}_{model}[E]` with model samples
-    drawn by exact inversion and detached. Its gradient equals the ML gradient in expectation;
-    its value is not a likelihood. Returns ``(loss, E(x))``."""
+def sml_loss(model: EBFlow, x: Tensor, num_samples: int | None = None) -> LossTerms:
+    r"""Sampling-based ML: :math:`E(x_i) - \mathbb{E}_{model}[E]` with model samples drawn by
+    exact inversion and detached. Its gradient equals the ML gradient in expectation; its value
+    is not a likelihood."""
     n = x.shape[0] if num_samples is None else num_samples
-    e = model.energy(x)  # first: a pending data-dependent initialisation sees the data
+    e = model.energy(x)
     with torch.no_grad():
         samples = model.sample(n)
-    return e.mean() - model.energy(samples).mean(), e
+    return LossTerms(e - model.energy(samples).mean(), e)
 
 
 def _projections(
@@ -107,10 +157,10 @@ def _check_noise(noise: Tensor, shape: tuple[int, ...], what: str, like: Tensor)
 def ssm_loss(
     model: EBFlow, x: Tensor, slices: int = 1, projection: Projection = "rademacher",
     noise: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    r"""Sliced score matching (variance reduced), ``slices`` projections per example:
-    :math:`\mathbb{E}[-v^\top \nabla^2 E\, v + \tfrac12\|\nabla E\|^2]`. ``noise`` optionally
-    gives the projections ``v``, shape ``(slices, *x.shape)``. Returns ``(loss, E(x))``."""
+) -> LossTerms:
+    r"""Sliced score matching (variance reduced), per dimension:
+    :math:`\frac1D[-v^\top \nabla^2 E\, v + \tfrac12\|\nabla E\|^2]`, averaged over ``slices``
+    projections. ``noise`` optionally gives the projections ``v``, shape ``(slices, *x.shape)``."""
     if slices < 1:
         raise ConfigError(f"SSM needs at least one slice, got slices={slices}")
     shape = (slices, *x.shape)
@@ -118,6 +168,7 @@ def ssm_loss(
         v = _projections(shape, projection, dtype=x.dtype, device=x.device)
     else:
         v = _check_noise(noise, shape, "SSM projections", x)
+    b = x.shape[0]
     xr = x.repeat(slices, *([1] * (x.dim() - 1))).detach().requires_grad_(True)
     # Leading linear layers h = A x + c: v^T (d2E/dx2) v = u^T (d2E/dh2) u with u = A v, so the
     # Hessian-vector product stops at h (dE/dx = A^T dE/dh is still needed for the norm term).
@@ -126,38 +177,52 @@ def ssm_loss(
     (g_h,) = torch.autograd.grad(e.sum(), h, create_graph=True)
     g = g_h if h is xr else torch.autograd.grad(h, xr, g_h, create_graph=True)[0]
     (hu,) = torch.autograd.grad(_flat_dot(g_h, u).sum(), h, create_graph=True)
-    loss = -_flat_dot(hu, u) + 0.5 * _flat_sq_norm(g)
-    return loss.mean(), e[: x.shape[0]]
+    per_slice = (-_flat_dot(hu, u) + 0.5 * _flat_sq_norm(g)) / x[0].numel()
+    return LossTerms(per_slice.view(slices, b).mean(0), e[:b])
+
+
+def _in_domain(model: EBFlow, *inputs: Tensor) -> Tensor:
+    keep = model.in_domain(inputs[0])
+    for t in inputs[1:]:
+        keep = keep & model.in_domain(t)
+    return keep
 
 
 @torch.enable_grad()
 def dsm_loss(
-    model: EBFlow, x: Tensor, sigma: float, noise: Tensor | None = None
-) -> tuple[Tensor, None]:
-    r"""Denoising score matching at noise level ``sigma``:
-    :math:`\mathbb{E}\,\tfrac12\|\nabla E(\tilde x) - \epsilon/\sigma\|^2`,
+    model: EBFlow, x: Tensor, sigma: float, noise: Tensor | None = None,
+    drop_out_of_domain: bool = False,
+) -> LossTerms:
+    r"""Denoising score matching at noise level ``sigma``, per dimension:
+    :math:`\frac1{2D}\|\nabla E(\tilde x) - \epsilon/\sigma\|^2`,
     :math:`\tilde x = x + \sigma\epsilon`; ``noise`` optionally gives :math:`\epsilon`
-    (shape of ``x``). Returns ``(loss, None)`` (no energy at ``x``)."""
+    (shape of ``x``). No energy at ``x`` is computed."""
     if not sigma > 0:
         raise ConfigError(f"DSM needs a noise level sigma > 0, got sigma={sigma}")
     eps = torch.randn_like(x) if noise is None else _check_noise(noise, tuple(x.shape), "DSM noise", x)
-    _, _, g = _energy_and_grad(model, x + sigma * eps)
-    return 0.5 * _flat_sq_norm(g - eps / sigma).mean(), None
+    d = x[0].numel()
+
+    def compute(rows: Tensor) -> LossTerms:
+        xs, es = (x, eps) if rows.dim() == 0 else (x[rows], eps[rows])
+        _, _, g = _energy_and_grad(model, xs + sigma * es)
+        return LossTerms(0.5 * _flat_sq_norm(g - es / sigma) / d, None)
+
+    if not drop_out_of_domain:
+        return compute(x.new_ones((), dtype=torch.bool))
+    return _on_rows(model, _in_domain(model, x + sigma * eps), x.shape[0], x, compute)
 
 
-def _fdssm_per_example(model: EBFlow, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    r"""FDSSM terms for given directions ``v`` (``\|v\| = \varepsilon`` per example), scaled by
-    :math:`D/\varepsilon^2` so that they estimate the SSM objective. Returns ``(terms, E(x))``."""
+def _fdssm_per_example(model: EBFlow, x: Tensor, v: Tensor) -> LossTerms:
+    r"""FDSSM terms for given directions ``v`` (``\|v\| = \varepsilon`` per example), divided by
+    :math:`\varepsilon^2`: an estimate of the per-dimension SSM objective."""
     b = x.shape[0]
     # E(x +- v) = tail(h +- A v) after the leading linear layers h = A x + c: those layers run
     # on x and v (2 batches) instead of x, x + v, x - v (3 batches).
     h, u = model.linear_prefix(x, v)
     e_all = model.tail_energy(torch.cat([h, h + u, h - u]))
     e, e_plus, e_minus = e_all[:b], e_all[b : 2 * b], e_all[2 * b :]
-    eps_sq = _flat_sq_norm(v)
-    d = x[0].numel()
     terms = (e_plus - e_minus).pow(2) / 8 + 2 * e - e_plus - e_minus
-    return terms * d / eps_sq, e
+    return LossTerms(terms / _flat_sq_norm(v), e)
 
 
 def _sphere(v: Tensor, radius: float) -> Tensor:
@@ -167,24 +232,31 @@ def _sphere(v: Tensor, radius: float) -> Tensor:
 
 
 def fdssm_loss(
-    model: EBFlow, x: Tensor, eps: float, noise: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
+    model: EBFlow, x: Tensor, eps: float, noise: Tensor | None = None,
+    drop_out_of_domain: bool = False,
+) -> LossTerms:
     r"""Finite-difference sliced score matching with step ``eps``:
-    :math:`\frac{D}{\varepsilon^2}\mathbb{E}[\tfrac18(E(x+v)-E(x-v))^2 + 2E(x) - E(x+v) - E(x-v)]`,
-    :math:`v` uniform on the sphere of radius :math:`\varepsilon`. ``noise`` optionally gives
-    Gaussian draws (shape of ``x``) that are scaled to that sphere. Three energy evaluations,
-    one backward. Returns ``(loss, E(x))``."""
+    :math:`\frac{1}{\varepsilon^2}[\tfrac18(E(x+v)-E(x-v))^2 + 2E(x) - E(x+v) - E(x-v)]`,
+    :math:`v` uniform on the sphere of radius :math:`\varepsilon` (an estimate of the
+    per-dimension SSM objective). ``noise`` optionally gives Gaussian draws (shape of ``x``)
+    that are scaled to that sphere. Three energy evaluations, one backward."""
     if not eps > 0:
         raise ConfigError(f"FDSSM needs a step eps > 0, got eps={eps}")
     raw = torch.randn_like(x) if noise is None else _check_noise(noise, tuple(x.shape), "FDSSM noise", x)
-    terms, e = _fdssm_per_example(model, x, _sphere(raw, eps))
-    return terms.mean(), e
+    v = _sphere(raw, eps)
+    if not drop_out_of_domain:
+        return _fdssm_per_example(model, x, v)
+    keep = _in_domain(model, x, x + v, x - v)
+    return _on_rows(model, keep, x.shape[0], x,
+                    lambda rows: _fdssm_per_example(model, x, v) if rows.dim() == 0
+                    else _fdssm_per_example(model, x[rows], v[rows]))
 
 
 @torch.enable_grad()
-def esm_loss(model: EBFlow, x: Tensor) -> tuple[Tensor, Tensor]:
-    r"""Exact score matching :math:`\mathbb{E}[-\operatorname{tr}\nabla^2 E + \tfrac12\|\nabla E\|^2]`
-    with the Hessian trace from ``D`` Hessian-vector products. Returns ``(loss, E(x))``."""
+def esm_loss(model: EBFlow, x: Tensor) -> LossTerms:
+    r"""Exact score matching per dimension,
+    :math:`\frac1D[-\operatorname{tr}\nabla^2 E + \tfrac12\|\nabla E\|^2]`, with the Hessian
+    trace from ``D`` Hessian-vector products (small ``D`` only)."""
     xr, e, g = _energy_and_grad(model, x)
     g_flat = g.reshape(g.shape[0], -1)
     d = g_flat.shape[1]
@@ -192,32 +264,107 @@ def esm_loss(model: EBFlow, x: Tensor) -> tuple[Tensor, Tensor]:
     for i in range(d):
         (row,) = torch.autograd.grad(g_flat[:, i].sum(), xr, create_graph=True)
         trace = trace + row.reshape(row.shape[0], -1)[:, i]
-    return (-trace + 0.5 * _flat_sq_norm(g)).mean(), e
+    return LossTerms((-trace + 0.5 * _flat_sq_norm(g)) / d, e)
+
+
+# -- the registry ---------------------------------------------------------------------------------
+def _positive(name: str) -> Callable[[Any], None]:
+    def check(v: Any) -> None:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ConfigError(f"{name} must be > 0, got {v!r}")
+    return check
+
+
+def _positive_int(name: str) -> Callable[[Any], None]:
+    def check(v: Any) -> None:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+    return check
+
+
+def _optional_positive_int(name: str) -> Callable[[Any], None]:
+    inner = _positive_int(name)
+    return lambda v: None if v is None else inner(v)
+
+
+def _one_of(name: str, allowed: tuple[str, ...]) -> Callable[[Any], None]:
+    def check(v: Any) -> None:
+        if v not in allowed:
+            raise ConfigError(f"unknown {name} {v!r}; choose {' or '.join(map(repr, allowed))}")
+    return check
+
+
+def _boolean(name: str) -> Callable[[Any], None]:
+    def check(v: Any) -> None:
+        if not isinstance(v, bool):
+            raise ConfigError(f"{name} must be true or false, got {v!r}")
+    return check
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """One objective: its function, its options (defaults and checks), the shape of the
+    random numbers it draws per batch, and whether it needs linear log-determinants."""
+
+    fn: Callable[..., LossTerms]
+    defaults: dict[str, Any]
+    checks: dict[str, Callable[[Any], None]]
+    #: ``"projections"`` (shape ``(slices, *batch)``), ``"gaussian"`` (shape of the batch) or None
+    noise: str | None = None
+    needs_log_det: bool = False
+    #: the objective draws model samples (its random numbers come from the global RNG)
+    samples_model: bool = False
+    help: str = ""
+
+
+_DROP = {"drop_out_of_domain": _boolean("drop_out_of_domain")}
+
+OBJECTIVES: dict[str, ObjectiveSpec] = {
+    "ml": ObjectiveSpec(ml_loss, {}, {}, needs_log_det=True, help="maximum likelihood"),
+    "sml": ObjectiveSpec(sml_loss, {"num_samples": None},
+                         {"num_samples": _optional_positive_int("num_samples")},
+                         samples_model=True, help="sampling-based maximum likelihood"),
+    "ssm": ObjectiveSpec(ssm_loss, {"slices": 1, "projection": "rademacher"},
+                         {"slices": _positive_int("slices"),
+                          "projection": _one_of("SSM projection", ("rademacher", "gaussian"))},
+                         noise="projections", help="sliced score matching"),
+    "dsm": ObjectiveSpec(dsm_loss, {"sigma": 0.1, "drop_out_of_domain": False},
+                         {"sigma": _positive("sigma"), **_DROP}, noise="gaussian",
+                         help="denoising score matching"),
+    "fdssm": ObjectiveSpec(fdssm_loss, {"eps": 0.1, "drop_out_of_domain": False},
+                           {"eps": _positive("eps"), **_DROP}, noise="gaussian",
+                           help="finite-difference sliced score matching"),
+    "esm": ObjectiveSpec(esm_loss, {}, {}, help="exact score matching (small D only)"),
+}
+#: Default options of each objective (derived from :data:`OBJECTIVES`).
+DEFAULTS: dict[str, dict] = {name: dict(spec.defaults) for name, spec in OBJECTIVES.items()}
 
 
 @dataclass
 class Objective:
-    """A configured objective: ``loss = objective(model, x)``.
-
-    ``energy_reg`` adds :math:`\\lambda\\,\\mathbb{E}[E(x)]` (reusing ``E(x)`` when the objective
-    already computed it). ``options`` are passed to the loss function (``sigma``, ``eps``,
-    ``slices``, ``projection``, ``num_samples``).
+    r"""A configured objective: ``loss = objective(model, x)``, the mean over the batch of the
+    per-example losses, plus :math:`\lambda\,\mathbb{E}[E(x)]/D` when ``energy_reg`` is set
+    (reusing ``E(x)`` when the objective already computed it). ``options`` are passed to the
+    loss function (``sigma``, ``eps``, ``slices``, ``projection``, ``num_samples``,
+    ``drop_out_of_domain``). ``dropped_examples`` / ``seen_examples`` count, since creation,
+    the examples dropped for leaving the model's domain and all examples seen.
     """
 
     name: str
-    fn: Callable[..., tuple[Tensor, Tensor | None]]
+    fn: Callable[..., LossTerms]
     options: dict = field(default_factory=dict)
     energy_reg: float = 0.0
+    dropped_examples: int = 0
+    seen_examples: int = 0
 
     @property
-    def uses_log_det(self) -> bool:
-        """True when the objective needs linear-layer determinants (``ml``)."""
-        return self.name == "ml"
+    def spec(self) -> ObjectiveSpec:
+        return OBJECTIVES[self.name]
 
     @property
     def noise_batch_dim(self) -> int | None:
         """Dimension of :meth:`draw_noise`'s output that indexes examples (None: no noise)."""
-        return {"ssm": 1, "dsm": 0, "fdssm": 0}.get(self.name)
+        return {"projections": 1, "gaussian": 0}.get(self.spec.noise or "")
 
     def draw_noise(
         self, batch_shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device,
@@ -227,62 +374,53 @@ class Objective:
         (``None`` for ``ml``, ``sml``, ``esm``). Passing them back as ``noise=`` makes the loss
         a deterministic function of the batch: e.g. to give every example of a global batch the
         same noise whichever process or shard it lands in."""
-        if self.name == "ssm":
+        kind = self.spec.noise
+        if kind == "projections":
             shape = (self.options.get("slices", 1), *batch_shape)
             return _projections(shape, self.options.get("projection", "rademacher"),
                                 dtype=dtype, device=device, generator=generator)
-        if self.name in ("dsm", "fdssm"):
+        if kind == "gaussian":
             return torch.randn(batch_shape, dtype=dtype, device=device, generator=generator)
         return None
 
     def __call__(self, model: EBFlow, x: Tensor, noise: Tensor | None = None) -> Tensor:
         if noise is not None:
-            if self.noise_batch_dim is None:
+            if self.spec.noise is None:
                 raise ConfigError(f"objective {self.name!r} takes no noise")
-            loss, e = self.fn(model, x, noise=noise, **self.options)
+            terms = self.fn(model, x, noise=noise, **self.options)
         else:
-            loss, e = self.fn(model, x, **self.options)
+            terms = self.fn(model, x, **self.options)
+        loss = terms.loss
         if self.energy_reg:
+            e = terms.energy
             if e is None:
                 e = model.energy(x)
-            loss = loss + self.energy_reg * e.mean()
-        return loss
+            if terms.kept is not None:
+                e = torch.where(terms.kept, e, torch.zeros_like(e))
+            loss = loss + self.energy_reg * e / x[0].numel()
+        self.dropped_examples += terms.dropped
+        self.seen_examples += x.shape[0]
+        return loss.mean()
 
 
-OBJECTIVES: dict[str, tuple[Callable[..., tuple[Tensor, Tensor | None]], tuple[str, ...]]] = {
-    "ml": (ml_loss, ()),
-    "sml": (sml_loss, ("num_samples",)),
-    "ssm": (ssm_loss, ("slices", "projection")),
-    "dsm": (dsm_loss, ("sigma",)),
-    "fdssm": (fdssm_loss, ("eps",)),
-    "esm": (esm_loss, ()),
-}
-DEFAULTS: dict[str, dict] = {"dsm": {"sigma": 0.1}, "fdssm": {"eps": 0.1}}
-
-
-def make_objective(name: str, *, energy_reg: float = 0.0, **options) -> Objective:
-    """Build an objective by name (``ml``, ``sml``, ``ssm``, ``dsm``, ``fdssm``, ``esm``).
-
-    Unknown names or options raise :class:`~ebflow.errors.ConfigError`.
-    """
+def make_objective(name: str, *, energy_reg: float = 0.0, **options: Any) -> Objective:
+    """Build an objective by name (a key of :data:`OBJECTIVES`: ``ml``, ``sml``, ``ssm``,
+    ``dsm``, ``fdssm``, ``esm``). Unknown names or options, and bad option values, raise
+    :class:`~ebflow.errors.ConfigError`."""
     if name not in OBJECTIVES:
         raise ConfigError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
-    fn, allowed = OBJECTIVES[name]
-    unknown = sorted(set(options) - set(allowed))
+    spec = OBJECTIVES[name]
+    unknown = sorted(set(options) - set(spec.defaults))
     if unknown:
         raise ConfigError(
             f"objective {name!r} takes no option(s) {', '.join(unknown)}; "
-            f"it takes: {', '.join(allowed) or 'none'}"
+            f"it takes: {', '.join(spec.defaults) or 'none'}"
         )
-    if not energy_reg >= 0:
-        raise ConfigError(f"energy_reg must be >= 0, got {energy_reg}")
-    merged = {**DEFAULTS.get(name, {}), **options}
-    if "sigma" in merged and not merged["sigma"] > 0:
-        raise ConfigError(f"sigma must be > 0, got {merged['sigma']}")
-    if "eps" in merged and not merged["eps"] > 0:
-        raise ConfigError(f"eps must be > 0, got {merged['eps']}")
-    if "slices" in merged and not (isinstance(merged["slices"], int) and merged["slices"] >= 1):
-        raise ConfigError(f"slices must be a positive integer, got {merged['slices']!r}")
-    if "projection" in merged and merged["projection"] not in ("rademacher", "gaussian"):
-        raise ConfigError(f"unknown SSM projection {merged['projection']!r}; choose 'rademacher' or 'gaussian'")
-    return Objective(name=name, fn=fn, options=merged, energy_reg=float(energy_reg))
+    if isinstance(energy_reg, bool) or not isinstance(energy_reg, (int, float)) or not energy_reg >= 0:
+        raise ConfigError(f"energy_reg must be >= 0, got {energy_reg!r}")
+    merged = {**spec.defaults, **options}
+    for key, value in merged.items():
+        spec.checks[key](value)
+    if name == "sml" and merged["num_samples"] is None:
+        del merged["num_samples"]
+    return Objective(name=name, fn=spec.fn, options=merged, energy_reg=float(energy_reg))

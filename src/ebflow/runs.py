@@ -93,10 +93,14 @@ class LoadedRun:
 
 
 def load_run(
-    path: str | Path, device: str | torch.device | None = None, *, splits: DataSplits | None = None
+    path: str | Path, device: str | torch.device | None = None, *, splits: DataSplits | None = None,
+    weights: str = "ema",
 ) -> LoadedRun:
-    """Load a run dir or checkpoint: the model with EMA weights, in eval mode, on ``device``
-    (default: cpu). ``splits`` may pass already loaded data."""
+    """Load a run dir or checkpoint: the model with EMA weights (``weights="raw"``: the
+    optimiser's own weights), in eval mode, on ``device`` (default: cpu). ``splits`` may pass
+    already loaded data."""
+    if weights not in ("ema", "raw"):
+        raise ConfigError(f"weights must be 'ema' or 'raw', got {weights!r}")
     from .training import build_model, build_preprocessing
 
     ckpt = find_checkpoint(path)
@@ -120,7 +124,8 @@ def load_run(
             f"checkpoint {str(ckpt)!r} does not match the model described by its config: "
             f"{str(err).splitlines()[0][:400]}"
         ) from err
-    ema.copy_to_model()
+    if weights == "ema":
+        ema.copy_to_model()
     model.to(dev).eval()
     return LoadedRun(model, pre, bool(config["map"]) and pre is not None, config,
                      _run_dir_of(ckpt), ckpt, int(state["step"]), splits)

@@ -45,7 +45,7 @@ from .distributed import current as current_distributed
 from .ema import EMA
 from .errors import ConfigError, EBFlowError, InputError, SingularLayerError
 from .flow import EBFlow
-from .objectives import Objective, make_objective
+from .objectives import OBJECTIVES, Objective, make_objective
 from .preprocessing import ImagePreprocessing
 
 __all__ = [
@@ -60,6 +60,7 @@ __all__ = [
     "build_scheduler",
     "make_loader",
     "model_input",
+    "augment_images",
     "step_seed",
     "evaluate_nll",
     "optimisation_step",
@@ -84,6 +85,10 @@ def build_preprocessing(config: Mapping[str, Any], num_bins: int | None) -> Imag
                               config["num_bins"] or num_bins)
 
 
+_DENSE_INIT = {"default": None, "negative_identity": "negative_identity"}
+_CONV_INIT = {"default": "identity", "negative_identity": "negative_identity"}
+
+
 def build_model(
     config: Mapping[str, Any], event_shape: Sequence[int], preprocessing: ImagePreprocessing | None,
     *, for_loading: bool = False,
@@ -103,14 +108,15 @@ def build_model(
     elif kind == "dense":
         model = dense_flow(event_shape, num_layers=config["num_layers"], alpha=config["alpha"],
                            parameterisation=config["parameterisation"], actnorm=config["actnorm"],
-                           init="identity" if for_loading else None)
+                           init="identity" if for_loading else _DENSE_INIT[config["weight_init"]])
     elif kind in ("conv", "glow"):
         if len(event_shape) != 3:
             raise ConfigError(f"model {kind!r} needs image data (C, H, W), got event shape {event_shape}")
         if kind == "conv":
             model = conv_flow(event_shape, blocks=config["blocks"],
                               convs_per_block=config["convs_per_block"],
-                              kernel_size=config["kernel_size"], alpha=config["alpha"])
+                              kernel_size=config["kernel_size"], alpha=config["alpha"],
+                              init=_CONV_INIT[config["weight_init"]])
         else:
             model = glow_flow(event_shape, levels=config["levels"], steps=config["steps"],
                               hidden=config["hidden"])
@@ -122,17 +128,13 @@ def build_model(
 
 
 def build_objective(config: Mapping[str, Any]) -> Objective:
-    """The objective of a config with its options (σ, ε, slices, λ, ...)."""
+    """The objective of a config with its options (σ, ε, slices, λ, ...): every option of the
+    objective's registry entry is read from the config key of the same name (``num_samples``
+    from ``sml_samples``)."""
     name = config["loss"]
-    options: dict[str, Any] = {}
-    if name == "dsm":
-        options["sigma"] = config["sigma"]
-    elif name == "fdssm":
-        options["eps"] = config["eps"]
-    elif name == "ssm":
-        options.update(slices=config["slices"], projection=config["projection"])
-    elif name == "sml" and config["sml_samples"]:
-        options["num_samples"] = config["sml_samples"]
+    keys = {"num_samples": "sml_samples"}
+    options = {opt: config[keys.get(opt, opt)] for opt in OBJECTIVES[name].defaults
+               if keys.get(opt, opt) in config}
     return make_objective(name, energy_reg=config["energy_reg"], **options)
 
 
@@ -302,6 +304,26 @@ def evaluate_nll(
     return {"nll": nll, "bpd": nll / (d * math.log(2)), "n": n}
 
 
+def augment_images(x: Tensor, generator: torch.Generator, global_batch: int | None = None,
+                   start: int = 0, max_shift: int = 2) -> Tensor:
+    """Random horizontal flips (probability 1/2) and translations by up to ``max_shift`` pixels
+    (edges replicated) of images ``(B, C, H, W)``, one draw per example. The draws are made for
+    a global batch of ``global_batch`` rows (default ``B``) from ``generator``, and this batch is
+    rows ``[start, start + B)`` of it, so every process of a data-parallel run agrees."""
+    b, c, h, w = x.shape
+    n = global_batch or b
+    flip = torch.rand(n, generator=generator, device=generator.device)[start:start + b] < 0.5
+    shift = torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator,
+                          device=generator.device)[start:start + b].to(x.device)
+    x = torch.where(flip.to(x.device).view(b, 1, 1, 1), x.flip(-1), x)
+    padded = torch.nn.functional.pad(x, (max_shift,) * 4, mode="replicate")
+    rows = torch.arange(h, device=x.device) + max_shift + shift[:, :1]  # (B, H)
+    cols = torch.arange(w, device=x.device) + max_shift + shift[:, 1:]  # (B, W)
+    return padded[torch.arange(b, device=x.device).view(b, 1, 1, 1),
+                  torch.arange(c, device=x.device).view(1, c, 1, 1),
+                  rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
+
+
 @dataclass
 class StepOutcome:
     loss: float
@@ -351,14 +373,15 @@ def optimisation_step(
         optimizer.zero_grad(set_to_none=True)
         return StepOutcome(value, norm, False, error or "non-finite gradient")
     if grad_clip is not None and norm > grad_clip:
-        torch.nn.utils.clip_grads_with_norm_(grads, grad_clip, torch.tensor(norm))
+        # rescales every parameter's .grad in place by grad_clip / norm
+        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, torch.tensor(norm))
     optimizer.step()
     return StepOutcome(value, norm, True)
 
 
 # -- logging ------------------------------------------------------------------------------------
 CSV_COLUMNS = ["step", "epoch", "train_s", "loss", "grad_norm", "ms_per_iter", "examples_per_s", "lr",
-               "skipped_steps", "val_nll", "val_bpd", "test_nll", "test_bpd", "kl", "fisher"]
+               "skipped_steps", "dropped_examples", "val_nll", "val_bpd", "test_nll", "test_bpd", "kl", "fisher"]
 
 
 class MetricsLog:
@@ -480,7 +503,7 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(config, self.params)
         self.scheduler = build_scheduler(config, self.optimizer)
-        self.ema = EMA(self.model, config["ema_decay"])
+        self.ema = EMA(self.model, config["ema_decay"], warmup=config["ema_warmup"])
         if self.pre is not None:
             _check_pixels(self.splits.train, self.pre.num_bins, "training")
         self.train_data = self.splits.train.to(device)
@@ -522,6 +545,8 @@ class Trainer:
             "rng": _rng_state(self.device), "step": self.step, "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch, "train_seconds": self.train_seconds,
             "skipped_steps": self.skipped, "consecutive_nonfinite": self.consecutive_bad,
+            "dropped_examples": self.objective.dropped_examples,
+            "seen_examples": self.objective.seen_examples,
             "best_val_nll": self.best_val,
             "event_shape": list(self.splits.event_shape),
             "num_bins": self.pre.num_bins if self.pre is not None else None,
@@ -541,6 +566,8 @@ class Trainer:
             self.train_seconds = float(state["train_seconds"])
             self.skipped = int(state["skipped_steps"])
             self.consecutive_bad = int(state["consecutive_nonfinite"])
+            self.objective.dropped_examples = int(state.get("dropped_examples", 0))
+            self.objective.seen_examples = int(state.get("seen_examples", 0))
             self.best_val = float(state["best_val_nll"])
         except (KeyError, RuntimeError, ValueError, TypeError, ConfigError) as err:
             raise CheckpointError(f"{where} does not match the model of its own config: {err}") from err
@@ -561,6 +588,8 @@ class Trainer:
         shape = (self.global_batch, *xb.shape[1:])
         start, rows = self.dist.rank * self.local_batch, self.local_batch
         x = xb.to(self.dtype)
+        if self.config["augment"] and x.dim() == 4:
+            x = augment_images(x, g, self.global_batch, start)
         if self.pre is not None:
             u = torch.rand(shape, dtype=self.dtype, device=self.device, generator=g)
             inp, _ = model_input(x, self.pre, self.use_map, dequantization_noise=u.narrow(0, start, rows),
@@ -674,6 +703,7 @@ class Trainer:
                                 if window_time > 0 else float("nan"),
                                 "lr": self.optimizer.param_groups[0]["lr"],
                                 "skipped_steps": self.skipped,
+                                "dropped_examples": self.objective.dropped_examples,
                             })
                         window_loss, window_n, window_time, window_norm = 0.0, 0, 0.0, 0.0
                     done = self._done()
@@ -814,10 +844,11 @@ def finish_run(trainer: Trainer, log: MetricsLog | None) -> dict[str, float]:
 
     ctx = trainer.dist
 
+    ckpt = trainer.run_dir / "checkpoints" / "best.pt"
+    if not ckpt.exists():
+        ckpt = trainer.run_dir / "checkpoints" / "last.pt"
+
     def load() -> Any:
-        ckpt = trainer.run_dir / "checkpoints" / "best.pt"
-        if not ckpt.exists():
-            ckpt = trainer.run_dir / "checkpoints" / "last.pt"
         return load_run(ckpt, device=trainer.device, splits=trainer.splits)
 
     loaded: list[Any] = []
@@ -839,6 +870,11 @@ def finish_run(trainer: Trainer, log: MetricsLog | None) -> dict[str, float]:
                         seed=trainer.config["seed"] + EVAL_SEED_OFFSET, dist=ctx)
     if not trainer.is_main or run is None:
         return test
+    # the same checkpoint with the optimiser's own (not averaged) weights, for comparison
+    raw = load_run(ckpt, device=trainer.device, splits=trainer.splits, weights="raw")
+    raw_test = evaluate_nll(raw.model, trainer.splits.split("test"), trainer.pre, trainer.use_map,
+                            trainer.config["eval_batch_size"], seed=trainer.config["seed"] + EVAL_SEED_OFFSET)
+    test.update(raw_nll=raw_test["nll"], raw_bpd=raw_test["bpd"])
     if trainer.splits.mixture is not None:
         from .toy_metrics import toy_metrics
 
@@ -866,6 +902,12 @@ def _write_results(trainer: Trainer, run: Any, test: dict[str, float], log: Metr
         "examples_per_s": trainer.step * trainer.global_batch / trainer.train_seconds
         if trainer.train_seconds > 0 else None,
         "skipped_steps": trainer.skipped, "best_val_nll": trainer.best_val,
+        "dropped_examples": trainer.objective.dropped_examples,
+        "dropped_fraction": (trainer.objective.dropped_examples / trainer.objective.seen_examples
+                             if trainer.objective.seen_examples else 0.0),
+        "ema_decay": trainer.config["ema_decay"], "ema_warmup": trainer.config["ema_warmup"],
+        "map": trainer.config["map"], "threads": torch.get_num_threads(),
+        "device": str(trainer.device),
         **{f"test_{k}": v for k, v in test.items()},
     }
     (trainer.run_dir / "results.json").write_text(json.dumps(results, indent=2))

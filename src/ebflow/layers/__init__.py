@@ -6,6 +6,9 @@ from .conv import Conv1x1, Conv2d, convolution_matrix
 from .coupling import AffineCoupling, cnn_conditioner, mlp_conditioner
 from .dense import Dense, random_orthogonal
 from .elementwise import LeakyReLU, Logit, ResidualSmoothLeakyReLU, Sigmoid, SmoothLeakyReLU
+from .generic import GenericLinear, LinearMap
+from .generic_conv import CircularConv2d, DepthwiseConv2d, DilatedConv2d, GroupedConv2d
+from .orthogonal import DCT
 from .reshape import Flatten, Reshape, Squeeze, Unsqueeze
 from .split import on_first_part
 
@@ -14,4 +17,7 @@ __all__ = [
     "FlowLayer", "LeakyReLU", "LinearFlowLayer", "Logit", "Reshape", "ResidualSmoothLeakyReLU",
     "Sigmoid", "SmoothLeakyReLU", "Squeeze", "Unsqueeze", "cnn_conditioner",
     "convolution_matrix", "mlp_conditioner", "on_first_part", "random_orthogonal",
+    # generic linear layers from a map, and layers built on them
+    "CircularConv2d", "DCT", "DepthwiseConv2d", "DilatedConv2d", "GenericLinear", "GroupedConv2d",
+    "LinearMap",
 ]

@@ -40,6 +40,11 @@ class FlowLayer(nn.Module):
     def inverse(self, y: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def in_domain(self, x: Tensor) -> Tensor | None:
+        """Per-example mask (``(batch,)``, bool) of inputs inside the layer's domain, or ``None``
+        when the layer is defined everywhere (the default)."""
+        return None
+
     def output_shape(self, event_shape: Shape) -> Shape:
         """Event shape of the output for an input of event shape ``event_shape``.
 

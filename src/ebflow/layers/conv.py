@@ -106,11 +106,13 @@ class Conv2d(LinearFlowLayer):
     Zero padding of ``k // 2`` keeps the spatial size, so the layer is a square linear map
     :math:`y = M x + b` of the flattened image; :math:`\log|\det M|` and :math:`M^{-1}` come from
     an LU factorisation of :math:`M` (cached). Initialised at the identity kernel plus small
-    noise (``init_noise``).
+    noise (``init_noise``), or with ``init="negative_identity"`` at exactly :math:`-I` with a
+    bias :math:`\sim N(0, 0.01^2)` (the paper's recipe).
     """
 
     def __init__(
-        self, channels: int, kernel_size: int = 3, *, bias: bool = True, init_noise: float = 1e-2
+        self, channels: int, kernel_size: int = 3, *, bias: bool = True, init_noise: float = 1e-2,
+        init: str = "identity",
     ) -> None:
         super().__init__()
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
@@ -122,12 +124,19 @@ class Conv2d(LinearFlowLayer):
             raise ConfigError(f"Conv2d needs a positive number of channels, got {channels!r}")
         self.channels = channels
         self.kernel_size = kernel_size
+        if init not in ("identity", "negative_identity"):
+            raise ConfigError(f"unknown Conv2d initialisation {init!r}; choose identity or negative_identity")
         weight = torch.zeros(channels, channels, kernel_size, kernel_size)
         centre = kernel_size // 2
-        weight[:, :, centre, centre] = torch.eye(channels)
-        weight += init_noise * torch.randn_like(weight) / kernel_size
+        if init == "identity":
+            weight[:, :, centre, centre] = torch.eye(channels)
+            weight += init_noise * torch.randn_like(weight) / kernel_size
+            start_bias = torch.zeros(channels)
+        else:
+            weight[:, :, centre, centre] = -torch.eye(channels)
+            start_bias = 0.01 * torch.randn(channels)
         self.weight = nn.Parameter(weight)
-        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+        self.bias = nn.Parameter(start_bias) if bias else None
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, kernel_size={self.kernel_size}, bias={self.bias is not None}"

@@ -36,6 +36,9 @@ class Dense(LinearFlowLayer):
       :math:`\log|\det W| = \sum_i \log|W_{ii}|`.
     * ``"lu"`` -- :math:`W = P L U` with a fixed permutation :math:`P`, unit lower-triangular
       :math:`L` and upper-triangular :math:`U`; :math:`\log|\det W| = \sum_i \log|U_{ii}|`.
+
+    ``init``: ``"orthogonal"`` (default for full and LU), ``"identity"`` (default for triangular),
+    or ``"negative_identity"`` (:math:`W = -I`, bias :math:`\sim N(0, 0.01^2)`: the paper's recipe).
     """
 
     def __init__(
@@ -45,7 +48,7 @@ class Dense(LinearFlowLayer):
         *,
         parameterisation: Parameterisation = "full",
         bias: bool = True,
-        init: Literal["orthogonal", "identity"] | None = None,
+        init: Literal["orthogonal", "identity", "negative_identity"] | None = None,
     ) -> None:
         super().__init__()
         if out_features is not None and out_features != features:
@@ -65,9 +68,11 @@ class Dense(LinearFlowLayer):
         d = features
         if init is None:
             init = "identity" if parameterisation in ("tril", "triu") else "orthogonal"
-        if init not in ("orthogonal", "identity"):
-            raise ConfigError(f"unknown dense initialisation {init!r}")
-        start = random_orthogonal(d) if init == "orthogonal" else torch.eye(d)
+        if init not in ("orthogonal", "identity", "negative_identity"):
+            raise ConfigError(f"unknown dense initialisation {init!r}; choose orthogonal, identity "
+                              "or negative_identity")
+        start = {"orthogonal": random_orthogonal, "identity": torch.eye,
+                 "negative_identity": lambda n: -torch.eye(n)}[init](d)
 
         if parameterisation == "full":
             self.weight = nn.Parameter(start.clone())
@@ -83,7 +88,9 @@ class Dense(LinearFlowLayer):
             self.register_buffer("lower_mask", torch.tril(torch.ones(d, d), -1), persistent=False)
             self.register_buffer("upper_mask", torch.triu(torch.ones(d, d)), persistent=False)
             self.register_buffer("eye", torch.eye(d), persistent=False)
-        self.bias = nn.Parameter(torch.zeros(d)) if bias else None
+        # the paper's recipe (-I) breaks the symmetry with a small random bias
+        start_bias = 0.01 * torch.randn(d) if init == "negative_identity" else torch.zeros(d)
+        self.bias = nn.Parameter(start_bias) if bias else None
 
     def extra_repr(self) -> str:
         return f"features={self.features}, parameterisation={self.parameterisation}, bias={self.bias is not None}"
@@ -119,7 +126,10 @@ class Dense(LinearFlowLayer):
     def _log_abs_det(self, event_shape: Shape) -> Tensor:
         if self.parameterisation == "full":
             if self._needs_grad():
-                return torch.linalg.slogdet(self.weight)[1]
+                # differentiable LU in the weight's dtype; its pivots reveal a singular weight
+                lu, _, _ = torch.linalg.lu_factor_ex(self.weight)
+                check_pivots(lu.diagonal(), f"Dense({self.features}, full)")
+                return torch.log(lu.diagonal().abs()).sum()
             return self._log_abs_det_from_factors(event_shape)
         if self.parameterisation in ("tril", "triu"):
             return torch.log(torch.diagonal(self.weight).abs()).sum()

@@ -154,6 +154,10 @@ class Logit(FlowLayer):
     :class:`~ebflow.errors.InputError`.
     """
 
+    def in_domain(self, x: Tensor) -> Tensor:
+        """Examples whose every entry lies in ``(0, 1)``."""
+        return ((x > 0) & (x < 1)).reshape(x.shape[0], -1).all(dim=1)
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         _check_unit_interval(x.detach(), "Logit")
         log_x, log_1mx = torch.log(x), torch.log1p(-x)

@@ -1,0 +1,319 @@
+r"""Linear layers defined by their map alone.
+
+A user writes only ``transform(x)``, an affine map :math:`f(x) = A x + b` on events of a fixed
+shape (``D`` numbers each); :class:`GenericLinear` derives everything else exactly, in float64:
+
+* the matrix, column by column, :math:`A e_j = f(e_j) - f(0)`, by applying the map to batches of
+  identity basis events: ``D`` evaluations of ``f`` (in chunks), :math:`O(D^2)` memory;
+* the shift :math:`b = f(0)`;
+* :math:`\log|\det A|` from an LU factorisation, :math:`O(D^3)`, and the inverse
+  :math:`x = A^{-1}(y - b)` by LU solves, :math:`O(D^2)` per example -- one factorisation shared
+  by both, cached until a parameter changes (the cache policy of :class:`LinearFlowLayer`).
+
+Score matching only ever calls ``transform``. The dense path is limited to ``D <= max_dim``
+(default 8192: a 512 MiB float64 matrix and an LU of about 10^12 flops, tens of seconds on two
+CPU cores; ``D`` of a few thousand takes seconds); a larger event raises a clear
+:class:`~ebflow.errors.ConfigError` instead of running out of memory. Subclasses with a cheaper
+exact structure (FFT, orthogonality) override ``_log_abs_det``, ``_factorize`` and
+``_inverse_with`` and keep :meth:`GenericLinear.matrix` as a reference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from itertools import chain
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError, InputError
+from .base import LinearFlowLayer, Shape, checked_lu_factor, lu_solve
+
+__all__ = ["DEFAULT_MAX_DIM", "GenericLinear", "LinearMap"]
+
+#: Largest event size ``D`` for which the dense ``D x D`` matrix is built by default.
+DEFAULT_MAX_DIM = 8192
+
+#: Relative tolerance of the construction-time check that ``transform`` is affine (float64).
+_LINEARITY_RTOL = 1e-6
+
+#: Target number of float64 entries of one chunk of basis events (32 MiB).
+_CHUNK_ENTRIES = 1 << 22
+
+
+class _ChecksAfterInit(type):
+    """Metaclass: runs ``_after_init()`` once the whole ``__init__`` chain has finished, so that a
+    subclass's parameters exist when its map is checked."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        layer = super().__call__(*args, **kwargs)
+        layer._after_init()
+        return layer
+
+
+class _TransformCall(nn.Module):
+    """``forward = layer.transform``, so that :func:`torch.func.functional_call` can evaluate the
+    map with substituted (float64) parameters and buffers."""
+
+    def __init__(self, layer: GenericLinear) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer.transform(x)
+
+
+class GenericLinear(LinearFlowLayer, metaclass=_ChecksAfterInit):
+    r"""A linear layer :math:`y = A x + b` on events of shape ``event_shape``, given only its map.
+
+    Subclasses implement :meth:`transform` (affine in ``x``, examples independent, output shape
+    = input shape, reading its tensors from the module's parameters and buffers, including
+    sub-modules'); :math:`A`, :math:`b`, :math:`\log|\det A|` and the inverse are derived.
+
+    Args:
+        event_shape: shape of one input (and output) event; ``D`` is its size.
+        max_dim: largest ``D`` for which the dense ``D x D`` matrix may be built (``None``: no
+            limit). Checked at construction when the layer relies on the dense path.
+        check: check at construction (after every subclass ``__init__``) that ``transform`` is
+            affine, keeps the event shape and treats examples independently -- two evaluations of
+            the map on a few random events. Raises :class:`~ebflow.errors.ConfigError`.
+        basis_batch: number of basis events per evaluation of the map when building
+            :math:`A` (default: chunks of about 32 MiB).
+    """
+
+    #: Whether ``log|det|`` and the inverse go through the dense matrix (False in subclasses
+    #: with a cheaper exact structure; their :meth:`matrix` stays available as a reference).
+    dense: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        event_shape: Sequence[int],
+        *,
+        max_dim: int | None = DEFAULT_MAX_DIM,
+        check: bool = True,
+        basis_batch: int | None = None,
+    ) -> None:
+        super().__init__()
+        shape = tuple(event_shape)
+        if not shape or not all(isinstance(s, int) and s >= 1 for s in shape):
+            raise ConfigError(
+                f"{type(self).__name__}: event_shape must be a non-empty tuple of positive "
+                f"integers, got {event_shape!r}"
+            )
+        if max_dim is not None and (not isinstance(max_dim, int) or max_dim < 1):
+            raise ConfigError(f"{type(self).__name__}: max_dim must be a positive integer or None, got {max_dim!r}")
+        if basis_batch is not None and (not isinstance(basis_batch, int) or basis_batch < 1):
+            raise ConfigError(
+                f"{type(self).__name__}: basis_batch must be a positive integer or None, got {basis_batch!r}"
+            )
+        self.event_shape: Shape = shape
+        self.max_dim = max_dim
+        self.check = check
+        self.basis_batch = basis_batch
+
+    @property
+    def dim(self) -> int:
+        """Size ``D`` of one event."""
+        return math.prod(self.event_shape)
+
+    def extra_repr(self) -> str:
+        return f"event_shape={self.event_shape}"
+
+    # -- the user's part ----------------------------------------------------------------------
+    def transform(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """``y = A x + b`` for ``x`` of shape ``(batch, *event_shape)``; no determinant."""
+        raise NotImplementedError(f"{type(self).__name__} must implement transform(x)")
+
+    # -- construction-time checks ---------------------------------------------------------------
+    def _after_init(self) -> None:
+        if self.dense:
+            self._check_size("compute its exact log|det| and inverse")
+        if self.check:
+            self.check_linear()
+
+    def _check_size(self, action: str) -> None:
+        d = self.dim
+        if self.max_dim is not None and d > self.max_dim:
+            gib = 2 * d * d * 8 / 2**30
+            raise ConfigError(
+                f"{type(self).__name__}: events of shape {self.event_shape} have D = {d} "
+                f"dimensions, more than max_dim = {self.max_dim}. To {action} the layer builds "
+                f"the dense D x D float64 matrix (about {gib:.1f} GiB with its LU factors) and "
+                f"factorises it in O(D^3); pass max_dim={d} (or None) to allow it, or use a layer "
+                f"with a cheaper exact structure"
+            )
+
+    def check_linear(self, seed: int = 0) -> None:
+        r"""Raise :class:`~ebflow.errors.ConfigError` unless, on random events :math:`a, c` and a
+        scalar :math:`s`, the map keeps the event shape, treats examples independently, and
+        :math:`f(a + c) + f(0) = f(a) + f(c)`, :math:`f(s a) - f(0) = s (f(a) - f(0))` (affine)
+        to a relative 1e-6 in float64. Cost: two evaluations of ``transform`` (6 events)."""
+        name = type(self).__name__
+        g = torch.Generator().manual_seed(seed)
+        a, c = (torch.randn((1, *self.event_shape), generator=g, dtype=torch.float64) for _ in range(2))
+        s = -1.7
+        probes = torch.cat([a, c, a + c, s * a, torch.zeros_like(a)]).to(self._device())
+        try:
+            with torch.no_grad():
+                out = self._transform64(probes)
+                alone = self._transform64(probes[:1])
+        except Exception as err:  # noqa: BLE001 - any failure of the user's map means one thing
+            raise ConfigError(
+                f"{name}: transform failed on a batch of events of shape {self.event_shape}: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+        if not isinstance(out, Tensor) or tuple(out.shape) != tuple(probes.shape):
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ConfigError(
+                f"{name}: transform must map a batch of shape {tuple(probes.shape)} to the same "
+                f"shape (a square linear map keeps the event shape), got {got}"
+            )
+        f_a, f_c, f_ac, f_sa, f_0 = out
+        scale = float(out.abs().max().clamp_min(1e-30))
+        errors = {
+            "the map is not affine: f(a + c) != f(a) + f(c) - f(0)": f_ac + f_0 - f_a - f_c,
+            "the map is not affine: f(s a) - f(0) != s (f(a) - f(0))": f_sa - f_0 - s * (f_a - f_0),
+            "examples are not independent: f(a) depends on the other events of the batch": alone[0] - f_a,
+        }
+        for problem, residual in errors.items():
+            rel = float(residual.abs().max()) / scale
+            if not rel <= _LINEARITY_RTOL:  # also catches NaN
+                raise ConfigError(
+                    f"{name}: {problem} on random inputs (relative error {rel:.2e}). transform(x) "
+                    f"must be y = A x + b for a fixed matrix A and shift b; pass check=False to "
+                    f"skip this check"
+                )
+
+    # -- the derived matrix ---------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        for t in chain(self.parameters(), self.buffers()):
+            return t.device
+        return torch.device("cpu")
+
+    def _transform64(self, x: Tensor) -> Tensor:
+        """``transform(x)`` with every floating parameter and buffer cast to float64
+        (differentiable in the originals), so that derived quantities are float64-exact."""
+        call = _TransformCall(self)
+        tensors = {
+            name: t.double()
+            for name, t in chain(call.named_parameters(), call.named_buffers())
+            if t.is_floating_point()
+        }
+        return torch.func.functional_call(call, tensors, (x.double(),))
+
+    def shift(self) -> Tensor:
+        """:math:`b = f(0)`, shape ``event_shape``, float64. Cost: one evaluation of the map."""
+        zero = torch.zeros((1, *self.event_shape), dtype=torch.float64, device=self._device())
+        return self._transform64(zero)[0]
+
+    def matrix(self) -> Tensor:
+        r"""The ``D x D`` float64 matrix :math:`A` (events flattened in C order), with
+        :math:`A e_j = f(e_j) - f(0)`; differentiable in the parameters. Cost: ``D`` basis events
+        through the map in chunks of ``basis_batch``, :math:`O(D^2)` memory. Raises
+        :class:`~ebflow.errors.ConfigError` when ``D > max_dim``."""
+        self._check_size("build")
+        d, device = self.dim, self._device()
+        chunk = self.basis_batch or max(1, min(d, _CHUNK_ENTRIES // d))
+        zero = self.shift().reshape(1, d)
+        rows = []
+        for start in range(0, d, chunk):
+            n = min(chunk, d - start)
+            basis = torch.zeros(n, d, dtype=torch.float64, device=device)
+            basis[torch.arange(n, device=device), torch.arange(start, start + n, device=device)] = 1.0
+            rows.append(self._transform64(basis.view(n, *self.event_shape)).reshape(n, d) - zero)
+        return torch.cat(rows).T  # row j of the stack is A e_j, i.e. column j of A
+
+    def dense_log_abs_det(self) -> Tensor:
+        r""":math:`\log|\det A|` from the dense matrix, uncached (the reference for subclasses
+        with a cheaper structure). Cost: :math:`O(D^3)`."""
+        return torch.linalg.slogdet(self.matrix())[1]
+
+    def dense_inverse(self, y: Tensor) -> Tensor:
+        r""":math:`A^{-1}(y - b)` by an LU solve of the dense matrix, uncached (the reference for
+        subclasses with a cheaper structure). Cost: :math:`O(D^3 + D^2 B)`."""
+        return self._solve(checked_lu_factor(self.matrix(), type(self).__name__), y)
+
+    # -- shapes -----------------------------------------------------------------------------------
+    def output_shape(self, event_shape: Shape) -> Shape:
+        if tuple(event_shape) != self.event_shape:
+            raise InputError(
+                f"{type(self).__name__} was built for events of shape {self.event_shape}, "
+                f"got event shape {tuple(event_shape)}"
+            )
+        return self.event_shape
+
+    def input_shape_of(self, output_event_shape: Shape) -> Shape:
+        return self.output_shape(output_event_shape)
+
+    # -- LinearFlowLayer hooks (the dense path) ----------------------------------------------------
+    def _log_abs_det(self, event_shape: Shape) -> Tensor:
+        if self._needs_grad():
+            return self.dense_log_abs_det()
+        return self._log_abs_det_from_factors(event_shape)
+
+    def _factorize(self, event_shape: Shape) -> tuple[Tensor, Tensor]:
+        return checked_lu_factor(self.matrix(), type(self).__name__)
+
+    def _inverse_with(self, factors: tuple[Tensor, Tensor], y: Tensor) -> Tensor:
+        return self._solve(factors, y)
+
+    def _solve(self, factors: tuple[Tensor, Tensor], y: Tensor) -> Tensor:
+        self._check_event_shape(y, self.event_shape, "outputs")
+        lu, pivots = factors
+        rhs = (y.double() - self.shift()).reshape(y.shape[0], -1).T
+        return lu_solve(lu, pivots, rhs).T.reshape(y.shape).to(y.dtype)
+
+    # -- caching ------------------------------------------------------------------------------------
+    def _state_key(self) -> tuple:
+        """As :meth:`LinearFlowLayer._state_key`, over the parameters and buffers of sub-modules
+        too: a wrapped map (:class:`LinearMap`) keeps its weights there."""
+        tensors = list(self.parameters()) + list(self.buffers())
+        floating = [t.detach() for t in tensors if t.is_floating_point()]
+        prints: list[list[float]] = []
+        if floating:
+            with torch.no_grad():
+                prints = torch.stack([
+                    torch.stack([t.sum(dtype=torch.float64),
+                                 torch.linalg.vector_norm(t, dtype=torch.float64)])
+                    for t in floating
+                ]).tolist()  # one device sync
+        meta = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        return meta + tuple(tuple(p) for p in prints)
+
+
+class LinearMap(GenericLinear):
+    r"""Wrap a linear function or module ``fn`` as a flow layer: :math:`y = f(x) + b`.
+
+    ``fn`` maps ``(batch, *event_shape)`` to the same shape and must be affine; an
+    :class:`~torch.nn.Module` is registered as a sub-module (its parameters are trained and
+    tracked by the cache); a plain function must not read tensors that can change.
+
+    >>> layer = LinearMap(nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"), (1, 8, 8))
+
+    Cost: ``transform`` is one call of ``fn``; ``log|det|`` and the inverse as in
+    :class:`GenericLinear`.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[Tensor], Tensor] | nn.Module,
+        event_shape: Sequence[int],
+        *,
+        bias: bool = False,
+        **options: Any,
+    ) -> None:
+        super().__init__(event_shape, **options)
+        if not callable(fn):
+            raise ConfigError(f"LinearMap needs a callable or a torch module, got {type(fn).__name__}")
+        self.fn = fn
+        self.bias = nn.Parameter(torch.zeros(self.event_shape)) if bias else None
+
+    def extra_repr(self) -> str:
+        fn = "" if isinstance(self.fn, nn.Module) else f", fn={getattr(self.fn, '__name__', self.fn)!s}"
+        return f"event_shape={self.event_shape}, bias={self.bias is not None}{fn}"
+
+    def transform(self, x: Tensor) -> Tensor:
+        y = self.fn(x)
+        return y if self.bias is None else y + self.bias
