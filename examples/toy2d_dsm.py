@@ -35,6 +35,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     train, test = sine_data(20_000, gen), sine_data(5_000, gen)
     model = coupling_flow(2, blocks=6, hidden=32).double()
+    model.initialize(train[:1000])  # data-dependent layers (ActNorm) start from the data
     objective = make_objective("dsm", sigma=args.sigma)
     optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
     ema = EMA(model, decay=0.99)

@@ -50,13 +50,13 @@ def perturb(model: torch.nn.Module, scale: float = 0.3) -> torch.nn.Module:
 def vector_model(d: int = 4) -> EBFlow:
     """Every vector layer type: dense in all four parameterisations and all non-linearities."""
     layers = [
-        Dense(d, parameterisation="full"),
+        Dense(d, parameterization="full"),
         SmoothLeakyReLU(0.3),
-        Dense(d, parameterisation="tril"),
+        Dense(d, parameterization="tril"),
         LeakyReLU(0.5),
-        Dense(d, parameterisation="triu"),
+        Dense(d, parameterization="triu"),
         ResidualSmoothLeakyReLU(0.2),
-        Dense(d, parameterisation="lu"),
+        Dense(d, parameterization="lu"),
         ActNorm(d),
         AffineCoupling((d,), hidden=8),
         Sigmoid(),
@@ -103,7 +103,6 @@ def image_model_2ch() -> EBFlow:
 
 
 def initialised(model: EBFlow, x: torch.Tensor, scale: float = 0.3) -> EBFlow:
-    """Run ActNorm's data-dependent initialisation, then perturb all parameters."""
-    with torch.no_grad():
-        model.energy(x)
+    """Run the data-dependent initialisation (ActNorm) on ``x``, then perturb all parameters."""
+    model.initialize(x)
     return perturb(model, scale)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ebflow.cli import build_parser, main
-from ebflow.config import list_presets
+from ebflow.experiment.config import list_presets
 
 TINY = ["max_iters=4", "epochs=null", "eval_every=100", "checkpoint_every=2", "log_every=1",
         "num_samples=4", "batch_size=20", "eval_batch_size=50", "max_train=60", "max_eval=20",
@@ -131,25 +131,25 @@ def test_resume_refuses_config_and_out(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
-def test_bench_and_inpaint_are_registered_when_available():
+def test_every_command_is_registered():
     parser = build_parser()
     choices = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    assert {"train", "eval", "sample", "configs", "bench", "inpaint"} <= set(choices)
-
-
-def test_missing_optional_module_gives_a_message(monkeypatch, capsys):
-    import ebflow.cli as cli
-
-    monkeypatch.setattr(cli, "_optional_module", lambda name: None)
-    assert cli.main(["inpaint"]) == 2
-    assert "ebflow.inpaint" in capsys.readouterr().err
+    assert {"train", "eval", "sample", "configs", "inpaint", "reproduce"} <= set(choices)
 
 
 @pytest.mark.parametrize("use_map", ["true", "false"])
 def test_sample_refine_runs_in_the_model_input_space(tmp_path, use_map, capsys):
-    pytest.importorskip("ebflow.mcmc")
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), "--set", f"map={use_map}"] + _sets(TINY)) == 0
     out = tmp_path / "refined.png"
     assert main(["sample", str(run), "-n", "9", "--refine", "5", "--out", str(out)]) == 0, capsys.readouterr().err
     assert out.stat().st_size > 0
+
+
+def test_configs_show_resolves_the_recipe_of_an_objective(capsys):
+    assert main(["configs", "--show", "mnist-cnn", "--loss", "ml"]) == 0
+    ml = capsys.readouterr().out
+    assert main(["configs", "--show", "mnist-cnn", "--loss", "ssm"]) == 0
+    ssm = capsys.readouterr().out
+    assert "lr_decay: 0.925" in ml and "weight_decay: 1.0e-05" in ml
+    assert "lr_decay: 0.95" in ssm and "weight_decay: 0.0" in ssm

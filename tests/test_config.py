@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ebflow.config import (
+from ebflow.experiment.config import (
     FIELDS,
     grad_clip_for,
     list_presets,

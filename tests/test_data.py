@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from ebflow.config import resolve_config
-from ebflow.data import DataUnavailableError, check_data, load_data, mm10_sample, read_idx
+from ebflow.experiment.config import resolve_config
+from ebflow.experiment.data import DataUnavailableError, check_data, load_data, mm10_sample, read_idx
 from ebflow.errors import ConfigError, InputError
 
 

@@ -21,18 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from ebflow.checkpoint import load_checkpoint
-from ebflow.config import parse_overrides, resolve_config
-from ebflow.data import load_data
-from ebflow.distributed import SINGLE_PROCESS, Distributed, make_gradient_sync
-from ebflow.training import (
-    FAULT_ENV,
-    build_model,
-    build_objective,
-    build_preprocessing,
-    evaluate_nll,
-    train,
-)
+from ebflow.experiment.checkpoint import load_checkpoint
+from ebflow.experiment.config import parse_overrides, resolve_config
+from ebflow.experiment.data import load_data
+from ebflow.experiment.distributed import SINGLE_PROCESS, Distributed, make_gradient_sync
+from ebflow.experiment.builders import build_model, build_objective, build_preprocessing
+from ebflow.experiment.evaluation import evaluate_nll
+from ebflow.experiment.training import train
+from kill_at_step import KILL_ENV as FAULT_ENV
 
 WORLD = 2
 STEPS = 6
@@ -81,8 +77,8 @@ def _grad_setup(name: str):
     torch.manual_seed(5)
     model = build_model(config, (10,), None)
     x = torch.randn(4 * WORLD, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    model.initialize(x)
     with torch.no_grad():
-        model.energy(x)
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     objective = build_objective(config)
@@ -97,7 +93,7 @@ def _grads(model) -> list[torch.Tensor]:
 
 # -- the worker (runs under torchrun) ---------------------------------------------------------------
 def _worker(out: Path) -> None:
-    from ebflow.distributed import init_from_env, shutdown
+    from ebflow.experiment.distributed import init_from_env, shutdown
 
     ctx = init_from_env("cpu")
     assert ctx.world_size == WORLD and ctx.backend == "gloo"
@@ -175,7 +171,7 @@ def _gradient_check(ctx: Distributed, out: Path) -> None:
 
 def _capture_trainer_state() -> None:
     """Keep each finished Trainer's parameters and EMA (the worker saves them per rank)."""
-    import ebflow.training as training
+    import ebflow.experiment.trainer as training
 
     real_run = training.Trainer.run
 
@@ -307,7 +303,8 @@ def test_torchrun_cli_run_killed_and_resumed_equals_the_single_process_run(tmp_p
     args = ["-m", "ebflow", "train", "--config", "digits-fc", "--loss", "dsm", "--device", "cpu",
             "--seed", "2"] + [a for s in sets for a in ("--set", s)]
     run = tmp_path / "run"
-    killed = _torchrun(args + ["--out", str(run)], {FAULT_ENV: "6"})
+    launcher = [str(Path(__file__).with_name("kill_at_step.py"))]  # the tests' fault injection
+    killed = _torchrun(launcher + args[2:] + ["--out", str(run)], {FAULT_ENV: "6"})
     assert killed.returncode != 0
     assert "2 processes: global batch 16 = 2 x 8 per process" in killed.stdout
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 4

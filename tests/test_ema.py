@@ -14,7 +14,7 @@ from ebflow.layers import ActNorm, Dense
 def test_average_follows_the_recursion_and_starts_after_data_init():
     model = EBFlow([ActNorm(2), Dense(2)], (2,)).double()
     ema = EMA(model, decay=0.9, warmup=False)
-    model.energy(torch.randn(16, 2, dtype=torch.float64) * 3 + 1)  # ActNorm data-dependent init
+    model.initialize(torch.randn(16, 2, dtype=torch.float64) * 3 + 1)  # ActNorm data-dependent init
     ema.update()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     torch.testing.assert_close(ema.shadow["layers.0.shift"], start["layers.0.shift"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ebflow import EBFlow, coupling_flow, dense_flow
+from ebflow import EBFlow, coupling_flow, dense_flow, make_objective
 from ebflow.errors import ConfigError, InputError, SingularLayerError
 from ebflow.layers import (
     ActNorm,
@@ -63,8 +63,8 @@ def test_non_square_dense_is_rejected():
 
 
 def test_unknown_options_are_rejected():
-    with pytest.raises(ConfigError, match="parameterisation"):
-        Dense(4, parameterisation="diag")
+    with pytest.raises(ConfigError, match="parameterization"):
+        Dense(4, parameterization="diag")
     with pytest.raises(ConfigError, match="alpha"):
         SmoothLeakyReLU(1.5)
     with pytest.raises(ConfigError, match="not an ebflow FlowLayer"):
@@ -84,13 +84,13 @@ def test_layer_shape_mismatch_in_model_is_named():
         EBFlow([ActNorm(3)], (4,))
 
 
-@pytest.mark.parametrize("parameterisation", ["full", "tril", "triu", "lu"])
-def test_singular_dense_weight_gives_clear_error_when_inverting_or_sampling(parameterisation):
-    layer = Dense(3, parameterisation=parameterisation)
+@pytest.mark.parametrize("parameterization", ["full", "tril", "triu", "lu"])
+def test_singular_dense_weight_gives_clear_error_when_inverting_or_sampling(parameterization):
+    layer = Dense(3, parameterization=parameterization)
     with torch.no_grad():
-        if parameterisation == "full":
+        if parameterization == "full":
             layer.weight[2] = layer.weight[0] * 2.0
-        elif parameterisation == "lu":
+        elif parameterization == "lu":
             layer.upper[1, 1] = 0.0
         else:
             layer.weight[1, 1] = 0.0
@@ -135,3 +135,26 @@ def test_invalid_sample_count():
     model = dense_flow((3,))
     with pytest.raises(InputError, match="positive integer"):
         model.sample(0)
+
+
+def test_a_model_used_before_its_data_dependent_initialisation_names_the_fix():
+    model = coupling_flow(2, blocks=1)
+    x = torch.randn(4, 2)
+    for use in (model.energy, model.log_prob, model.score, model.forward):
+        with pytest.raises(ConfigError, match=r"not initialized: call model.initialize\(x\)"):
+            use(x)
+    with pytest.raises(ConfigError, match="not initialized"):
+        model.sample(2)
+    with pytest.raises(ConfigError, match="not initialized"):
+        model.log_partition()
+    model.initialize(x)
+    assert torch.isfinite(model.log_prob(x)).all()
+
+
+def test_sml_noise_of_the_wrong_size_is_named():
+    model = dense_flow((3,))
+    x = torch.randn(4, 3)
+    with pytest.raises(ConfigError, match="one row of 3 latent entries"):
+        make_objective("sml")(model, x, noise=torch.randn(4, 2))
+    with pytest.raises(ConfigError, match="dtype and device"):
+        make_objective("sml")(model, x, noise=torch.randn(4, 3, dtype=torch.float64))

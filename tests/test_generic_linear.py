@@ -1,6 +1,6 @@
 """Generic linear layers from a map (GenericLinear, LinearMap) and the layers built on them:
 exact density against brute force, inverses, cheap paths against the generic dense path,
-caching, the construction-time checks, and that score matching never touches determinants."""
+the construction-time checks, and that score matching never touches determinants."""
 
 from __future__ import annotations
 
@@ -230,34 +230,7 @@ def test_the_spy_catches_maximum_likelihood(forbid_linear_algebra):
     assert calls
 
 
-# -- caching ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["custom-subclass", "linear-map-module", "circular", "grouped"])
-def test_log_partition_is_cached_and_refreshed_after_an_optimiser_step(name, monkeypatch):
-    model = model_with(LAYERS[name])
-    cls = type(model.layers[0])
-    counts = {"factorize": 0}
-    original = cls._factorize
-
-    def counted(layer, *args, **kwargs):
-        counts["factorize"] += 1
-        return original(layer, *args, **kwargs)
-
-    monkeypatch.setattr(cls, "_factorize", counted)
-    with torch.no_grad():
-        first = model.log_partition()
-        torch.testing.assert_close(model.log_partition(), first)
-        model.sample(2)
-    assert counts["factorize"] == 3  # once per layer, shared by log Z and sampling
-    optimiser = torch.optim.SGD(model.parameters(), lr=0.05)
-    make_objective("dsm", sigma=0.1)(model, torch.randn(8, *SHAPE, dtype=torch.float64)).backward()
-    optimiser.step()
-    with torch.no_grad():
-        changed = model.log_partition()
-        model.log_partition()
-    assert counts["factorize"] == 6
-    assert not torch.allclose(changed, first)
-
-
+# -- maximum likelihood (the cache of log Z and factorisations: test_cache.py) ---------------------------
 def test_log_partition_is_differentiable_for_maximum_likelihood():
     layer = perturb(RowMixing((1, 3, 3)).double(), 0.2)
     EBFlow([layer], (1, 3, 3)).double().log_partition().backward()

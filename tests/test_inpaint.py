@@ -1,4 +1,4 @@
-"""Inpainting with the energy (ebflow.inpaint): masks, the MCMC fill, the grid and errors."""
+"""Inpainting with the energy (ebflow.inpainting, ebflow inpaint): masks, the MCMC fill, the grid and errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from ebflow import EBFlow, ImagePreprocessing, dense_flow, make_objective
 from ebflow.errors import ConfigError, InputError
-from ebflow.inpaint import (
+from ebflow.inpainting import (
     PreprocessedSpaceEnergy,
     inpaint_images,
     make_mask,

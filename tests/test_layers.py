@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import perturb
-from ebflow import EBFlow
+from ebflow import EBFlow, dense_flow, glow_flow
+from ebflow.errors import ConfigError, InputError
 from ebflow.layers import (
     ActNorm,
     AffineCoupling,
@@ -20,29 +21,79 @@ from ebflow.layers import (
     SmoothLeakyReLU,
     Squeeze,
     Unsqueeze,
-    convolution_matrix,
+    random_orthogonal,
 )
 
 
-def test_actnorm_data_dependent_initialisation_happens_once():
+def test_actnorm_data_dependent_initialisation_is_explicit():
     layer = ActNorm(3).double()
     x = torch.randn(500, 3, 4, 4, dtype=torch.float64) * torch.tensor([1.0, 3.0, 0.2]).view(1, 3, 1, 1) + 2
+    assert layer.requires_initialization
+    layer.initialize(x)
     y = layer.transform(x)
     torch.testing.assert_close(y.mean(dim=(0, 2, 3)), torch.zeros(3, dtype=torch.float64), atol=1e-10, rtol=0)
     torch.testing.assert_close(y.std(dim=(0, 2, 3)), torch.ones(3, dtype=torch.float64), atol=1e-5, rtol=0)
-    assert bool(layer.initialized)
+    assert bool(layer.initialized) and not layer.requires_initialization
     before = layer.log_scale.detach().clone()
-    layer.transform(x * 5)
+    layer.transform(x * 5)  # using the layer never re-initialises it
     torch.testing.assert_close(layer.log_scale.detach(), before)
     assert "initialized" in layer.state_dict()
     # log|det| = pixels per channel * sum(log_scale)
     torch.testing.assert_close(layer.log_abs_det((3, 4, 4)), 16 * before.sum())
 
 
-def test_actnorm_single_example_does_not_initialise():
+def test_actnorm_used_before_initialisation_raises_a_clear_error():
     layer = ActNorm(2)
-    layer.transform(torch.randn(1, 2))
+    x = torch.randn(4, 2)
+    for use in (lambda: layer.transform(x), lambda: layer(x), lambda: layer.inverse(x),
+                lambda: layer.log_abs_det((2,))):
+        with pytest.raises(ConfigError, match=r"ActNorm is not initialized: call model.initialize\(x\)"):
+            use()
+    with pytest.raises(ConfigError, match="not initialized"):
+        EBFlow([ActNorm(2), Dense(2)], (2,)).energy(x)
+    with pytest.raises(InputError, match="at least two values per channel"):
+        layer.initialize(torch.randn(1, 2))
     assert not bool(layer.initialized)
+
+
+def test_actnorm_loaded_from_a_state_dict_needs_no_initialisation():
+    trained = ActNorm(2)
+    trained.initialize(torch.randn(16, 2) * 3 + 1)
+    fresh = ActNorm(2)
+    fresh.load_state_dict(trained.state_dict())
+    assert not fresh.requires_initialization
+    x = torch.randn(4, 2)
+    torch.testing.assert_close(fresh.transform(x), trained.transform(x))
+    # a state dict saved before initialisation brings the flag back to False
+    trained.load_state_dict(ActNorm(2).state_dict())
+    with pytest.raises(ConfigError, match="not initialized"):
+        trained.transform(x)
+
+
+def test_actnorm_initialize_from_is_a_deprecated_alias():
+    layer = ActNorm(2)
+    with pytest.warns(DeprecationWarning, match="initialize"):
+        layer.initialize_from(torch.randn(8, 2))
+    assert not layer.requires_initialization
+
+
+def test_model_initialize_runs_every_layer_on_its_own_input_in_order():
+    """Each ActNorm standardises the output of the layers before it, as they are after their
+    own initialisation (also inside the wrappers of a multi-scale flow)."""
+    model = EBFlow([ActNorm(3), Dense(3), SmoothLeakyReLU(0.3), ActNorm(3)], (3,)).double()
+    perturb(model.layers[1])
+    x = torch.randn(200, 3, dtype=torch.float64) * 4 - 1
+    assert model.requires_initialization
+    assert model.initialize(x) is model
+    assert not model.requires_initialization
+    with torch.no_grad():
+        z = model(x)
+    torch.testing.assert_close(z.mean(0), torch.zeros(3, dtype=torch.float64), atol=1e-10, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.ones(3, dtype=torch.float64), atol=1e-5, rtol=0)
+    glow = glow_flow((1, 4, 4), levels=2, steps=1, hidden=4).double()
+    assert glow.requires_initialization
+    glow.initialize(torch.randn(8, 1, 4, 4, dtype=torch.float64))
+    assert not glow.requires_initialization
 
 
 def test_coupling_starts_as_identity_and_bounds_its_log_scale():
@@ -122,18 +173,44 @@ def test_conv1x1_log_det_and_inverse():
 
 
 def test_dense_lu_matches_its_matrix_and_triangular_masks_hold():
-    lu = perturb(Dense(4, parameterisation="lu").double())
+    lu = perturb(Dense(4, parameterization="lu").double())
     w = lu.matrix()
     torch.testing.assert_close(lu.log_abs_det((4,)), torch.linalg.slogdet(w)[1])
-    tril = perturb(Dense(4, parameterisation="tril").double())
+    tril = perturb(Dense(4, parameterization="tril").double())
     assert torch.equal(torch.triu(tril.matrix(), 1), torch.zeros(4, 4, dtype=torch.float64))
-    triu = perturb(Dense(4, parameterisation="triu").double())
+    triu = perturb(Dense(4, parameterization="triu").double())
     assert torch.equal(torch.tril(triu.matrix(), -1), torch.zeros(4, 4, dtype=torch.float64))
 
 
 def test_layers_follow_the_model_to_float64():
-    model = EBFlow([Dense(3), Dense(3, parameterisation="lu")], (3,))
+    model = EBFlow([Dense(3), Dense(3, parameterization="lu")], (3,))
     model.double()
     assert model.dtype == torch.float64
     assert all(p.dtype == torch.float64 for p in model.parameters())
     assert math.isfinite(float(model.log_partition().detach()))
+
+
+def test_old_parameterisation_keyword_still_works_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="parameterization"):
+        layer = Dense(3, parameterisation="lu")
+    assert layer.parameterization == "lu" and layer.parameterisation == "lu"
+    with pytest.warns(DeprecationWarning, match="parameterization"):
+        model = dense_flow((3,), parameterisation="tril")
+    assert model.layers[0].parameterization == "tril"
+    assert dense_flow((3,), parameterization="triu").layers[0].parameterization == "triu"
+
+
+def test_random_orthogonal_is_orthogonal_and_reproducible():
+    """torch.nn.init.orthogonal_ on a float64 draw: the same matrix for the same RNG state."""
+    q = random_orthogonal(6, torch.Generator().manual_seed(0))
+    assert q.dtype == torch.get_default_dtype()
+    torch.testing.assert_close(q.double() @ q.double().T, torch.eye(6, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(random_orthogonal(6, torch.Generator().manual_seed(0)), q, atol=0, rtol=0)
+    torch.manual_seed(3)
+    a = random_orthogonal(5)
+    torch.manual_seed(3)
+    assert torch.equal(random_orthogonal(5), a)
+    torch.manual_seed(3)
+    reference = torch.randn(5, 5, dtype=torch.float64)  # QR of a float64 Gaussian matrix, signs fixed
+    qr, r = torch.linalg.qr(reference)
+    torch.testing.assert_close(a, (qr * torch.sign(r.diagonal())).float(), atol=1e-6, rtol=0)

@@ -249,3 +249,22 @@ def test_divergence_is_reported_by_ula_and_rejected_by_mala():
         ula(model, x0, 2000, 50.0, generator=torch.Generator().manual_seed(0))
     res = mala(model, x0, 50, 50.0, generator=torch.Generator().manual_seed(0))  # absurd step
     assert torch.isfinite(res.samples).all() and res.acceptance_rate < 0.2
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 1.7])
+def test_gaussian_blur_has_torchvision_kernel_with_replicate_padding(sigma):
+    """Our blur is torchvision's gaussian_blur (kernel size 2 ceil(2 sigma) + 1) of the
+    replicate-padded image: the same kernel; only the border rule differs (torchvision reflects,
+    and cannot pad an image smaller than the kernel radius), which is why ours is kept."""
+    tv = pytest.importorskip("torchvision.transforms.v2.functional")
+    x = torch.randn(2, 3, 16, 12, dtype=torch.float64)
+    r = max(1, math.ceil(2 * sigma))
+    k = [2 * r + 1] * 2
+    ours = gaussian_blur(x, sigma)
+    padded = torch.nn.functional.pad(x, (r, r, r, r), mode="replicate")
+    torch.testing.assert_close(ours, tv.gaussian_blur(padded, k, [sigma, sigma])[..., r:-r, r:-r],
+                               atol=1e-12, rtol=0)
+    interior = (..., slice(r, -r), slice(r, -r))
+    torch.testing.assert_close(ours[interior], tv.gaussian_blur(x, k, [sigma, sigma])[interior],
+                               atol=1e-12, rtol=0)
+    assert gaussian_blur(torch.randn(1, 1, 2, 2), 2.0).shape == (1, 1, 2, 2)  # tiny images work

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import image_model_1ch, initialised, perturb
-from ebflow import EBFlow, make_objective
+from ebflow import EBFlow, glow_flow, make_objective
 from ebflow.errors import ConfigError
 from ebflow.layers import (
     ActNorm,
@@ -22,11 +22,12 @@ from ebflow.layers import (
     SmoothLeakyReLU,
     Squeeze,
 )
-from ebflow.objectives import _fdssm_per_example, esm_loss, fdssm_loss, ssm_loss
+from ebflow.objectives import esm_loss, fdssm_loss, sml_loss, ssm_loss
+from ebflow.objectives.losses import _fdssm_per_example
 
 
 def tiny_model() -> EBFlow:
-    layers = [Dense(3), SmoothLeakyReLU(0.3), ActNorm(3), Dense(3, parameterisation="lu"),
+    layers = [Dense(3), SmoothLeakyReLU(0.3), ActNorm(3), Dense(3, parameterization="lu"),
               AffineCoupling((3,), hidden=4, depth=1)]
     return EBFlow(layers, (3,)).double()
 
@@ -61,7 +62,8 @@ def _finite_difference_check(model, loss_of_model, seed=0, h=1e-6, entries=6):
 @pytest.mark.parametrize(
     "name, options",
     [("ml", {}), ("ssm", {"slices": 2}), ("ssm", {"projection": "gaussian"}), ("dsm", {"sigma": 0.3}),
-     ("fdssm", {"eps": 0.1}), ("esm", {}), ("dsm", {"sigma": 0.3, "energy_reg": 0.1})],
+     ("fdssm", {"eps": 0.1}), ("esm", {}), ("dsm", {"sigma": 0.3, "energy_reg": 0.1}),
+     ("esm", {"energy_reg": 0.1})],
 )
 def test_parameter_gradients_match_finite_differences(name, options):
     x = torch.randn(8, 3, dtype=torch.float64)
@@ -110,8 +112,6 @@ def _hessian_parts(model, x, u):
 def test_ssm_with_many_slices_approaches_esm():
     x = torch.randn(6, 3, dtype=torch.float64)
     model = initialised(tiny_model(), x, scale=0.5)
-    with torch.no_grad():
-        pass
     exact = esm_loss(model, x)[0].mean().item()
     for projection in ("rademacher", "gaussian"):
         torch.manual_seed(0)
@@ -125,7 +125,6 @@ def test_fdssm_converges_to_sliced_score_matching_as_eps_shrinks():
     u = torch.randn(5, 3, dtype=torch.float64)
     u = u / u.norm(dim=1, keepdim=True)
     g, uhu = _hessian_parts(model, x, u)
-    d = 3
     sliced = 0.5 * (g * u).sum(1) ** 2 - uhu  # the same slice, exact derivatives (per dimension: |u| = 1)
     errors = []
     for eps in (1e-1, 1e-2, 1e-3):
@@ -202,9 +201,9 @@ def forbid_linear_algebra(monkeypatch):
 def every_linear_layer_model() -> EBFlow:
     layers = [
         FixedAffine(2.0, 0.1), Conv2d(1, 3), ResidualSmoothLeakyReLU(0.3), Squeeze(), Conv1x1(4),
-        ActNorm(4), Flatten((4, 2, 2)), Dense(16, parameterisation="full"), SmoothLeakyReLU(0.3),
-        Dense(16, parameterisation="tril"), Dense(16, parameterisation="triu"),
-        Dense(16, parameterisation="lu"),
+        ActNorm(4), Flatten((4, 2, 2)), Dense(16, parameterization="full"), SmoothLeakyReLU(0.3),
+        Dense(16, parameterization="tril"), Dense(16, parameterization="triu"),
+        Dense(16, parameterization="lu"),
     ]
     return EBFlow(layers, (1, 4, 4)).double()
 
@@ -213,7 +212,7 @@ def every_linear_layer_model() -> EBFlow:
                                            ("esm", {}), ("dsm", {"sigma": 0.1, "energy_reg": 0.01})])
 def test_score_matching_never_calls_linear_algebra_of_linear_layers(name, options, forbid_linear_algebra):
     x = torch.randn(8, 1, 4, 4, dtype=torch.float64)
-    models = (every_linear_layer_model(), image_model_1ch())
+    models = (every_linear_layer_model().initialize(x), image_model_1ch().initialize(x))
     objective = make_objective(name, **options)
     calls = forbid_linear_algebra()
     for model in models:
@@ -226,7 +225,7 @@ def test_score_matching_never_calls_linear_algebra_of_linear_layers(name, option
 
 def test_the_spy_catches_maximum_likelihood(forbid_linear_algebra):
     x = torch.randn(8, 1, 4, 4, dtype=torch.float64)
-    model = every_linear_layer_model()
+    model = every_linear_layer_model().initialize(x)
     calls = forbid_linear_algebra()
     with pytest.raises(AssertionError):
         make_objective("ml")(model, x)
@@ -284,3 +283,122 @@ def test_parameter_gradients_of_a_convolutional_model_match_finite_differences(n
     model = initialised(image_model_1ch(), x, scale=0.1)
     objective = make_objective(name, **options)
     _finite_difference_check(model, lambda: objective(model, x), entries=3)
+
+
+# -- SML's latent noise ------------------------------------------------------------------------------
+def test_sml_draws_its_latent_noise_like_the_other_objectives():
+    x = torch.randn(8, 3, dtype=torch.float64)
+    model = initialised(tiny_model(), x)
+    objective = make_objective("sml", num_samples=16)
+    assert objective.noise_batch_dim == 0
+    noise = objective.draw_noise(tuple(x.shape), dtype=x.dtype, device=x.device,
+                                 generator=torch.Generator().manual_seed(7))
+    assert noise.shape == (16, 3)
+    # the same numbers as the model's own sampler with the same generator
+    samples = model.sample(16, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(model.inverse(noise), samples, atol=0, rtol=0)
+    expected = (model.energy(x) - model.energy(samples).mean()).mean()
+    torch.testing.assert_close(objective(model, x, noise=noise), expected)
+    # the gradient holds the samples fixed
+    model.zero_grad()
+    objective(model, x, noise=noise).backward()
+    auto = [p.grad.clone() for p in _params(model)]
+    model.zero_grad()
+    expected.backward()
+    for a, p in zip(auto, _params(model)):
+        torch.testing.assert_close(a, p.grad)
+    # without num_samples: one latent draw per example of the batch
+    assert make_objective("sml").draw_noise((5, 3), dtype=x.dtype, device=x.device).shape == (5, 3)
+
+
+def test_sml_noise_is_reshaped_to_the_latent_shape_and_may_be_a_share_of_the_draw():
+    model = glow_flow((1, 4, 4), levels=2, steps=1, hidden=4).double()  # latent (16,), data (1, 4, 4)
+    x = torch.randn(6, 1, 4, 4, dtype=torch.float64)
+    model.initialize(x)
+    noise = torch.randn(6, 1, 4, 4, dtype=torch.float64)
+    terms = sml_loss(model, x, noise=noise)
+    with torch.no_grad():
+        e_model = model.energy(model.inverse(noise.reshape(6, 16))).mean()
+    torch.testing.assert_close(terms.loss, terms.energy - e_model)
+    # a process's share of a global draw: its row count wins over num_samples
+    share = sml_loss(model, x, num_samples=12, noise=noise[:3])
+    with torch.no_grad():
+        e_share = model.energy(model.inverse(noise[:3].reshape(3, 16))).mean()
+    torch.testing.assert_close(share.loss, share.energy - e_share)
+    with pytest.raises(ConfigError, match="one row of 16 latent entries"):
+        sml_loss(model, x, noise=torch.randn(6, 15, dtype=torch.float64))
+
+
+def test_sml_loss_of_a_batch_is_the_mean_of_its_halves_given_the_same_noise():
+    x = torch.randn(8, 3, dtype=torch.float64)
+    model = initialised(tiny_model(), x)
+    objective = make_objective("sml")
+    noise = objective.draw_noise(tuple(x.shape), dtype=x.dtype, device=x.device,
+                                 generator=torch.Generator().manual_seed(3))
+    full = objective(model, x, noise=noise)
+    halves = [objective(model, x[i:i + 4], noise=noise.narrow(objective.noise_batch_dim, i, 4)) for i in (0, 4)]
+    torch.testing.assert_close(full, (halves[0] + halves[1]) / 2)
+
+
+# -- one initial model for every objective -----------------------------------------------------------
+def _actnorm_state(model: EBFlow) -> list[torch.Tensor]:
+    return [t.detach().clone() for layer in model.layers if isinstance(layer, ActNorm)
+            for t in (layer.shift, layer.log_scale)]
+
+
+@pytest.mark.parametrize("build, shape", [(tiny_model, (3,)), (image_model_1ch, (1, 4, 4))],
+                         ids=["vector", "image"])
+def test_every_objective_starts_from_the_same_initial_model(build, shape):
+    """With an explicit model.initialize(x), DSM and FDSSM used as a library (whose first energy
+    is of perturbed data) start from the same ActNorm parameters as SSM -- the statistics of the
+    clean batch -- and computing a loss never changes them."""
+    x = torch.randn(16, *shape, dtype=torch.float64) * 2 + 0.5
+    states = {}
+    for name, options in (("ssm", {}), ("dsm", {"sigma": 0.5}), ("fdssm", {"eps": 0.5}), ("ml", {}),
+                          ("sml", {}), ("esm", {})):
+        torch.manual_seed(0)
+        model = build()
+        model.initialize(x)
+        states[name] = _actnorm_state(model)
+        make_objective(name, **options)(model, x).backward()
+        for before, after in zip(states[name], _actnorm_state(model)):
+            torch.testing.assert_close(after, before, atol=0, rtol=0)
+    for name in ("dsm", "fdssm", "ml", "sml", "esm"):
+        for a, b in zip(states[name], states["ssm"]):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert states["ssm"] and not all(bool((t == 0).all()) for t in states["ssm"])
+
+
+# -- ESM through torch.func ----------------------------------------------------------------------------
+def _esm_by_a_loop_of_hessian_vector_products(model, x):
+    """The reference: D Hessian-vector products with create_graph, one basis vector at a time."""
+    xr = x.detach().requires_grad_(True)
+    e = model.energy(xr)
+    (g,) = torch.autograd.grad(e.sum(), xr, create_graph=True)
+    g_flat = g.reshape(g.shape[0], -1)
+    d = g_flat.shape[1]
+    trace = torch.zeros(x.shape[0], dtype=x.dtype)
+    for i in range(d):
+        (row,) = torch.autograd.grad(g_flat[:, i].sum(), xr, create_graph=True)
+        trace = trace + row.reshape(row.shape[0], -1)[:, i]
+    return (-trace + 0.5 * g_flat.pow(2).sum(1)) / d
+
+
+@pytest.mark.parametrize("build, shape", [(tiny_model, (3,)), (image_model_1ch, (1, 4, 4))],
+                         ids=["vector", "image"])
+def test_esm_matches_the_loop_of_hessian_vector_products_in_value_and_gradient(build, shape):
+    x = torch.randn(6, *shape, dtype=torch.float64)
+    model = initialised(build(), x, scale=0.2)
+    got = esm_loss(model, x)
+    expected = _esm_by_a_loop_of_hessian_vector_products(model, x)
+    torch.testing.assert_close(got.loss, expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(got.energy, model.energy(x))
+    params = _params(model)
+    g_got = torch.autograd.grad(got.loss.sum(), params, allow_unused=True)
+    g_expected = torch.autograd.grad(expected.sum(), params, allow_unused=True)
+    for a, b in zip(g_got, g_expected):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-10 * (1 + float(b.abs().max())), rtol=1e-10)
+    with torch.no_grad():  # validation computes it without gradients to the parameters
+        torch.testing.assert_close(esm_loss(model, x).loss, expected.detach(), atol=1e-12, rtol=1e-12)

@@ -10,12 +10,15 @@ import pytest
 import torch
 
 from ebflow import EBFlow, make_objective
-from ebflow.config import resolve_config
+from ebflow.experiment.config import resolve_config
 from ebflow.errors import ConfigError, InputError
 from ebflow.layers import Conv2d, Dense, SmoothLeakyReLU
 from ebflow.objectives import dsm_loss, fdssm_loss, ssm_loss
 from ebflow.preprocessing import ImagePreprocessing
-from ebflow.training import augment_images, build_model, optimisation_step, train
+from ebflow.experiment.batches import augment_images
+from ebflow.experiment.builders import build_model
+from ebflow.experiment.step import optimization_step as optimisation_step
+from ebflow.experiment.training import train
 
 QUIET = dict(tensorboard=False, progress=False, num_threads=1)
 
@@ -162,7 +165,7 @@ def test_no_map_dsm_run_reports_dropped_examples(tmp_path):
 # -- initialisation and augmentation ----------------------------------------------------------------
 def test_negative_identity_initialisation():
     dense = Dense(6, init="negative_identity")
-    assert torch.equal(dense.weight.detach(), -torch.eye(6)) and float(dense.bias.abs().max()) > 0
+    assert torch.equal(dense.weight.detach(), -torch.eye(6)) and float(dense.bias.detach().abs().max()) > 0
     conv = Conv2d(2, 3, init="negative_identity")
     w = conv.weight.detach()
     assert torch.equal(w[:, :, 1, 1], -torch.eye(2)) and float(w.abs().sum()) == 2.0

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from ebflow import EBFlow
-from ebflow.data import ToyMixture
+from ebflow.experiment.data import ToyMixture
 from ebflow.layers import FixedAffine
-from ebflow.toy_metrics import fisher_divergence, kl_divergence, mixture_log_prob, mixture_score
+from ebflow.experiment.toy_metrics import fisher_divergence, kl_divergence, mixture_log_prob, mixture_score
 
 
 def _gaussian_model(scale: float = 1.0) -> EBFlow:

@@ -11,20 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from ebflow.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ebflow.config import resolve_config
+from ebflow.experiment.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ebflow.experiment.config import resolve_config
 from ebflow.errors import ConfigError
-from ebflow.runs import load_run
-from ebflow.training import (
-    FAULT_ENV,
-    EpochShuffleSampler,
-    TrainingDivergedError,
-    build_model,
-    build_preprocessing,
-    evaluate_nll,
-    model_input,
-    train,
-)
+from ebflow.experiment.runs import load_run
+from ebflow.experiment.batches import EpochShuffleSampler, model_input
+from ebflow.experiment.builders import build_model, build_preprocessing
+from ebflow.experiment.evaluation import evaluate_nll
+from ebflow.experiment.trainer import TrainingDivergedError
+from ebflow.experiment.training import train
+from kill_at_step import KILL_ENV as FAULT_ENV
 
 QUIET = dict(tensorboard=False, progress=False, num_threads=1)
 
@@ -38,7 +34,9 @@ def _restore_threads():
 
 def _run(args, env_extra=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "ebflow", *args], env=env, capture_output=True,
+    # a run to be killed goes through the tests' fault-injection launcher
+    launcher = [str(Path(__file__).with_name("kill_at_step.py"))] if FAULT_ENV in env else ["-m", "ebflow"]
+    return subprocess.run([sys.executable, *launcher, *args], env=env, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -79,9 +77,9 @@ def _tiny(name="digits-fc", **overrides):
 
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
-    import ebflow.training as training
+    import ebflow.experiment.trainer as training
 
-    real = training.optimisation_step
+    real = training.optimization_step
     calls = {"n": 0}
 
     def flaky(model, objective, optimizer, x, grad_clip=None):
@@ -90,7 +88,7 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
             return real(model, lambda m, xb: objective(m, xb) * float("nan"), optimizer, x, grad_clip)
         return real(model, objective, optimizer, x, grad_clip)
 
-    monkeypatch.setattr(training, "optimisation_step", flaky)
+    monkeypatch.setattr(training, "optimization_step", flaky)
     result = train(_tiny(), tmp_path / "r")
     assert result.skipped_steps == 2 and result.step == 6
     ckpt = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")
@@ -99,9 +97,9 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("limit, stop_step", [(4, 7), (9, 12)])  # 12 = the end of epoch 0
 def test_consecutive_non_finite_steps_stop_with_a_usable_checkpoint(tmp_path, monkeypatch, limit, stop_step):
-    import ebflow.training as training
+    import ebflow.experiment.trainer as training
 
-    real = training.optimisation_step
+    real = training.optimization_step
     calls = {"n": 0}
 
     def breaks_after_three(model, objective, optimizer, x, grad_clip=None):
@@ -110,7 +108,7 @@ def test_consecutive_non_finite_steps_stop_with_a_usable_checkpoint(tmp_path, mo
             return real(model, lambda m, xb: objective(m, xb) + float("inf"), optimizer, x, grad_clip)
         return real(model, objective, optimizer, x, grad_clip)
 
-    monkeypatch.setattr(training, "optimisation_step", breaks_after_three)
+    monkeypatch.setattr(training, "optimization_step", breaks_after_three)
     with pytest.raises(TrainingDivergedError, match=f"{limit} consecutive steps were skipped"):
         train(_tiny(max_iters=50, max_nonfinite=limit, checkpoint_every=100, eval_every=100),
               tmp_path / "r")
@@ -165,10 +163,20 @@ def test_mismatched_checkpoint_gives_a_clear_error(tmp_path):
     state = load_checkpoint(path)
     state["config"]["num_layers"] = 3  # the stored weights are for 2 layers
     save_checkpoint(path, {k: v for k, v in state.items() if k not in ("digest", "format", "version")})
-    with pytest.raises(CheckpointError, match="does not match"):
+    with pytest.raises(CheckpointError, match="does not match") as info:
         load_run(path)
-    with pytest.raises(CheckpointError, match="does not match"):
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    # the run's own config.yaml says 2 layers: this checkpoint is not the run's
+    with pytest.raises(CheckpointError, match="does not belong to the run"):
         train(None, tmp_path / "r", resume=True)
+    config_file = tmp_path / "r" / "config.yaml"
+    config_file.write_text(config_file.read_text().replace("num_layers: 2", "num_layers: 3"))
+    with pytest.raises(CheckpointError, match="best.pt' does not belong"):  # best.pt is checked too
+        train(None, tmp_path / "r", resume=True)
+    (tmp_path / "r" / "checkpoints" / "best.pt").unlink()
+    with pytest.raises(CheckpointError, match="does not match") as info:
+        train(None, tmp_path / "r", resume=True)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
 def test_epoch_sampler_depends_only_on_seed_and_epoch():
@@ -204,11 +212,11 @@ def test_load_run_gives_the_ema_model_and_raw_data(tmp_path):
 
 
 def test_num_threads_applies_to_the_run_only(tmp_path, monkeypatch):
-    import ebflow.training as training
+    import ebflow.experiment.trainer as training
 
     seen = []
-    real = training.optimisation_step
-    monkeypatch.setattr(training, "optimisation_step",
+    real = training.optimization_step
+    monkeypatch.setattr(training, "optimization_step",
                         lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
     torch.set_num_threads(2)
     train(_tiny(max_iters=2, num_threads=1), tmp_path / "r")

@@ -21,6 +21,7 @@ from .layers import (
     Squeeze,
     on_first_part,
 )
+from .utils import renamed_keyword
 
 __all__ = ["coupling_flow", "dense_flow", "conv_flow", "glow_flow"]
 
@@ -28,7 +29,8 @@ __all__ = ["coupling_flow", "dense_flow", "conv_flow", "glow_flow"]
 def coupling_flow(
     dim: int = 2, *, blocks: int = 10, hidden: int = 64, depth: int = 2, scale_bound: float = 2.0
 ) -> EBFlow:
-    """``blocks`` x [dense D x D, affine coupling (MLP), ActNorm] + a final dense layer (toy2d)."""
+    """``blocks`` x [dense D x D, affine coupling (MLP), ActNorm] + a final dense layer (toy2d).
+    Call :meth:`EBFlow.initialize` with a batch of data before use (ActNorm)."""
     layers: list[FlowLayer] = []
     for i in range(blocks):
         layers += [
@@ -45,24 +47,29 @@ def dense_flow(
     *,
     num_layers: int = 2,
     alpha: float = 0.3,
-    parameterisation: str = "full",
+    parameterization: str = "full",
     actnorm: bool = False,
     bias: bool = True,
     init: str | None = None,
+    parameterisation: str | None = None,
 ) -> EBFlow:
     """Fully connected EBFlow: [dense, smooth leaky ReLU (, ActNorm)] x (n-1), dense.
 
     Image events are flattened first. ``num_layers=2``, ``alpha=0.3`` is the paper's FC model.
-    ``init`` is passed to :class:`Dense` (``"identity"`` skips the orthogonal draw, e.g. when the
-    weights are loaded from a checkpoint right after).
+    ``parameterization`` and ``init`` are passed to :class:`Dense` (``"identity"`` skips the
+    orthogonal draw, e.g. when the weights are loaded from a checkpoint right after);
+    ``parameterisation`` is a deprecated alias (one release). With ``actnorm``, call
+    :meth:`EBFlow.initialize` with a batch of data before use.
     """
+    parameterization = renamed_keyword(parameterisation, parameterization, old="parameterisation",
+                                       new="parameterization", owner="dense_flow")
     if num_layers < 1:
         raise ConfigError(f"num_layers must be >= 1, got {num_layers}")
     event_shape = tuple(event_shape)
     d = math.prod(event_shape)
     layers: list[FlowLayer] = [] if len(event_shape) == 1 else [Flatten(event_shape)]
     for i in range(num_layers):
-        layers.append(Dense(d, parameterisation=parameterisation, bias=bias, init=init))
+        layers.append(Dense(d, parameterization=parameterization, bias=bias, init=init))
         if i < num_layers - 1:
             layers.append(SmoothLeakyReLU(alpha))
             if actnorm:
@@ -105,7 +112,8 @@ def glow_flow(
     affine coupling]. With ``split_prior``, every level but the last ends with a split prior --
     an affine coupling that Gaussianises the second half of the channels given the first, i.e.
     :math:`z_b \sim N(\mu(z_a), \sigma(z_a)^2)` -- and the later levels act on the first half
-    only (the event is flattened there; the latent is a vector)."""
+    only (the event is flattened there; the latent is a vector). Call :meth:`EBFlow.initialize`
+    with a batch of data before use (ActNorm)."""
     c, h, w = event_shape
     total = c * h * w
     layers: list[FlowLayer] = []

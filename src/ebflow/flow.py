@@ -95,6 +95,29 @@ class EBFlow(nn.Module):
             )
         return x
 
+    # -- data-dependent initialisation -----------------------------------------------------------
+    @property
+    def requires_initialization(self) -> bool:
+        """True while some layer (e.g. :class:`~ebflow.layers.ActNorm`) still needs its
+        data-dependent initialisation: call :meth:`initialize` (or load a state dict)."""
+        return any(layer.requires_initialization for layer in self.layers)
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> EBFlow:
+        """Data-dependent initialisation: push the batch ``x`` through the layers in order and
+        call :meth:`~ebflow.layers.FlowLayer.initialize` on each with its input (ActNorm
+        standardises its output on ``x``; other layers ignore it). Re-initialises layers that
+        were initialised before. Call it once, before training or evaluating, with a batch of
+        clean data (at least two examples); every objective then starts from the same model.
+        Returns the model."""
+        h = self._check(x, "initialization batch x")
+        with_init = [i for i, layer in enumerate(self.layers)
+                     if type(layer).initialize is not FlowLayer.initialize]
+        for layer in self.layers[: max(with_init, default=-1) + 1]:
+            layer.initialize(h)
+            h = layer.transform(h) if isinstance(layer, LinearFlowLayer) else layer(h)[0]
+        return self
+
     # -- energy and score ---------------------------------------------------------------------
     def energy(self, x: Tensor) -> Tensor:
         r"""Energy :math:`E(x) = -\log p_u(g(x)) - \sum_{S_{nl}} \log|\det J|`, shape ``(batch,)``."""
@@ -159,10 +182,8 @@ class EBFlow(nn.Module):
         if not prefix:
             return h, direction
         rows = torch.cat([direction, torch.zeros_like(direction[:1])])
-        pending_init = any(not bool(getattr(layer, "initialized", True)) for layer in prefix)
-        if h.requires_grad or pending_init:
-            # x on its own: its gradient must not run through v's rows, and a pending
-            # data-dependent initialisation (ActNorm) must see the data alone.
+        if h.requires_grad:
+            # x on its own: its gradient must not run through v's rows.
             for layer in prefix:
                 h = layer.transform(h)
             for layer in prefix:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import ConfigError, InputError
+from .utils import sum_except_batch
 from .layers import FixedAffine, FlowLayer, Logit
 
 __all__ = ["ImagePreprocessing"]
@@ -84,7 +85,7 @@ class ImagePreprocessing:
         log_p, log_1mp = torch.log(p), torch.log1p(-p)
         y = (log_p - log_1mp) / self.smoothness
         per_entry = math.log((1 - 2 * self.shift) / (self.smoothness * self.num_bins)) - log_p - log_1mp
-        return y, per_entry.reshape(x.shape[0], -1).sum(dim=1)
+        return y, sum_except_batch(per_entry)
 
     __call__ = forward
 
@@ -100,7 +101,7 @@ class ImagePreprocessing:
         x = (torch.sigmoid(t) - self.shift) * self.num_bins / (1 - 2 * self.shift)
         per_entry = (math.log(self.smoothness * self.num_bins / (1 - 2 * self.shift))
                      + F.logsigmoid(t) + F.logsigmoid(-t))
-        return x, per_entry.reshape(y.shape[0], -1).sum(dim=1)
+        return x, sum_except_batch(per_entry)
 
     def to_pixels(self, y: Tensor) -> Tensor:
         """Back to integer-valued pixels in ``[0, num_bins - 1]`` (floor of :meth:`inverse`)."""

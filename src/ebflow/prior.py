@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .utils import sum_except_batch
+
 __all__ = ["StandardNormal"]
 
 
@@ -16,9 +18,8 @@ class StandardNormal(nn.Module):
 
     def log_prob(self, z: Tensor) -> Tensor:
         """Log-density of each example of ``z`` (shape ``(batch, ...)``); returns ``(batch,)``."""
-        flat = z.reshape(z.shape[0], -1)
-        d = flat.shape[1]
-        return -0.5 * flat.pow(2).sum(dim=1) - 0.5 * d * math.log(2 * math.pi)
+        d = z[0].numel()
+        return -0.5 * sum_except_batch(z.pow(2)) - 0.5 * d * math.log(2 * math.pi)
 
     def sample(
         self,

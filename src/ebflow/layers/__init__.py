@@ -2,6 +2,7 @@
 
 from .affine import ActNorm, FixedAffine
 from .base import FlowLayer, LinearFlowLayer
+from .cache import ParameterCache
 from .conv import Conv1x1, Conv2d, convolution_matrix
 from .coupling import AffineCoupling, cnn_conditioner, mlp_conditioner
 from .dense import Dense, random_orthogonal
@@ -14,7 +15,7 @@ from .split import on_first_part
 
 __all__ = [
     "ActNorm", "AffineCoupling", "Conv1x1", "Conv2d", "Dense", "FixedAffine", "Flatten",
-    "FlowLayer", "LeakyReLU", "LinearFlowLayer", "Logit", "Reshape", "ResidualSmoothLeakyReLU",
+    "FlowLayer", "LeakyReLU", "LinearFlowLayer", "Logit", "ParameterCache", "Reshape", "ResidualSmoothLeakyReLU",
     "Sigmoid", "SmoothLeakyReLU", "Squeeze", "Unsqueeze", "cnn_conditioner",
     "convolution_matrix", "mlp_conditioner", "on_first_part", "random_orthogonal",
     # generic linear layers from a map, and layers built on them

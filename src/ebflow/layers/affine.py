@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -12,15 +13,29 @@ from .base import LinearFlowLayer, Shape
 
 __all__ = ["ActNorm", "FixedAffine"]
 
+#: The error of a layer used before its data-dependent initialisation.
+_NOT_INITIALIZED = (
+    "ActNorm is not initialized: call model.initialize(x) with a batch of data before training "
+    "or evaluating (or load a state dict saved after initialisation)"
+)
+
 
 class ActNorm(LinearFlowLayer):
     r"""Per-channel affine map :math:`y = (x + \beta) e^{s}` with learned :math:`\beta, s`.
 
     Channels are dimension 1 (features for vectors, channels for images).
-    :math:`\log|\det| = (\text{pixels per channel}) \sum_c s_c`. On its first call with a batch
-    of at least two examples, :math:`\beta, s` are set so that the output has zero mean and unit
-    variance per channel (data-dependent initialisation).
+    :math:`\log|\det| = (\text{pixels per channel}) \sum_c s_c`.
+
+    Data-dependent initialisation is explicit: :meth:`initialize` (usually through
+    :meth:`ebflow.EBFlow.initialize`) sets :math:`\beta, s` so that the output of a batch has
+    zero mean and unit variance per channel, and sets the ``initialized`` buffer. Until then,
+    using the layer (``transform``, ``forward``, ``inverse``, ``log_abs_det``) raises
+    :class:`~ebflow.errors.ConfigError`; a state dict saved after initialisation restores the
+    flag with the parameters.
     """
+
+    #: a Python copy of a True ``initialized`` buffer (class default for pickled older modules)
+    _known_initialized: bool = False
 
     def __init__(self, channels: int, *, eps: float = 1e-6) -> None:
         super().__init__()
@@ -31,6 +46,7 @@ class ActNorm(LinearFlowLayer):
         self.shift = nn.Parameter(torch.zeros(channels))
         self.log_scale = nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(False))
+        self._known_initialized = False
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}"
@@ -46,25 +62,71 @@ class ActNorm(LinearFlowLayer):
             )
         return tuple(event_shape)
 
+    # -- data-dependent initialisation -------------------------------------------------------
     @torch.no_grad()
-    def initialize_from(self, x: Tensor) -> None:
-        """Set shift and log-scale so that ``transform(x)`` is standardised per channel."""
+    def initialize(self, x: Tensor) -> None:
+        """Set shift and log-scale so that ``transform(x)`` has zero mean and unit variance per
+        channel (statistics over the batch and the pixels), and mark the layer initialised."""
+        if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[1] != self.channels:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise InputError(
+                f"ActNorm({self.channels}) initializes from inputs with {self.channels} channels "
+                f"in dimension 1, got {got}"
+            )
+        if x.numel() < 2 * self.channels:
+            raise InputError(
+                f"ActNorm({self.channels}) needs at least two values per channel to initialize "
+                f"(a batch of two examples or more), got shape {tuple(x.shape)}"
+            )
         dims = [0] + list(range(2, x.dim()))
+        x = x.detach()
         mean = x.mean(dim=dims)
         std = x.std(dim=dims)
+        if not bool(torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            raise InputError(f"ActNorm({self.channels}) cannot initialize from non-finite data")
         self.shift.copy_(-mean)
         self.log_scale.copy_(-torch.log(std + self.eps))
         self.initialized.fill_(True)
+        self._known_initialized = True
 
+    def initialize_from(self, x: Tensor) -> None:
+        """Deprecated alias of :meth:`initialize` (kept for one release)."""
+        warnings.warn("ActNorm.initialize_from is deprecated; use initialize (or "
+                      "EBFlow.initialize for a whole model)", DeprecationWarning, stacklevel=2)
+        self.initialize(x)
+
+    @property
+    def requires_initialization(self) -> bool:
+        return not (self._known_initialized or bool(self.initialized))
+
+    def _check_initialized(self) -> None:
+        # ``_known_initialized`` caches a True flag: no device sync per call once initialised.
+        if not self._known_initialized:
+            if not bool(self.initialized):
+                raise ConfigError(_NOT_INITIALIZED)
+            self._known_initialized = True
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        self._known_initialized = False  # re-read the loaded ``initialized`` buffer
+        super()._load_from_state_dict(*args, **kwargs)
+
+    # -- the map ------------------------------------------------------------------------------
     def transform(self, x: Tensor) -> Tensor:
         if x.dim() < 2 or x.shape[1] != self.channels:
             raise InputError(
                 f"ActNorm({self.channels}) expects inputs with {self.channels} channels in "
                 f"dimension 1, got shape {tuple(x.shape)}"
             )
-        if not bool(self.initialized) and x.shape[0] > 1:
-            self.initialize_from(x.detach())
+        self._check_initialized()
         return (x + self._view(self.shift, x.dim())) * self._view(self.log_scale, x.dim()).exp()
+
+    def log_abs_det(self, event_shape: Shape) -> Tensor:
+        self._check_initialized()
+        return super().log_abs_det(event_shape)
+
+    def inverse(self, y: Tensor) -> Tensor:
+        self._check_initialized()
+        return super().inverse(y)
 
     def _log_abs_det(self, event_shape: Shape) -> Tensor:
         return math.prod(event_shape[1:]) * self.log_scale.sum()

@@ -12,13 +12,14 @@ example) and an exact ``inverse(y)``. Layers split in two sets (DESIGN.md §1):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import InputError, SingularLayerError
+from .cache import ParameterCache, needs_grad
 
 __all__ = ["FlowLayer", "LinearFlowLayer", "Shape", "lu_solve", "checked_lu_factor", "check_pivots"]
 
@@ -39,6 +40,17 @@ class FlowLayer(nn.Module):
 
     def inverse(self, y: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def initialize(self, x: Tensor) -> None:
+        """Data-dependent initialisation from ``x``, a batch of this layer's inputs (e.g.
+        :class:`~ebflow.layers.ActNorm`); a no-op for the other layers. Usually called for the
+        whole model by :meth:`ebflow.EBFlow.initialize`."""
+
+    @property
+    def requires_initialization(self) -> bool:
+        """True while the layer has a data-dependent initialisation that has neither run nor
+        been loaded from a state dict (using the layer then raises a clear error)."""
+        return False
 
     def in_domain(self, x: Tensor) -> Tensor | None:
         """Per-example mask (``(batch,)``, bool) of inputs inside the layer's domain, or ``None``
@@ -100,18 +112,16 @@ class LinearFlowLayer(FlowLayer):
     :meth:`_inverse_with` (the inverse given a factorisation from :meth:`_factorize`).
 
     The log-determinant and the factorisation are cached and reused until a parameter or
-    buffer of the layer changes (checked through the tensors' version counters, which every
-    in-place update such as ``optimizer.step()``, ``load_state_dict`` or ``copy_`` bumps).
-    A computation that must carry gradients (grad mode on and some parameter requiring grad)
-    is never served from the cache. A fingerprint of the values also catches writes that do not
-    bump the version counter (``param.data``, fused optimizers).
+    buffer of the layer (or of a sub-module) changes; a computation that must carry gradients
+    is never served from the cache. The policy and its key are those of
+    :class:`~ebflow.layers.cache.ParameterCache`; :meth:`clear_cache` empties it.
     """
 
     constant_jacobian = True
 
     def __init__(self) -> None:
         super().__init__()
-        self._cache: dict[Hashable, Any] = {}
+        self._cache = ParameterCache()
 
     # -- to implement -------------------------------------------------------------------
     def transform(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -128,41 +138,14 @@ class LinearFlowLayer(FlowLayer):
     def _inverse_with(self, factors: Any, y: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    # -- caching ------------------------------------------------------------------------
-    def _state_key(self) -> tuple:
-        """Identity of the current parameter values: storage, version counter, dtype, device,
-        and a fingerprint (sum and norm in float64) of every floating tensor. The fingerprint
-        catches updates that bypass the version counter (``param.data`` writes, fused
-        optimizers); it costs one pass over the weights, far below a factorisation."""
-        tensors = list(self.parameters(recurse=False)) + list(self.buffers(recurse=False))
-        with torch.no_grad():
-            floating = [t.detach() for t in tensors if t.is_floating_point()]
-            prints = (
-                torch.stack([torch.stack([t.sum(dtype=torch.float64),
-                                          torch.linalg.vector_norm(t, dtype=torch.float64)])
-                             for t in floating]).tolist()
-                if floating else []
-            )
-        meta = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
-        return meta + tuple(tuple(p) for p in prints)
-
+    # -- caching (the policy lives in ebflow.layers.cache) ---------------------------------
     def _needs_grad(self) -> bool:
-        return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        """True when a value computed now must carry gradients (never served from the cache)."""
+        return needs_grad(self)
 
     def _cached(self, name: str, event_shape: Shape, compute: Callable[[], Any]) -> Any:
-        if self._needs_grad():
-            value = compute()
-            if isinstance(value, Tensor):
-                self._cache = {(name, tuple(event_shape), self._state_key()): value.detach()}
-            return value
-        key = (name, tuple(event_shape), self._state_key())
-        if key not in self._cache:
-            # Keep only entries that still describe the current parameters.
-            state = key[2]
-            self._cache = {k: v for k, v in self._cache.items() if k[2] == state}
-            with torch.no_grad():
-                self._cache[key] = compute()
-        return self._cache[key]
+        """``compute()`` through this layer's :class:`~ebflow.layers.cache.ParameterCache`."""
+        return self._cache.get(name, event_shape, compute, self)
 
     def _log_abs_det_from_factors(self, event_shape: Shape) -> Tensor:
         """``sum log|U_ii|`` of the cached float64 LU factorisation that :meth:`inverse` uses,
@@ -172,7 +155,7 @@ class LinearFlowLayer(FlowLayer):
 
     def clear_cache(self) -> None:
         """Forget the cached log-determinant and factorisation."""
-        self._cache = {}
+        self._cache.clear()
 
     # -- public API -----------------------------------------------------------------------
     def log_abs_det(self, event_shape: Shape) -> Tensor:

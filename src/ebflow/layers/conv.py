@@ -10,6 +10,7 @@ change. For ``D = 3072`` this is one ``3072 x 3072`` LU: a few seconds on two CP
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,11 +67,17 @@ class _SamePaddingConv2d(torch.autograd.Function):
     PyTorch's. Differentiable to any order: the input gradient is this function again.
     """
 
+    generate_vmap_rule = True  # torch.func transforms (vmap, grad, vjp) work through it
+
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        x, weight, bias = inputs
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:

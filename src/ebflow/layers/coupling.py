@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError
+from ..utils import sum_except_batch
 from .base import FlowLayer, Shape
 
 __all__ = ["AffineCoupling", "mlp_conditioner", "cnn_conditioner"]
@@ -115,7 +116,7 @@ class AffineCoupling(FlowLayer):
         cond, moved = self._split(x)
         s, t = self._scale_shift(cond)
         y = self._join(cond, moved * torch.exp(s) + t)
-        return y, s.reshape(s.shape[0], -1).sum(dim=1)
+        return y, sum_except_batch(s)
 
     def inverse(self, y: Tensor) -> Tensor:
         self._check_event_shape(y, self.event_shape, "outputs")

@@ -9,26 +9,33 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError
+from ..utils import renamed_keyword
 from .base import LinearFlowLayer, Shape, check_pivots, checked_lu_factor, lu_solve
 
 __all__ = ["Dense", "random_orthogonal"]
 
-Parameterisation = Literal["full", "tril", "triu", "lu"]
-PARAMETERISATIONS: tuple[str, ...] = ("full", "tril", "triu", "lu")
+Parameterization = Literal["full", "tril", "triu", "lu"]
+PARAMETERIZATIONS: tuple[str, ...] = ("full", "tril", "triu", "lu")
+#: Deprecated British spellings, kept for one release.
+Parameterisation = Parameterization
+PARAMETERISATIONS = PARAMETERIZATIONS
 
 
 def random_orthogonal(n: int, generator: torch.Generator | None = None) -> Tensor:
-    """A Haar-random ``n x n`` orthogonal matrix (QR of a Gaussian matrix, signs fixed)."""
-    a = torch.randn(n, n, generator=generator, dtype=torch.float64)
-    q, r = torch.linalg.qr(a)
-    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    """A Haar-random ``n x n`` orthogonal matrix in the default dtype.
+
+    ``torch.nn.init.orthogonal_`` on a float64 matrix (QR of a Gaussian matrix, signs fixed):
+    PyTorch's own routine, the same draws as before for the same RNG state."""
+    q = torch.empty(n, n, dtype=torch.float64)
+    torch.nn.init.orthogonal_(q, generator=generator)
     return q.to(torch.get_default_dtype()).contiguous()
 
 
 class Dense(LinearFlowLayer):
     r"""Dense layer :math:`y = W x + b` on inputs of shape ``(batch, features)``.
 
-    ``parameterisation`` chooses how :math:`W` is stored:
+    ``parameterization`` chooses how :math:`W` is stored (``parameterisation``: deprecated
+    alias, one release):
 
     * ``"full"`` -- unconstrained :math:`W` (orthogonal initialisation);
       :math:`\log|\det W|` by LU.
@@ -46,11 +53,14 @@ class Dense(LinearFlowLayer):
         features: int,
         out_features: int | None = None,
         *,
-        parameterisation: Parameterisation = "full",
+        parameterization: Parameterization = "full",
         bias: bool = True,
         init: Literal["orthogonal", "identity", "negative_identity"] | None = None,
+        parameterisation: Parameterization | None = None,
     ) -> None:
         super().__init__()
+        parameterization = renamed_keyword(parameterisation, parameterization, old="parameterisation",
+                                           new="parameterization", owner="Dense")
         if out_features is not None and out_features != features:
             raise ConfigError(
                 f"Dense layer must be square to be invertible: got {features} inputs and "
@@ -58,26 +68,26 @@ class Dense(LinearFlowLayer):
             )
         if not isinstance(features, int) or features < 1:
             raise ConfigError(f"Dense layer needs a positive number of features, got {features!r}")
-        if parameterisation not in PARAMETERISATIONS:
+        if parameterization not in PARAMETERIZATIONS:
             raise ConfigError(
-                f"unknown dense parameterisation {parameterisation!r}; "
-                f"choose one of {', '.join(PARAMETERISATIONS)}"
+                f"unknown dense parameterization {parameterization!r}; "
+                f"choose one of {', '.join(PARAMETERIZATIONS)}"
             )
         self.features = features
-        self.parameterisation = parameterisation
+        self.parameterization = parameterization
         d = features
         if init is None:
-            init = "identity" if parameterisation in ("tril", "triu") else "orthogonal"
+            init = "identity" if parameterization in ("tril", "triu") else "orthogonal"
         if init not in ("orthogonal", "identity", "negative_identity"):
             raise ConfigError(f"unknown dense initialisation {init!r}; choose orthogonal, identity "
                               "or negative_identity")
         start = {"orthogonal": random_orthogonal, "identity": torch.eye,
                  "negative_identity": lambda n: -torch.eye(n)}[init](d)
 
-        if parameterisation == "full":
+        if parameterization == "full":
             self.weight = nn.Parameter(start.clone())
-        elif parameterisation in ("tril", "triu"):
-            tri = torch.tril if parameterisation == "tril" else torch.triu
+        elif parameterization in ("tril", "triu"):
+            tri = torch.tril if parameterization == "tril" else torch.triu
             self.weight = nn.Parameter(tri(start))
             self.register_buffer("mask", tri(torch.ones(d, d)), persistent=False)
         else:  # lu
@@ -92,8 +102,13 @@ class Dense(LinearFlowLayer):
         start_bias = 0.01 * torch.randn(d) if init == "negative_identity" else torch.zeros(d)
         self.bias = nn.Parameter(start_bias) if bias else None
 
+    @property
+    def parameterisation(self) -> str:
+        """Deprecated alias of :attr:`parameterization` (one release)."""
+        return self.parameterization
+
     def extra_repr(self) -> str:
-        return f"features={self.features}, parameterisation={self.parameterisation}, bias={self.bias is not None}"
+        return f"features={self.features}, parameterization={self.parameterization}, bias={self.bias is not None}"
 
     # -- the matrix -----------------------------------------------------------------------
     def _lu_factors(self) -> tuple[Tensor, Tensor]:
@@ -103,9 +118,9 @@ class Dense(LinearFlowLayer):
 
     def matrix(self) -> Tensor:
         """The weight matrix ``W`` (``features x features``)."""
-        if self.parameterisation == "full":
+        if self.parameterization == "full":
             return self.weight
-        if self.parameterisation in ("tril", "triu"):
+        if self.parameterization in ("tril", "triu"):
             return self.weight * self.mask
         lower, upper = self._lu_factors()
         return self.permutation @ lower @ upper
@@ -124,22 +139,22 @@ class Dense(LinearFlowLayer):
         return F.linear(x, self.matrix(), self.bias)
 
     def _log_abs_det(self, event_shape: Shape) -> Tensor:
-        if self.parameterisation == "full":
+        if self.parameterization == "full":
             if self._needs_grad():
                 # differentiable LU in the weight's dtype; its pivots reveal a singular weight
                 lu, _, _ = torch.linalg.lu_factor_ex(self.weight)
                 check_pivots(lu.diagonal(), f"Dense({self.features}, full)")
                 return torch.log(lu.diagonal().abs()).sum()
             return self._log_abs_det_from_factors(event_shape)
-        if self.parameterisation in ("tril", "triu"):
+        if self.parameterization in ("tril", "triu"):
             return torch.log(torch.diagonal(self.weight).abs()).sum()
         return torch.log(torch.diagonal(self.upper).abs()).sum()
 
     def _factorize(self, event_shape: Shape) -> tuple[Tensor, ...]:
-        name = f"Dense({self.features}, {self.parameterisation})"
-        if self.parameterisation == "full":
+        name = f"Dense({self.features}, {self.parameterization})"
+        if self.parameterization == "full":
             return checked_lu_factor(self.weight.double(), name)
-        if self.parameterisation in ("tril", "triu"):
+        if self.parameterization in ("tril", "triu"):
             w = (self.weight * self.mask).double()
             check_pivots(w.diagonal(), name)
             return (w,)
@@ -151,12 +166,12 @@ class Dense(LinearFlowLayer):
         self._check_event_shape(y, (self.features,), "outputs")
         rhs = y if self.bias is None else y - self.bias
         rhs = rhs.double().T  # (features, batch)
-        if self.parameterisation == "full":
+        if self.parameterization == "full":
             lu, pivots = factors
             x = lu_solve(lu, pivots, rhs)
-        elif self.parameterisation in ("tril", "triu"):
+        elif self.parameterization in ("tril", "triu"):
             (w,) = factors
-            x = torch.linalg.solve_triangular(w, rhs, upper=self.parameterisation == "triu")
+            x = torch.linalg.solve_triangular(w, rhs, upper=self.parameterization == "triu")
         else:
             perm, lower, upper = factors
             x = perm.T @ rhs

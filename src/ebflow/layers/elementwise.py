@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError, InputError
+from ..utils import sum_except_batch
 from .base import FlowLayer
 
 __all__ = [
@@ -20,10 +21,6 @@ __all__ = [
     "Sigmoid",
     "invert_increasing",
 ]
-
-
-def _sum_event(t: Tensor) -> Tensor:
-    return t.reshape(t.shape[0], -1).sum(dim=1)
 
 
 def invert_increasing(
@@ -87,7 +84,7 @@ class SmoothLeakyReLU(FlowLayer):
         return self.alpha + (1 - self.alpha) * torch.sigmoid(x)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._f(x), _sum_event(torch.log(self._df(x)))
+        return self._f(x), sum_except_batch(torch.log(self._df(x)))
 
     def inverse(self, y: Tensor) -> Tensor:
         f0 = (1 - self.alpha) * math.log(2.0)
@@ -131,7 +128,7 @@ class LeakyReLU(FlowLayer):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         negative = x < 0
         y = torch.where(negative, self.alpha * x, x)
-        logdet = _sum_event(negative.to(x.dtype)) * math.log(self.alpha)
+        logdet = sum_except_batch(negative.to(x.dtype)) * math.log(self.alpha)
         return y, logdet
 
     def inverse(self, y: Tensor) -> Tensor:
@@ -161,7 +158,7 @@ class Logit(FlowLayer):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         _check_unit_interval(x.detach(), "Logit")
         log_x, log_1mx = torch.log(x), torch.log1p(-x)
-        return log_x - log_1mx, -_sum_event(log_x + log_1mx)
+        return log_x - log_1mx, -sum_except_batch(log_x + log_1mx)
 
     def inverse(self, y: Tensor) -> Tensor:
         return torch.sigmoid(y)
@@ -174,7 +171,7 @@ class Sigmoid(FlowLayer):
     """
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return torch.sigmoid(x), _sum_event(F.logsigmoid(x) + F.logsigmoid(-x))
+        return torch.sigmoid(x), sum_except_batch(F.logsigmoid(x) + F.logsigmoid(-x))
 
     def inverse(self, y: Tensor) -> Tensor:
         _check_unit_interval(y.detach(), "Sigmoid.inverse")

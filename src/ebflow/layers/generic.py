@@ -8,7 +8,8 @@ shape (``D`` numbers each); :class:`GenericLinear` derives everything else exact
 * the shift :math:`b = f(0)`;
 * :math:`\log|\det A|` from an LU factorisation, :math:`O(D^3)`, and the inverse
   :math:`x = A^{-1}(y - b)` by LU solves, :math:`O(D^2)` per example -- one factorisation shared
-  by both, cached until a parameter changes (the cache policy of :class:`LinearFlowLayer`).
+  by both, cached until a parameter changes (:mod:`ebflow.layers.cache`: sub-modules' parameters
+  included, so a wrapped module's weights are tracked).
 
 Score matching only ever calls ``transform``. The dense path is limited to ``D <= max_dim``
 (default 8192: a 512 MiB float64 matrix and an LU of about 10^12 flops, tens of seconds on two
@@ -264,23 +265,6 @@ class GenericLinear(LinearFlowLayer, metaclass=_ChecksAfterInit):
         lu, pivots = factors
         rhs = (y.double() - self.shift()).reshape(y.shape[0], -1).T
         return lu_solve(lu, pivots, rhs).T.reshape(y.shape).to(y.dtype)
-
-    # -- caching ------------------------------------------------------------------------------------
-    def _state_key(self) -> tuple:
-        """As :meth:`LinearFlowLayer._state_key`, over the parameters and buffers of sub-modules
-        too: a wrapped map (:class:`LinearMap`) keeps its weights there."""
-        tensors = list(self.parameters()) + list(self.buffers())
-        floating = [t.detach() for t in tensors if t.is_floating_point()]
-        prints: list[list[float]] = []
-        if floating:
-            with torch.no_grad():
-                prints = torch.stack([
-                    torch.stack([t.sum(dtype=torch.float64),
-                                 torch.linalg.vector_norm(t, dtype=torch.float64)])
-                    for t in floating
-                ]).tolist()  # one device sync
-        meta = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
-        return meta + tuple(tuple(p) for p in prints)
 
 
 class LinearMap(GenericLinear):

@@ -116,11 +116,17 @@ class _CircularConv2dFunction(torch.autograd.Function):
     gradients of input gradients. Differentiable to any order.
     """
 
+    generate_vmap_rule = True  # torch.func transforms (vmap, grad, vjp) work through it
+
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, pad: int, dilation: int) -> Tensor:
+    def forward(x: Tensor, weight: Tensor, pad: int, dilation: int) -> Tensor:
+        return F.conv2d(F.pad(x, (pad,) * 4, mode="circular"), weight, dilation=dilation)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        x, weight, pad, dilation = inputs
         ctx.save_for_backward(x, weight)
         ctx.pad, ctx.dilation = pad, dilation
-        return F.conv2d(F.pad(x, (pad,) * 4, mode="circular"), weight, dilation=dilation)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:

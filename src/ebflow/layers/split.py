@@ -58,6 +58,15 @@ class _FirstPart:
     def _join(part: Tensor, rest: Tensor) -> Tensor:
         return torch.cat([part.reshape(part.shape[0], -1), rest], dim=1)
 
+    def initialize(self, x: Tensor) -> None:
+        """The wrapped layer's data-dependent initialisation, from its part of ``x``."""
+        part, _ = self._split(x, self.part_shape)
+        self.layer.initialize(part)
+
+    @property
+    def requires_initialization(self) -> bool:
+        return self.layer.requires_initialization
+
 
 class _LinearOnFirstPart(_FirstPart, LinearFlowLayer):
     def __init__(self, layer: LinearFlowLayer, part_shape: Sequence[int], total: int) -> None:

@@ -1,0 +1,73 @@
+"""``ebflow reproduce TABLE``: train every cell of one of the paper's tables (resumable), then
+write report.md, results.json and a plot of validation NLL against training time."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..experiment.config import MAX_SEED
+from ..experiment.distributed import resolve_device
+from ..experiment.reproduce import SM_LOSSES, TABLES, cell_done, cells_of, train_cell, write_report
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Reproduce one of the paper's tables: train every cell (resumable: a rerun "
+                     "continues unfinished cells), then write report.md (the paper's value, ours, "
+                     "the difference, iterations and time per cell), results.json and a plot of "
+                     "validation NLL against training time into OUT/TABLE.")
+    p.add_argument("table", choices=list(TABLES), help="which table")
+    p.add_argument("--budget-minutes", type=float, default=None, metavar="M",
+                   help="training minutes per cell (optimisation steps only); default: the "
+                        "presets' own stopping rule (the paper's epochs)")
+    p.add_argument("--objectives", nargs="+", default=None, metavar="LOSS",
+                   help=f"only these objectives ({', '.join(SM_LOSSES)})")
+    p.add_argument("--only", nargs="+", default=None, metavar="PATTERN",
+                   help="only the cells whose name matches a glob pattern (e.g. 'fc-*')")
+    p.add_argument("--parallel", type=int, default=1, metavar="N", help="cells trained at once")
+    p.add_argument("--threads", type=int, default=None, metavar="T",
+                   help="CPU threads per cell (default: torch's default; with --parallel N on "
+                        "C cores, C / N)")
+    p.add_argument("--data-dir", default=None, help="folder with the data files (MNIST IDX, CIFAR-10)")
+    p.add_argument("--out", default="runs/reproduce", help="parent folder of the tables' runs")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the presets' auto)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override for every new cell")
+    p.add_argument("--report-only", action="store_true", help="do not train; rebuild the report")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.parallel < 1:
+        raise ConfigError(f"--parallel must be >= 1, got {args.parallel}")
+    if args.budget_minutes is not None and not args.budget_minutes > 0:
+        raise ConfigError(f"--budget-minutes must be > 0, got {args.budget_minutes}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
+    if args.device is not None:
+        resolve_device(args.device)  # the cells' runs would all fail on a device this machine lacks
+    if args.threads is None and args.parallel > 1:
+        args.threads = max(1, (os.cpu_count() or 1) // args.parallel)
+    cells = cells_of(args.table, args.objectives, args.only)
+    out_dir = Path(args.out)
+    failed = []
+    if not args.report_only:
+        todo = [c for c in cells if not cell_done(out_dir / args.table / c.name, args.budget_minutes)]
+        for c in cells:
+            if c not in todo:
+                print(f"[{c.name}] finished at this budget; skipped", flush=True)
+        with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+            codes = list(pool.map(lambda c: train_cell(c, out_dir / args.table / c.name, args), todo))
+        failed = [c.name for c, code in zip(todo, codes) if code != 0]
+    write_report(args.table, cells, out_dir)
+    if failed:
+        print(f"error: {len(failed)} cell(s) failed: {', '.join(failed)} (see their .log files)",
+              file=sys.stderr)
+        return 2
+    return 0

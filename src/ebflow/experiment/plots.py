@@ -1,0 +1,145 @@
+"""Pictures of a run: a grid of image samples, or samples and the density of 2-D data."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from .checkpoint import OutputError, os_reason
+from .runs import LoadedRun, draw_samples, samples_to_pixels
+from .toy_metrics import mixture_log_prob
+
+__all__ = ["IMAGE_SUFFIXES", "prepare_output", "save_samples", "save_density_plot"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def prepare_output(out: str | Path) -> Path:
+    """Check an output picture's path before any work is done: a .png/.jpg file name whose
+    folder exists (it is created) and is not a file."""
+    out = Path(out)
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ConfigError(f"the output {str(out)!r} must be a file name ending in .png or .jpg")
+    if out.is_dir():
+        raise ConfigError(f"the output {str(out)!r} is a folder; give a file name ending in .png")
+    for folder in (out.parent, *out.parent.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise OutputError(f"cannot write {str(out)!r}: {str(folder)!r} is a file, not a folder")
+            break
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot create the folder {str(out.parent)!r} for {str(out)!r}: "
+                          f"{os_reason(err)}") from err
+    return out
+
+
+@contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as err:
+        raise OutputError(f"could not write {str(out)!r}: {os_reason(err)}") from err
+
+
+def save_samples(run: LoadedRun, out: str | Path, n: int, *, seed: int = 0, refine: int = 0) -> Path:
+    """An image grid (image data) or a scatter plot over the learned density (point data)."""
+    out = prepare_output(out)
+    x = draw_samples(run, n, seed=seed, refine=refine).cpu()
+    if run.is_image:
+        from torchvision.utils import save_image
+
+        pixels = samples_to_pixels(run, x) / (run.preprocessing.num_bins - 1)  # type: ignore[union-attr]
+        if pixels.shape[-1] < 32:  # enlarge tiny images (8x8 digits) so the grid is readable
+            factor = math.ceil(32 / pixels.shape[-1])
+            pixels = torch.nn.functional.interpolate(pixels, scale_factor=factor, mode="nearest")
+        with _writing(out):
+            save_image(pixels.float(), str(out), nrow=max(1, int(math.ceil(math.sqrt(n)))), padding=1)
+        return out
+    _scatter_plot(run, x, out)
+    return out
+
+
+def _grid(run: LoadedRun, lo: Tensor, hi: Tensor, size: int = 200) -> tuple[Tensor, Tensor, Tensor]:
+    xs = torch.linspace(float(lo[0]), float(hi[0]), size, dtype=torch.float64)
+    ys = torch.linspace(float(lo[1]), float(hi[1]), size, dtype=torch.float64)
+    gx, gy = torch.meshgrid(xs, ys, indexing="xy")
+    pts = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)
+    with torch.no_grad():
+        logp = torch.cat([run.model.log_prob(p.to(run.model.device, run.model.dtype)).double().cpu()
+                          for p in pts.split(10000)])
+    return gx, gy, logp.reshape(size, size)
+
+
+def _bounds(x: Tensor) -> tuple[Tensor, Tensor]:
+    lo, hi = x.min(0).values, x.max(0).values
+    pad = 0.1 * (hi - lo)
+    return lo - pad, hi + pad
+
+
+def _scatter_plot(run: LoadedRun, x: Tensor, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = x.double()
+    x = x[torch.isfinite(x).all(dim=1)]
+    ref = run.data("test").double()
+    fig, ax = plt.subplots(figsize=(6, 6))
+    if run.event_shape == (2,):
+        lo, hi = _bounds(ref)
+        gx, gy, logp = _grid(run, lo, hi)
+        ax.pcolormesh(gx.numpy(), gy.numpy(), logp.exp().numpy(), shading="auto", cmap="viridis")
+        ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), s=2, c="white", alpha=0.5, label="samples")
+        ax.set_xlim(float(lo[0]), float(hi[0]))
+        ax.set_ylim(float(lo[1]), float(hi[1]))
+        ax.set_title(f"{run.config['name']} ({run.config['loss']}): samples over the model density")
+    else:
+        ax.scatter(ref[:, 0].numpy(), ref[:, 1].numpy(), s=2, alpha=0.3, label="test data")
+        ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), s=2, alpha=0.3, label="samples")
+        ax.legend()
+        ax.set_title(f"{run.config['name']}: dimensions 1 and 2")
+    fig.tight_layout()
+    try:
+        with _writing(out):
+            fig.savefig(out, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def save_density_plot(run: LoadedRun, out: str | Path) -> Path:
+    """2-D data: the data density (when known) next to the model density."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    splits = run.splits()
+    lo, hi = _bounds(splits.test.double())
+    gx, gy, logp = _grid(run, lo, hi)
+    panels = [("model", logp.exp())]
+    if splits.mixture is not None:
+        pts = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)
+        panels.insert(0, ("data (smoothed points)", mixture_log_prob(splits.mixture, pts)
+                          .reshape(gx.shape).exp()))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False)
+    for ax, (title, dens) in zip(axes[0], panels):
+        ax.pcolormesh(gx.numpy(), gy.numpy(), dens.numpy(), shading="auto", cmap="viridis")
+        ax.set_title(title)
+        ax.set_aspect("equal")
+    fig.tight_layout()
+    try:
+        with _writing(out):
+            fig.savefig(out, dpi=100)
+    finally:
+        plt.close(fig)
+    return out

@@ -1,0 +1,165 @@
+"""Finished (or running) training runs: load a run's EMA model, evaluate it, sample and plot.
+
+``load_run(path)`` accepts a run directory (it picks ``checkpoints/best.pt``, else ``last.pt``)
+or a checkpoint file, and rebuilds the model from the config stored in the checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..ema import EMA
+from ..errors import ConfigError
+from ..flow import EBFlow
+from ..mcmc import refine_samples
+from ..preprocessing import ImagePreprocessing
+from .builders import build_model, build_preprocessing
+from .checkpoint import CheckpointError, first_line, load_checkpoint
+from .config import validate_config
+from .data import DataSplits, load_data
+from .distributed import resolve_device
+from .evaluation import EVAL_SEED_OFFSET, evaluate_nll
+from .toy_metrics import toy_metrics
+
+__all__ = ["LoadedRun", "load_run", "find_checkpoint",
+           "draw_samples", "samples_to_pixels"]
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint meant by ``path``: a file, or a run dir's best.pt (else last.pt)."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "best.pt", path / "checkpoints" / "last.pt",
+                          path / "best.pt", path / "last.pt"):
+            if candidate.is_file():
+                return candidate
+        raise CheckpointError(f"{str(path)!r} holds no checkpoints/best.pt or checkpoints/last.pt; "
+                              "is it a run directory?")
+    if not path.exists():
+        raise CheckpointError(f"{str(path)!r} does not exist (give a run directory or a .pt checkpoint)")
+    return path
+
+
+def _run_dir_of(ckpt: Path) -> Path:
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+@dataclass
+class LoadedRun:
+    """A trained model with EMA weights (eval mode) and everything needed to use it."""
+
+    model: EBFlow
+    preprocessing: ImagePreprocessing | None
+    map: bool
+    config: dict[str, Any]
+    run_dir: Path
+    checkpoint: Path
+    step: int
+    _splits: DataSplits | None = field(default=None, repr=False)
+
+    @property
+    def event_shape(self) -> tuple[int, ...]:
+        return tuple(self.model.event_shape)
+
+    @property
+    def is_image(self) -> bool:
+        return self.preprocessing is not None
+
+    def splits(self) -> DataSplits:
+        if self._splits is None:
+            self._splits = load_data(self.config)
+        return self._splits
+
+    def data(self, split: str) -> Tensor:
+        """Raw data of a split: pixel levels (0..255 floats, digits 0..16) or points."""
+        return self.splits().split(split)
+
+    def evaluate(self, split: str = "test") -> dict[str, float]:
+        """Exact NLL (nats per example, bits/dim); for 2-D toys also KL and Fisher divergence."""
+        splits = self.splits()
+        x = splits.split(split)
+        out = evaluate_nll(self.model, x, self.preprocessing, self.map,
+                           self.config["eval_batch_size"],
+                           seed=self.config["seed"] + EVAL_SEED_OFFSET)
+        if splits.mixture is not None:
+            out.update(toy_metrics(self.model, splits.mixture, x, self.config["eval_batch_size"]))
+        return out
+
+
+def load_run(
+    path: str | Path, device: str | torch.device | None = None, *, splits: DataSplits | None = None,
+    weights: str = "ema",
+) -> LoadedRun:
+    """Load a run dir or checkpoint: the model with EMA weights (``weights="raw"``: the
+    optimiser's own weights), in eval mode, on ``device`` (default: cpu). ``splits`` may pass
+    already loaded data."""
+    if weights not in ("ema", "raw"):
+        raise ConfigError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    dev = resolve_device(device) if device is not None else torch.device("cpu")
+    ckpt = find_checkpoint(path)
+    state = load_checkpoint(ckpt)
+    try:
+        config = validate_config(state["config"])
+    except ConfigError as err:
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} holds an invalid config: {err}") from err
+    if not state.get("event_shape"):
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} does not record the data's event shape")
+    try:
+        event_shape = tuple(int(s) for s in state["event_shape"])
+        pre = build_preprocessing(config, state.get("num_bins"))
+        model = build_model(config, event_shape, pre, for_loading=True)
+        model.load_state_dict(state["model"])
+        ema = EMA(model, config["ema_decay"])
+        ema.load_state_dict(state["ema"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, ConfigError) as err:
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} does not match the model of its own config: "
+                              f"its tensors do not fit ({first_line(err)})") from err
+    if weights == "ema":
+        ema.copy_to_model()
+    model.to(dev).eval()
+    return LoadedRun(model, pre, bool(config["map"]) and pre is not None, config,
+                     _run_dir_of(ckpt), ckpt, int(state["step"]), splits)
+
+
+# -- sampling ----------------------------------------------------------------------------------
+@torch.no_grad()
+def draw_samples(run: LoadedRun, n: int, *, seed: int = 0, refine: int = 0) -> Tensor:
+    """``n`` exact samples in the model's input space (optionally refined by ``refine`` MCMC
+    steps of :func:`ebflow.mcmc.refine_samples`)."""
+    g = torch.Generator(device=run.model.device).manual_seed(seed)
+    x = run.model.sample(n, generator=g)
+    if refine:
+        # MaP models refine in their own (preprocessed) input space; models with the
+        # preprocessing inside refine on its logit-space image and return model-space values.
+        extra = {}
+        if run.is_image and not run.map:
+            # dequantised pixels must lie strictly inside (0, num_bins) for the logit
+            extra = {"preprocessing": run.preprocessing}
+            top = float(run.preprocessing.num_bins)  # type: ignore[union-attr]
+            margin = 1e-3 * top
+            x = torch.nan_to_num(x, nan=top / 2).clamp(margin, top - margin)
+        model = run.model
+        if extra:
+            # The chain's logit-space states pass through the model's own sigmoid/logit pair;
+            # float64 keeps them away from sigmoid's saturation at 0 and 1.
+            import copy
+
+            model, x = copy.deepcopy(run.model).double(), x.double()
+        with torch.enable_grad():
+            x = refine_samples(model, x, steps=refine, generator=g, **extra).to(run.model.dtype)
+    return x
+
+
+def samples_to_pixels(run: LoadedRun, x: Tensor) -> Tensor:
+    """Model-space image samples -> pixel levels in ``[0, num_bins - 1]`` (non-finite -> 0)."""
+    pre = run.preprocessing
+    assert pre is not None
+    x = torch.nan_to_num(x.double(), nan=0.0, posinf=1e6, neginf=-1e6)
+    if run.map:
+        return pre.to_pixels(x)
+    return x.floor().clamp(0, pre.num_bins - 1)

@@ -1,0 +1,75 @@
+"""One optimisation step: loss, backward, gradient averaging over processes, clipping, update."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import InputError, SingularLayerError
+from .distributed import GradientSync, poisoned_loss
+
+__all__ = ["StepOutcome", "optimization_step", "optimisation_step"]
+
+
+@dataclass
+class StepOutcome:
+    loss: float
+    grad_norm: float
+    finite: bool
+    error: str = ""
+
+
+def optimization_step(
+    model: nn.Module, objective: Any, optimizer: torch.optim.Optimizer, x: Tensor,
+    grad_clip: float | None = None, *, sync: GradientSync | None = None,
+) -> StepOutcome:
+    """One step: ``loss = objective(model, x)``, backward, gradient averaging over processes
+    (``sync``), norm / clip, update.
+
+    A non-finite loss or gradient, or a singular layer, skips the update (``finite=False``).
+    With ``sync`` (data-parallel runs) a process whose loss failed still runs the backward pass
+    and the averaging, with NaN gradients: every process then sees the same non-finite norm and
+    all skip the step together.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    error = ""
+    try:
+        loss: Tensor | None = objective(model, x)
+    except (SingularLayerError, InputError) as err:
+        if sync is None:
+            return StepOutcome(float("nan"), float("nan"), False, str(err))
+        loss, error = None, str(err)
+    if sync is not None:
+        error = error or sync.forward_error()
+    value = float(loss.detach()) if loss is not None else float("nan")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not math.isfinite(value):
+        if sync is None:
+            return StepOutcome(value, float("nan"), False, "non-finite loss")
+        error = error or "non-finite loss"
+        loss = poisoned_loss(params) if loss is None else loss * math.nan
+    assert loss is not None
+    # Differentiate with respect to the parameters only: the score objectives' graphs also
+    # reach their (detached) input copies, whose gradients nobody needs.
+    loss.backward(inputs=params)
+    if sync is not None:
+        sync.after_backward(params)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    if not math.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        return StepOutcome(value, norm, False, error or "non-finite gradient")
+    if grad_clip is not None and norm > grad_clip:
+        # rescales every parameter's .grad in place by grad_clip / norm
+        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, torch.tensor(norm))
+    optimizer.step()
+    return StepOutcome(value, norm, True)
+
+
+
+#: Deprecated spelling (0.1); use :func:`optimization_step`.
+optimisation_step = optimization_step

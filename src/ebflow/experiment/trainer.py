@@ -1,0 +1,397 @@
+"""The training loop of one run: EMA, validation, atomic checkpoints and exact resume.
+
+The same loop runs in one process or in ``N`` processes started by ``torchrun``
+(:mod:`ebflow.experiment.distributed`); :mod:`ebflow.experiment.batches` explains how a global
+batch and its random numbers are shared. A step on ``N`` processes is therefore the
+single-process step on the global batch (up to summation order), and a resumed run continues
+exactly, on any number of processes. Only rank 0 writes logs and checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Sampler
+
+from ..ema import EMA
+from ..errors import ConfigError, EBFlowError, InputError
+from .batches import EpochShuffleSampler, augment_images, make_loader, model_input, step_seed
+from .builders import build_model, build_objective, build_optimizer, build_preprocessing, build_scheduler
+from .checkpoint import CheckpointError, first_line, save_checkpoint
+from .config import grad_clip_for
+from .data import DataSplits, load_data
+from .distributed import SINGLE_PROCESS, Distributed, make_gradient_sync
+from .evaluation import EVAL_SEED_OFFSET, evaluate_nll
+from .records import MetricsLog
+from .step import StepOutcome, optimization_step
+
+__all__ = ["TrainingDivergedError", "TrainingInterrupted", "StopRequest", "TrainResult", "Trainer"]
+
+
+class TrainingDivergedError(EBFlowError):
+    """Too many consecutive non-finite steps; the last checkpoint holds the last finite state."""
+
+
+class TrainingInterrupted(EBFlowError):
+    """Training stopped on a signal; ``step`` is the step of the checkpoint written on the way
+    out (None: stopped outside the training loop, the last checkpoint as it was)."""
+
+    def __init__(self, signum: int, run_dir: str | Path, step: int | None = None) -> None:
+        super().__init__(int(signum), Path(run_dir), step)  # its args rebuild it (pickle)
+        self.signum, self.run_dir, self.step = int(signum), Path(run_dir), step
+
+    def __str__(self) -> str:
+        at = f" at step {self.step}" if self.step is not None else ""
+        return f"interrupted by {signal.Signals(self.signum).name}{at}"
+
+
+@dataclass
+class StopRequest:
+    """A request to stop training, set by a signal handler (the command line installs one; the
+    library none) and honoured by :meth:`Trainer.after_step`: a checkpoint at the current step,
+    then :class:`TrainingInterrupted`. ``polling`` is True while the training loop checks it."""
+
+    signum: int = 0
+    polling: bool = False
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    epoch: int
+    train_seconds: float
+    skipped_steps: int
+    best_val_nll: float
+    test: dict[str, float] = field(default_factory=dict)
+    world_size: int = 1
+    global_batch: int = 0
+
+    @property
+    def ms_per_iter(self) -> float:
+        return 1000 * self.train_seconds / max(self.step, 1)
+
+    @property
+    def batch_per_process(self) -> int:
+        return self.global_batch // self.world_size
+
+    @property
+    def examples_per_second(self) -> float:
+        """Training throughput of the whole run: global examples per second of training."""
+        return self.step * self.global_batch / self.train_seconds if self.train_seconds > 0 else math.nan
+
+
+@dataclass
+class _Window:
+    """Training statistics since the last log line."""
+
+    loss: float = 0.0
+    grad_norm: float = 0.0
+    finite_steps: int = 0
+    seconds: float = 0.0
+
+    def add(self, out: StepOutcome) -> None:
+        if out.finite:
+            self.loss += out.loss
+            self.grad_norm += out.grad_norm
+            self.finite_steps += 1
+
+
+def _check_pixels(data: Tensor, num_bins: int, what: str) -> None:
+    """Pixel levels must lie in ``[0, num_bins - 1]`` (checked once, not per batch)."""
+    lo, hi = float(data.min()), float(data.max())
+    if lo < 0 or hi > num_bins - 1:
+        raise InputError(f"{what} pixel values must lie in [0, {num_bins - 1}], got range [{lo}, {hi}]; "
+                         "check the config key 'num_bins'")
+
+
+class Trainer:
+    """Holds the state of one training run (see :func:`ebflow.experiment.training.train`)."""
+
+    def __init__(
+        self, config: Mapping[str, Any], run_dir: Path, *, device: torch.device,
+        splits: DataSplits | None = None, sampler: Sampler[int] | None = None,
+        is_main_process: bool = True, resume_state: Mapping[str, Any] | None = None,
+        dist: Distributed = SINGLE_PROCESS,
+    ) -> None:
+        self.config = dict(config)
+        self.run_dir = run_dir
+        self.device = device
+        self.dist = dist
+        self.is_main = is_main_process and dist.is_main
+        if splits is None:
+            # one download per machine; an error anywhere stops every process
+            splits = dist.local_main_first(lambda: load_data(config))
+        self.splits = splits
+        self.pre = build_preprocessing(config, self.splits.num_bins)
+        self.use_map = bool(config["map"]) and self.pre is not None
+        # the seed fixes the initial weights without changing the caller's random state
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config["seed"])
+            self.model = build_model(config, self.splits.event_shape, self.pre).to(device)
+        self.dtype = self.model.dtype
+        self.objective = build_objective(config)
+        self.grad_clip = grad_clip_for(config)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(config, self.params)
+        self.scheduler = build_scheduler(config, self.optimizer)
+        self.ema = EMA(self.model, config["ema_decay"], warmup=config["ema_warmup"])
+        if self.pre is not None:
+            _check_pixels(self.splits.train, self.pre.num_bins, "training")
+        self.train_data = self.splits.train.to(device)
+        self.global_batch = int(config["batch_size"])
+        self.local_batch = self.global_batch // dist.world_size
+        self.sampler = sampler if sampler is not None else EpochShuffleSampler(
+            self.train_data.shape[0], config["seed"])
+        self.loader = make_loader(self.train_data, self.global_batch, self.sampler,
+                                  rank=dist.rank, world_size=dist.world_size)
+        self.batches_per_epoch = len(self.loader)
+        self.noise_generator = torch.Generator(device=device)
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.train_seconds = 0.0
+        self.skipped = self.consecutive_bad = 0
+        self.best_val = math.inf
+        self.run_id: str | None = None  # the run directory's id, carried by every checkpoint
+        self.stop = StopRequest()
+        self.log: MetricsLog | None = None
+        self.window = _Window()
+        if resume_state is not None:
+            self._load_state(resume_state)
+        else:
+            self.initialize()
+        # after the (identical) initialisation: DDP broadcasts rank 0's parameters once
+        self.sync = make_gradient_sync(dist, self.model, self.objective, config["grad_sync"])
+        self.train_module: nn.Module = self.sync.train_module if self.sync is not None else self.model
+
+    # -- state --------------------------------------------------------------------------
+    def initialize(self) -> None:
+        """Data-dependent initialisation (ActNorm) from up to 500 clean training examples drawn
+        by the seed alone, so every process and every objective starts from the same model."""
+        g = torch.Generator().manual_seed(self.config["seed"] + 1)
+        n = self.train_data.shape[0]
+        idx = torch.randperm(n, generator=g)[: max(2, min(500, n))]
+        x = self.train_data[idx.to(self.train_data.device)].to(self.dtype).cpu()
+        inp, _ = model_input(x, self.pre, self.use_map, generator=g)
+        self.model.initialize(inp.to(self.device, self.dtype))
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "config": self.config, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "train_seconds": self.train_seconds, "skipped_steps": self.skipped,
+            "consecutive_nonfinite": self.consecutive_bad, "dropped_examples": self.objective.dropped_examples,
+            "seen_examples": self.objective.seen_examples, "best_val_nll": self.best_val,
+            "event_shape": list(self.splits.event_shape), "world_size": self.dist.world_size,
+            "num_bins": self.pre.num_bins if self.pre is not None else None, "run_id": self.run_id,
+        }
+
+    def _load_state(self, state: Mapping[str, Any]) -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step, self.epoch, self.batch_in_epoch = (int(state[k]) for k in ("step", "epoch", "batch_in_epoch"))
+            self.skipped, self.consecutive_bad = int(state["skipped_steps"]), int(state["consecutive_nonfinite"])
+            self.train_seconds = float(state["train_seconds"])
+            self.objective.dropped_examples = int(state.get("dropped_examples", 0))
+            self.objective.seen_examples = int(state.get("seen_examples", 0))
+            self.best_val = float(state["best_val_nll"])
+            self.run_id = state.get("run_id")
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError, ConfigError) as err:
+            raise CheckpointError(f"does not match the model of its own config: its tensors do not "
+                                  f"fit ({first_line(err)})") from err
+
+    def save(self, name: str) -> None:
+        if self.is_main:
+            save_checkpoint(self.run_dir / "checkpoints" / name, self.state())
+
+    # -- one step -------------------------------------------------------------------------
+    def _step_inputs(self, xb: Tensor) -> tuple[Tensor, Tensor | None]:
+        """This process's model input and objective noise for the current step.
+
+        The dequantisation noise, the augmentation and the objective's noise are drawn for the
+        whole global batch from a generator seeded by ``(seed, step)`` -- the same numbers on
+        every process and in a resumed run -- and each process keeps the rows of its examples.
+        """
+        g = self.noise_generator.manual_seed(step_seed(self.config["seed"], self.step))
+        shape = (self.global_batch, *xb.shape[1:])
+        start, rows = self.dist.rank * self.local_batch, self.local_batch
+        x = xb.to(self.dtype)
+        if self.config["augment"] and x.dim() == 4:
+            x = augment_images(x, g, self.global_batch, start)
+        if self.pre is not None:
+            u = torch.rand(shape, dtype=self.dtype, device=self.device, generator=g)
+            inp, _ = model_input(x, self.pre, self.use_map, dequantization_noise=u.narrow(0, start, rows),
+                                 check=False)
+        else:
+            inp = x
+        noise = self.objective.draw_noise(shape, dtype=self.dtype, device=self.device, generator=g)
+        if noise is not None:
+            dim = self.objective.noise_batch_dim or 0
+            share = noise.shape[dim] // self.dist.world_size  # SML may draw another number of rows
+            noise = noise.narrow(dim, self.dist.rank * share, share)
+        return inp, noise
+
+    def _loss_fn(self, noise: Tensor | None) -> Any:
+        """The loss of this step as ``f(module, x)`` (the form :func:`optimization_step` takes)."""
+        if self.sync is not None:
+            sync = self.sync
+            return lambda module, x: sync.loss(module, x, noise)
+        objective = self.objective
+        return lambda model, x: objective(model, x, noise=noise)
+
+    def train_step(self, xb: Tensor) -> StepOutcome:
+        """One optimisation step on a batch, then the EMA update and the step counters."""
+        inp, noise = self._step_inputs(xb)
+        extra = {"sync": self.sync} if self.sync is not None else {}
+        out = optimization_step(self.train_module, self._loss_fn(noise), self.optimizer, inp,
+                                self.grad_clip, **extra)
+        self.step += 1
+        self.batch_in_epoch += 1
+        self.window.add(out)
+        if out.finite:
+            self.ema.update()
+            self.consecutive_bad = 0
+        else:
+            self.skipped += 1
+            self.consecutive_bad += 1
+        return out
+
+    # -- evaluation ---------------------------------------------------------------------
+    def evaluate(self, split: str) -> dict[str, float]:
+        """NLL of a split with EMA weights, sharded over the processes and reduced exactly."""
+        with self.ema.average_parameters():
+            self.model.eval()
+            out = evaluate_nll(self.model, self.splits.split(split), self.pre, self.use_map,
+                               self.config["eval_batch_size"],
+                               seed=self.config["seed"] + EVAL_SEED_OFFSET, dist=self.dist)
+            self.model.train()
+        return out
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self, log: MetricsLog | None) -> None:
+        """Train until :meth:`done`: steps, and after each, :meth:`after_step` (epoch rollover,
+        divergence check, log, validation, checkpoint)."""
+        self.log = log
+        self.model.train()
+        with self._progress() as bar:
+            while not self.done():
+                if self.batch_in_epoch >= self.batches_per_epoch:  # nothing left in this epoch
+                    self._next_epoch()
+                self.sampler.set_epoch(self.epoch)  # type: ignore[attr-defined]
+                self.loader.sampler.skip = self.batch_in_epoch  # type: ignore[attr-defined]
+                t0 = time.perf_counter()
+                for xb in self.loader:
+                    out = self.train_step(xb)
+                    self._add_time(time.perf_counter() - t0)
+                    if bar is not None:
+                        bar.update(1)
+                    self.after_step(out)
+                    if self.done() or self.batch_in_epoch == 0:  # budget spent, or epoch over
+                        break
+                    t0 = time.perf_counter()
+
+    def after_step(self, out: StepOutcome) -> None:
+        """Bookkeeping after a step (not counted as training time); on a stop request, a
+        checkpoint at this step, then :class:`TrainingInterrupted`."""
+        if self.batch_in_epoch >= self.batches_per_epoch:
+            self._next_epoch()
+        if self.consecutive_bad >= self.config["max_nonfinite"]:
+            self._diverged(out)
+        stop = int(self.dist.broadcast_float(self.stop.signum))  # rank 0's: all stop at this step
+        done = self.done()
+        if self.step % self.config["log_every"] == 0:
+            self._log_window()
+        if self.step % self.config["eval_every"] == 0 or (done and not stop):
+            self._validate()
+        if self.step % self.config["checkpoint_every"] == 0 or done or stop:
+            self.save("last.pt")
+        if stop:
+            raise TrainingInterrupted(stop, self.run_dir, self.step)
+
+    def done(self) -> bool:
+        c = self.config
+        return ((c["max_iters"] is not None and self.step >= c["max_iters"])
+                or (c["epochs"] is not None and self.epoch >= c["epochs"])
+                or (c["max_minutes"] is not None and self.train_seconds >= 60 * c["max_minutes"]))
+
+    def _add_time(self, seconds: float) -> None:
+        if self.device.type == "cuda" and self.step % self.config["log_every"] == 0:
+            torch.cuda.synchronize(self.device)
+        self.train_seconds += seconds
+        self.window.seconds += seconds
+        if self.dist.is_distributed and self.config["max_minutes"] is not None:
+            # the time budget must stop every process at the same step: rank 0's clock
+            self.train_seconds = self.dist.broadcast_float(self.train_seconds)
+
+    @contextmanager
+    def _progress(self) -> Iterator[Any]:
+        """The loop's progress bar (None when off); stop requests are polled meanwhile."""
+        bar = self._bar() if self.is_main and self.config["progress"] else None
+        self.stop.polling = True
+        try:
+            yield bar
+        finally:
+            self.stop.polling = False
+            if bar is not None:
+                bar.close()
+
+    def _bar(self) -> Any:
+        from tqdm.auto import tqdm
+
+        c = self.config
+        totals = [c["max_iters"]] if c["max_iters"] is not None else []
+        if c["epochs"] is not None:
+            totals.append(c["epochs"] * self.batches_per_epoch)
+        return tqdm(total=min(totals) if totals else None, initial=self.step, unit="it",
+                    desc=f"{c['name']} {c['loss']}", dynamic_ncols=True, mininterval=0.5)
+
+    def _next_epoch(self) -> None:
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self.scheduler.step()
+
+    def _log_window(self) -> None:
+        w, c = self.window, self.config
+        # the loss of the global batch: the mean of the processes' losses
+        loss = self.dist.mean(w.loss / w.finite_steps) if w.finite_steps else float("nan")
+        if self.log is not None:
+            self.log.log(self.step, {
+                "epoch": self.epoch, "train_s": round(self.train_seconds, 3), "loss": loss,
+                "grad_norm": w.grad_norm / w.finite_steps if w.finite_steps else float("nan"),
+                "ms_per_iter": 1000 * w.seconds / c["log_every"],
+                "examples_per_s": self.global_batch * c["log_every"] / w.seconds if w.seconds > 0 else float("nan"),
+                "lr": self.optimizer.param_groups[0]["lr"], "skipped_steps": self.skipped,
+                "dropped_examples": self.objective.dropped_examples,
+            })
+        self.window = _Window()
+
+    def _validate(self) -> None:
+        val = self.evaluate("val")
+        if self.log is not None:
+            self.log.log(self.step, {"epoch": self.epoch, "train_s": round(self.train_seconds, 3),
+                                     "val_nll": val["nll"], "val_bpd": val["bpd"]})
+        if math.isfinite(val["nll"]) and val["nll"] < self.best_val:
+            self.best_val = val["nll"]
+            self.save("best.pt")
+
+    def _diverged(self, out: StepOutcome) -> None:
+        self.save("last.pt")
+        raise TrainingDivergedError(
+            f"training stopped at step {self.step}: {self.consecutive_bad} consecutive steps were "
+            f"skipped ({out.error or 'non-finite loss'}; {self.skipped} skipped in all). "
+            f"The parameters of the last finite step are in {self.run_dir / 'checkpoints' / 'last.pt'}; "
+            "lower the learning rate (--set lr=...), enable gradient clipping (--set grad_clip=5) or "
+            "change sigma/eps, then train again or --resume with a larger max_nonfinite."
+        )

@@ -1,0 +1,254 @@
+"""A training run from config to results: check the run directory, train (or resume), then
+test the best-validation checkpoint and write ``results.json`` and the sample images.
+
+A new run takes a new or empty folder and writes ``run.json`` (its id), ``config.yaml`` and a
+step-0 checkpoint before training; a resumed run continues only from checkpoints that belong
+to it. A file that cannot be written stops the run with an :class:`OutputError` that says so,
+and that the last checkpoint is intact and how to resume."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Sampler
+
+from ..errors import ConfigError, EBFlowError
+from .checkpoint import (CheckpointError, OutputError, check_new_run_dir, check_owner, claim_run_dir,
+                         load_checkpoint, os_reason, remove_temp_files, resume_command, write_text_atomic)
+from .config import RESUMABLE_KEYS, dump_config, validate_config
+from .data import DataSplits
+from .distributed import SINGLE_PROCESS, Distributed, resolve_device
+from .distributed import current as current_distributed
+from .evaluation import EVAL_SEED_OFFSET, evaluate_nll
+from .plots import save_density_plot, save_samples
+from .records import MetricsLog
+from .runs import load_run
+from .toy_metrics import toy_metrics
+from .trainer import StopRequest, TrainResult, Trainer
+
+__all__ = ["train", "finish_run"]
+
+
+def _resume_config(saved: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    changed = sorted(k for k, v in overrides.items() if k not in RESUMABLE_KEYS and saved.get(k) != v)
+    if changed:
+        raise ConfigError(
+            f"cannot change {', '.join(repr(k) for k in changed)} when resuming (the checkpoint was "
+            f"trained with other values); only {', '.join(sorted(RESUMABLE_KEYS))} may change"
+        )
+    return validate_config({**saved, **overrides})
+
+
+def _resume_state(run_dir: Path) -> dict[str, Any]:
+    """The state in ``run_dir/checkpoints/last.pt``, once it (and best.pt) belong to the run."""
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{str(run_dir)!r} is not a run directory: it does not exist or is a file")
+    last, best = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
+    state = load_checkpoint(last)
+    check_owner(run_dir, last, state)
+    if best.exists():  # the run's final test reads it: it must be this run's too
+        check_owner(run_dir, best, load_checkpoint(best))
+    return state
+
+
+def _prepare_run_dir(trainer: Trainer, resume: bool) -> None:
+    """A new run: claim the folder, write config.yaml and a step-0 checkpoint (so a run
+    directory always holds one to resume from). A resumed run: drop the temporary files of
+    interrupted writes, rewrite config.yaml."""
+    run_dir = trainer.run_dir
+    if resume:
+        remove_temp_files(run_dir)
+    else:
+        trainer.run_id = claim_run_dir(run_dir)
+    write_text_atomic(run_dir / "config.yaml", dump_config(trainer.config), "config")
+    if not resume:
+        trainer.save("last.pt")
+
+
+def _write_failure(run_dir: Path, err: OSError | OutputError) -> OutputError:
+    """One line: what could not be written and why, that the last checkpoint is intact, and
+    how to resume."""
+    text = str(err) if isinstance(err, OutputError) else (
+        f"{err.filename}: {os_reason(err)}" if err.filename else os_reason(err))
+    last = run_dir / "checkpoints" / "last.pt"
+    if last.is_file():
+        text += (f". The last good checkpoint {last} is intact; when the cause is fixed, continue "
+                 f"with: {resume_command(run_dir)}")
+    return OutputError(text)
+
+
+def _run_device(requested: str | None, ctx: Distributed) -> torch.device:
+    """The device of this process: the process group's in a data-parallel run (which must
+    agree with the requested one), else the requested one."""
+    if not ctx.is_distributed or ctx.device is None:
+        return resolve_device(requested)
+    if requested not in (None, "auto") and torch.device(requested).type != ctx.device.type:
+        raise ConfigError(
+            f"device {requested!r} was requested, but the process group was set up for "
+            f"{ctx.device.type} ({ctx.backend}); pass the same --device to every process"
+        )
+    return ctx.device
+
+
+def train(
+    config: Mapping[str, Any] | None, run_dir: str | Path, *, resume: bool = False,
+    overrides: Mapping[str, Any] | None = None, device: str | torch.device | None = None,
+    sampler: Sampler[int] | None = None, is_main_process: bool = True,
+    splits: DataSplits | None = None, final_outputs: bool = True,
+    distributed: Distributed | None = None, stop: StopRequest | None = None,
+) -> TrainResult:
+    """Train (or resume) a run in ``run_dir``; returns the final state and test metrics.
+
+    With ``resume=True`` the config comes from ``run_dir/checkpoints/last.pt`` and ``overrides``
+    may change only the keys in :data:`~ebflow.experiment.config.RESUMABLE_KEYS`. After training, the
+    best-validation checkpoint (EMA weights) is evaluated on the test split, and
+    ``samples.png`` (plus ``density.png`` for 2-D data) and ``results.json`` are written.
+
+    In a process group (``torchrun``; see :func:`ebflow.experiment.distributed.init_from_env`, or pass
+    ``distributed``) every process calls this with the same arguments: rank 0 reads the
+    checkpoint to resume from and shares it, each process trains on its rows of every global
+    batch, and only rank 0 writes files.
+
+    ``stop`` (set by a signal handler) stops training after the current step, with a checkpoint
+    at that step, by raising :class:`~ebflow.experiment.trainer.TrainingInterrupted`.
+    """
+    ctx = distributed if distributed is not None else current_distributed()
+    run_dir = Path(run_dir)
+    state = None
+    if resume:
+        state = ctx.from_main(lambda: _resume_state(run_dir))
+        config = ctx.everywhere(lambda: _resume_config(state["config"], overrides or {}))
+    else:
+        if config is None:
+            raise ConfigError("a config is needed to start a new run")
+        config = validate_config({**config, **(overrides or {})})
+    dev = ctx.everywhere(lambda: _run_device(str(device) if device is not None else config["device"], ctx))
+    threads = torch.get_num_threads()
+    if config["num_threads"] is not None:
+        torch.set_num_threads(config["num_threads"])
+    try:
+        return _train(config, run_dir, resume, state, dev, sampler, is_main_process, splits,
+                      final_outputs, ctx, stop or StopRequest())
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    config: dict[str, Any], run_dir: Path, resume: bool, state: Mapping[str, Any] | None,
+    dev: torch.device, sampler: Sampler[int] | None, is_main_process: bool,
+    splits: DataSplits | None, final_outputs: bool, ctx: Distributed, stop: StopRequest,
+) -> TrainResult:
+    is_main = is_main_process and ctx.is_main
+    if is_main_process and not resume:
+        ctx.from_main(lambda: check_new_run_dir(run_dir))
+    # Data and model first: a missing data set must not leave an empty run directory behind.
+    try:
+        trainer = Trainer(config, run_dir, device=dev, splits=splits, sampler=sampler,
+                          is_main_process=is_main_process, resume_state=state, dist=ctx)
+    except CheckpointError as err:  # the resumed state does not fit its own model
+        raise CheckpointError(f"checkpoint {str(run_dir / 'checkpoints' / 'last.pt')!r} {err}") from err
+    trainer.stop = stop
+    log = None
+    try:
+        if is_main_process:
+            ctx.from_main(lambda: _prepare_run_dir(trainer, resume))
+        if is_main:
+            log = MetricsLog(run_dir, trainer.step if resume else None, config["tensorboard"])
+        trainer.run(log)
+        result = TrainResult(run_dir, trainer.step, trainer.epoch, trainer.train_seconds,
+                             trainer.skipped, trainer.best_val, world_size=ctx.world_size,
+                             global_batch=trainer.global_batch)
+        if final_outputs and (is_main or ctx.is_distributed):
+            result.test = finish_run(trainer, log)
+    except (OSError, OutputError) as err:
+        raise _write_failure(run_dir, err) from err
+    finally:
+        if log is not None:
+            log.close()
+    return result
+
+
+def finish_run(trainer: Trainer, log: MetricsLog | None) -> dict[str, float]:
+    """Test the best-validation checkpoint; write results.json, samples.png (density.png).
+
+    In a data-parallel run rank 0 reads the checkpoint and shares its weights; the test NLL is
+    computed on shards and reduced exactly; only rank 0 writes."""
+    ctx = trainer.dist
+
+    ckpt = trainer.run_dir / "checkpoints" / "best.pt"
+    if not ckpt.exists():
+        ckpt = trainer.run_dir / "checkpoints" / "last.pt"
+
+    def load() -> Any:
+        return load_run(ckpt, device=trainer.device, splits=trainer.splits)
+
+    loaded: list[Any] = []
+
+    def load_on_main() -> dict[str, Tensor] | None:
+        loaded.append(load())
+        if not ctx.is_distributed:
+            return None
+        return {k: v.cpu() for k, v in loaded[0].model.state_dict().items()}
+
+    weights = ctx.from_main(load_on_main)  # a bad checkpoint stops every process
+    run = loaded[0] if loaded else None
+    model = run.model if run is not None else trainer.model
+    if run is None:  # the other processes evaluate rank 0's weights
+        model.load_state_dict(weights)
+        model.eval()
+    test = evaluate_nll(model, trainer.splits.split("test"), trainer.pre, trainer.use_map,
+                        trainer.config["eval_batch_size"],
+                        seed=trainer.config["seed"] + EVAL_SEED_OFFSET, dist=ctx)
+    if not trainer.is_main or run is None:
+        return test
+    # the same checkpoint with the optimiser's own (not averaged) weights, for comparison
+    raw = load_run(ckpt, device=trainer.device, splits=trainer.splits, weights="raw")
+    raw_test = evaluate_nll(raw.model, trainer.splits.split("test"), trainer.pre, trainer.use_map,
+                            trainer.config["eval_batch_size"], seed=trainer.config["seed"] + EVAL_SEED_OFFSET)
+    test.update(raw_nll=raw_test["nll"], raw_bpd=raw_test["bpd"])
+    if trainer.splits.mixture is not None:
+        test.update(toy_metrics(run.model, trainer.splits.mixture, trainer.splits.split("test"),
+                                trainer.config["eval_batch_size"]))
+    _write_results(trainer, run, test, log)
+    return test
+
+
+def _write_results(trainer: Trainer, run: Any, test: dict[str, float], log: MetricsLog | None) -> None:
+    if log is not None:
+        log.log(trainer.step, {"epoch": trainer.epoch, "train_s": round(trainer.train_seconds, 3),
+                               **{f"test_{k}": v for k, v in test.items() if k in ("nll", "bpd")},
+                               **{k: v for k, v in test.items() if k in ("kl", "fisher")}})
+    world = trainer.dist.world_size
+    results = {
+        "config": trainer.config["name"], "loss": trainer.config["loss"],
+        "checkpoint": run.checkpoint.name, "checkpoint_step": run.step, "iterations": trainer.step,
+        "epochs": trainer.epoch, "train_seconds": trainer.train_seconds,
+        "ms_per_iter": 1000 * trainer.train_seconds / max(trainer.step, 1),
+        "processes": world, "global_batch": trainer.global_batch,
+        "batch_per_process": trainer.global_batch // world,
+        "examples_per_s": trainer.step * trainer.global_batch / trainer.train_seconds
+        if trainer.train_seconds > 0 else None,
+        "skipped_steps": trainer.skipped, "best_val_nll": trainer.best_val,
+        "dropped_examples": trainer.objective.dropped_examples,
+        "dropped_fraction": (trainer.objective.dropped_examples / trainer.objective.seen_examples
+                             if trainer.objective.seen_examples else 0.0),
+        "ema_decay": trainer.config["ema_decay"], "ema_warmup": trainer.config["ema_warmup"],
+        "map": trainer.config["map"], "threads": torch.get_num_threads(),
+        "device": str(trainer.device),
+        **{f"test_{k}": v for k, v in test.items()},
+    }
+    write_text_atomic(trainer.run_dir / "results.json", json.dumps(results, indent=2), "results")
+    try:
+        save_samples(run, trainer.run_dir / "samples.png", trainer.config["num_samples"],
+                     seed=trainer.config["seed"])
+        if run.event_shape == (2,):
+            save_density_plot(run, trainer.run_dir / "density.png")
+    except OutputError:
+        raise
+    except EBFlowError as err:  # a model that cannot be inverted still has its metrics
+        print(f"warning: could not draw samples: {err}")

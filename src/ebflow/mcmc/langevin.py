@@ -1,0 +1,305 @@
+"""Langevin dynamics (ULA) and MALA on an energy; see :mod:`ebflow.mcmc`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError, EBFlowError, InputError
+from ..utils import sum_except_batch
+from ..validation import check_batch
+from .energy import EnergyModel, PreprocessedSpaceEnergy, check_energy_model, smoothness_energy
+from .schedules import Schedule, step_sizes
+
+__all__ = ["LangevinResult", "default_step_size", "langevin", "mala", "refine_samples", "ula"]
+
+
+@dataclass
+class LangevinResult:
+    """Outcome of a chain run.
+
+    Attributes:
+        samples: final states, shape ``(chains, *event_shape)``.
+        acceptance_rate: mean MALA acceptance over chains and steps (``None`` for ULA).
+        acceptance_per_chain: per-chain mean acceptance, shape ``(chains,)`` (``None`` for ULA).
+        step_size: per-chain step size of the last iteration, shape ``(chains,)``.
+        energy: potential :math:`U` of the final states, shape ``(chains,)``.
+    """
+
+    samples: Tensor
+    acceptance_rate: float | None
+    acceptance_per_chain: Tensor | None
+    step_size: Tensor
+    energy: Tensor
+
+
+def _check_mask(mask: Tensor | None, x: Tensor) -> Tensor | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise InputError(f"mask must be a boolean torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        if mask.is_floating_point() or mask.dtype in (torch.uint8, torch.int64, torch.int32):
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise InputError("mask must hold only 0/1 (or booleans)")
+            mask = mask.bool()
+        else:
+            raise InputError(f"mask must be boolean, got dtype {mask.dtype}")
+    event_ndim = x.dim() - 1
+    ok = mask.dim() in (event_ndim, event_ndim + 1)
+    if ok:
+        try:
+            ok = torch.broadcast_shapes(mask.shape, x.shape) == x.shape
+        except RuntimeError:
+            ok = False
+    if not ok:
+        raise InputError(
+            f"mask of shape {tuple(mask.shape)} does not match the data: expected the event shape "
+            f"{tuple(x.shape[1:])} or (batch, *event_shape) = {tuple(x.shape)} (or a shape that "
+            "broadcasts to it, e.g. one channel for all)"
+        )
+    mask = mask.to(x.device).expand(x.shape)
+    if not bool(mask.any()):
+        raise InputError("mask selects no coordinate to sample (it is all False)")
+    return mask
+
+
+def _potential_and_grad(potential: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        u = potential(xg)
+        (g,) = torch.autograd.grad(u.sum(), xg)
+    return u.detach(), g.detach()
+
+
+def _per_chain(v: Tensor, x: Tensor) -> Tensor:
+    return v.view(-1, *([1] * (x.dim() - 1)))
+
+
+def default_step_size(model: EnergyModel, x: Tensor, mask: Tensor | None = None) -> float:
+    r"""A starting step size from the score alone.
+
+    For a Gaussian with precision :math:`p` the squared score has mean :math:`D p`; MALA's
+    proposal scale :math:`2\eta \approx 1.65^2 / (p\, D^{1/3})` then gives
+    :math:`\eta_0 = 1.36\, D^{2/3} / \|\nabla E\|^2` (median over chains). Use with
+    ``target_acceptance`` for targets that are not isotropic.
+    """
+    model = check_energy_model(model)
+    check_batch(x, model.event_shape, what="chain states x")
+    m = _check_mask(mask, x)
+    _, g = _potential_and_grad(model.energy, x)
+    if m is not None:
+        g = torch.where(m, g, torch.zeros_like(g))
+        d = sum_except_batch(m).to(x.dtype)
+    else:
+        d = torch.full((x.shape[0],), float(x[0].numel()), dtype=x.dtype, device=x.device)
+    sq = sum_except_batch(g.pow(2)).clamp_min(torch.finfo(x.dtype).tiny)
+    eta = (1.36 * d.pow(2.0 / 3.0) / sq).median()
+    eta = float(eta)
+    return eta if math.isfinite(eta) and eta > 0 else 1e-3
+
+
+def langevin(
+    model: EnergyModel,
+    x0: Tensor,
+    steps: int,
+    step_size: float,
+    *,
+    metropolis: bool = False,
+    mask: Tensor | None = None,
+    schedule: Schedule = "constant",
+    final_step_size: float | None = None,
+    target_acceptance: float | None = None,
+    adaptation_rate: float = 0.05,
+    smoothness: float = 0.0,
+    blur_sigma: float = 1.0,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    callback: Callable[[int, Tensor, Tensor], None] | None = None,
+) -> LangevinResult:
+    r"""Run ``steps`` Langevin iterations from ``x0`` (one chain per example).
+
+    Args:
+        model: an :class:`~ebflow.EBFlow` (or anything with ``energy`` and ``event_shape``);
+            only its energy and its gradient are used, never ``log Z``.
+        x0: initial states ``(chains, *event_shape)`` in the model's dtype and device.
+        steps: number of iterations (``0`` returns ``x0``).
+        step_size: :math:`\eta > 0` (the first step's size under a decaying schedule).
+        metropolis: MALA (accept/reject) instead of unadjusted Langevin.
+        mask: boolean, ``True`` where coordinates move; others stay bit for bit unchanged.
+        schedule, final_step_size: step-size schedule (see module docstring).
+        target_acceptance: MALA only; adapt each chain's step towards this acceptance rate.
+        adaptation_rate: gain of that adaptation on :math:`\log\eta`.
+        smoothness: weight :math:`\lambda \ge 0` of the pull toward the blurred image.
+        blur_sigma: standard deviation (pixels) of the Gaussian blur.
+        generator: random generator (on the model's device) for reproducible chains.
+        progress: show a tqdm progress bar.
+        callback: called after every iteration as ``callback(i, x, grad_u)`` with the current
+            states and :math:`\nabla U` there (e.g. to average states, or to log them).
+    """
+    model = check_energy_model(model)
+    event_shape = tuple(model.event_shape)
+    x0 = check_batch(x0, event_shape, what="initial chain states x0")
+    if not isinstance(steps, int) or steps < 0:
+        raise ConfigError(f"steps must be a non-negative integer, got {steps!r}")
+    try:
+        step_ok = float(step_size) > 0 and math.isfinite(float(step_size))
+    except (TypeError, ValueError):
+        step_ok = False
+    if isinstance(step_size, bool) or not step_ok:
+        raise ConfigError(f"step size must be a finite number > 0, got {step_size!r}")
+    if target_acceptance is not None:
+        if not metropolis:
+            raise ConfigError("target_acceptance needs metropolis=True (MALA)")
+        if not 0 < target_acceptance < 1:
+            raise ConfigError(f"target_acceptance must be in (0, 1), got {target_acceptance}")
+    if not smoothness >= 0:
+        raise ConfigError(f"smoothness must be >= 0, got {smoothness}")
+    if smoothness > 0 and len(event_shape) not in (2, 3):
+        raise ConfigError(
+            f"the smoothness pull needs image events (C, H, W) or (H, W); the model's event "
+            f"shape is {event_shape}"
+        )
+    mask = _check_mask(mask, x0)
+    sizes = step_sizes(float(step_size), final_step_size, schedule, steps)
+
+    def potential(x: Tensor) -> Tensor:
+        u = model.energy(x)
+        if smoothness > 0:
+            u = u + smoothness_energy(x, event_shape, smoothness, blur_sigma)
+        return u
+
+    def movable(t: Tensor) -> Tensor:
+        return t if mask is None else torch.where(mask, t, torch.zeros_like(t))
+
+    chains = x0.shape[0]
+    x = x0.detach().clone()
+    scale = torch.ones(chains, dtype=x.dtype, device=x.device)  # adaptive factor per chain
+    accepted = torch.zeros(chains, dtype=torch.float64, device=x.device)
+    u, g = _potential_and_grad(potential, x)
+    iterator = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc="MALA" if metropolis else "Langevin", leave=False)
+    eta = scale * (sizes[0] if sizes else step_size)
+    for i in iterator:
+        eta = scale * sizes[i]
+        eta_b = _per_chain(eta, x)
+        noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+        step = movable(-eta_b * g + torch.sqrt(2 * eta_b) * noise)
+        proposal = x + step if mask is None else torch.where(mask, x + step, x)
+        finite = torch.isfinite(proposal.reshape(chains, -1)).all(dim=1)
+        if not bool(finite.all()):
+            if not metropolis:
+                raise EBFlowError(
+                    f"unadjusted Langevin diverged at iteration {i} (non-finite states in "
+                    f"{int((~finite).sum())} chain(s)); use a smaller step size or MALA"
+                )
+            proposal = torch.where(_per_chain(finite, x), proposal, x)  # rejected below
+        u_new, g_new = _potential_and_grad(potential, proposal)
+        if not metropolis:
+            if not bool(torch.isfinite(u_new).all()):
+                raise EBFlowError(
+                    f"unadjusted Langevin diverged at iteration {i} (non-finite energy); use a "
+                    "smaller step size or MALA"
+                )
+            x, u, g = proposal, u_new, g_new
+            if callback is not None:
+                callback(i, x, g)
+            continue
+        # log q(x | x') - log q(x' | x), restricted to the moving coordinates.
+        forward_res = movable(proposal - x + eta_b * g)
+        backward_res = movable(x - proposal + eta_b * g_new)
+        log_q_ratio = (sum_except_batch(forward_res.pow(2)) - sum_except_batch(backward_res.pow(2))) / (4 * eta)
+        log_alpha = u - u_new + log_q_ratio
+        ok = finite & torch.isfinite(log_alpha)
+        log_alpha = torch.where(ok, log_alpha, torch.full_like(log_alpha, -math.inf))
+        alpha = torch.exp(log_alpha.clamp(max=0.0))
+        uniform = torch.rand(chains, dtype=x.dtype, device=x.device, generator=generator)
+        accept = uniform < alpha
+        accepted += accept.to(torch.float64)
+        a = _per_chain(accept, x)
+        x = torch.where(a, proposal, x)
+        u = torch.where(accept, u_new, u)
+        g = torch.where(a, g_new, g)
+        if target_acceptance is not None:
+            scale = scale * torch.exp(adaptation_rate * (alpha - target_acceptance))
+        if callback is not None:
+            callback(i, x, g)
+    if metropolis and steps > 0:
+        per_chain = (accepted / steps).to(x.dtype)
+        rate: float | None = float(per_chain.mean())
+    else:
+        per_chain, rate = None, None
+    return LangevinResult(samples=x, acceptance_rate=rate, acceptance_per_chain=per_chain,
+                          step_size=eta.detach(), energy=u)
+
+
+def ula(model: EnergyModel, x0: Tensor, steps: int, step_size: float, **options) -> LangevinResult:
+    """Unadjusted Langevin algorithm: :func:`langevin` with ``metropolis=False``."""
+    return langevin(model, x0, steps, step_size, metropolis=False, **options)
+
+
+def mala(model: EnergyModel, x0: Tensor, steps: int, step_size: float, **options) -> LangevinResult:
+    """Metropolis-adjusted Langevin algorithm: :func:`langevin` with ``metropolis=True``."""
+    return langevin(model, x0, steps, step_size, metropolis=True, **options)
+
+
+def refine_samples(
+    model: EnergyModel,
+    x: Tensor,
+    steps: int,
+    step_size: float | None = None,
+    *,
+    metropolis: bool | None = None,
+    target_acceptance: float = 0.574,
+    preprocessing=None,
+    generator: torch.Generator | None = None,
+    **options,
+) -> Tensor:
+    r"""Apply ``steps`` Langevin steps to samples ``x`` (e.g. drawn by inversion), in the
+    model's own space (the preprocessed space for MaP image models).
+
+    With ``step_size=None`` the step starts at :func:`default_step_size` and MALA adapts it
+    towards ``target_acceptance``; with a given step size the chain is unadjusted Langevin
+    unless ``metropolis=True``. Returns the refined samples (same shape as ``x``).
+
+    For an image model whose input is dequantised pixels (preprocessing inside the model, no
+    MaP) pass its ``preprocessing``: the chain then runs on the logit-space tensor
+    (:class:`PreprocessedSpaceEnergy`) and the result is mapped back to pixels.
+    """
+    model = check_energy_model(model)
+    if not isinstance(steps, int) or steps < 0:
+        raise ConfigError(f"refine steps must be a non-negative integer, got {steps!r}")
+    if step_size is not None:
+        try:
+            ok = float(step_size) > 0 and math.isfinite(float(step_size))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"step size must be a finite number > 0, got {step_size!r}")
+    if steps == 0:
+        return x
+    if preprocessing is not None:
+        target = PreprocessedSpaceEnergy(model, preprocessing)
+        y = refine_samples(target, target.to_logit_space(x), steps, step_size,
+                           metropolis=metropolis, target_acceptance=target_acceptance,
+                           generator=generator, **options)
+        return preprocessing.inverse(y)
+    if step_size is None:
+        step_size = default_step_size(model, x, options.get("mask"))
+        if metropolis is None:
+            metropolis = True
+        adapt = target_acceptance if metropolis else None
+    else:
+        adapt = None
+        if metropolis is None:
+            metropolis = False
+    result = langevin(model, x, steps, step_size, metropolis=metropolis, target_acceptance=adapt,
+                      generator=generator, **options)
+    return result.samples

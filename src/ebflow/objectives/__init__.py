@@ -1,0 +1,53 @@
+r"""Training objectives. Each takes ``(model, x)`` and returns a scalar to minimise.
+
+With :math:`s(x) = -\nabla_x E(x)` the model score:
+
+* ``ml``    -- :math:`\mathbb{E}[-\log p(x)]`; needs every linear log-determinant.
+* ``sml``   -- surrogate with gradient :math:`\mathbb{E}_{data}\nabla E - \mathbb{E}_{model}\nabla E`,
+  model samples drawn by exact inversion (no gradient through them).
+* ``ssm``   -- sliced score matching, variance reduced:
+  :math:`\mathbb{E}[v^\top \nabla_x s\, v + \tfrac12\|s\|^2]`.
+* ``dsm``   -- denoising score matching: :math:`\mathbb{E}\,\tfrac12\|s(x+\sigma\epsilon) + \epsilon/\sigma\|^2`.
+* ``fdssm`` -- finite-difference SSM from energies at :math:`x, x \pm v`, :math:`\|v\| = \varepsilon`.
+* ``esm``   -- exact score matching :math:`\mathbb{E}[\operatorname{tr}\nabla_x s + \tfrac12\|s\|^2]`
+  (``D`` Hessian-vector products: small ``D`` only).
+
+The score-matching objectives (``ssm``, ``dsm``, ``fdssm``, ``esm``) only call
+:meth:`EBFlow.energy` (or its split :meth:`EBFlow.linear_prefix` / :meth:`EBFlow.tail_energy`):
+never a determinant, inverse or factorisation of a linear layer.
+
+**Loss scale.** ``ml`` and ``sml`` are in nats per example. The score-matching objectives are
+*per dimension*: the per-example sums above divided by ``D`` (FDSSM: the finite-difference sum
+divided by :math:`\varepsilon^2`, which estimates the same quantity). This is the scale of the
+paper's reference recipes, so a gradient-clipping threshold taken from them means the same here,
+and loss curves compare across data sizes. The energy regulariser ``energy_reg`` adds
+:math:`\lambda\,\mathbb{E}[E(x)]/D` (the reference adds :math:`\lambda E` before its
+division by ``D``; for FDSSM it divides by :math:`\varepsilon^2` instead, so a reference FDSSM
+:math:`\lambda` corresponds to :math:`\lambda D/\varepsilon^2` here).
+
+**Inputs outside the model's domain.** A model trained without MaP holds a logit, defined on
+``(0, 1)`` only; DSM's and FDSSM's perturbed inputs can leave it. With
+``drop_out_of_domain=True`` those examples contribute 0 to the batch mean (the reference
+replaces their NaN loss by 0) and are counted in :attr:`Objective.dropped_examples`; by default
+they raise :class:`~ebflow.errors.InputError`.
+"""
+
+from .losses import LossTerms, dsm_loss, esm_loss, fdssm_loss, ml_loss, sml_loss, ssm_loss
+from .registry import DEFAULTS, NOISE_KINDS, OBJECTIVES, NoiseKind, Objective, ObjectiveSpec, make_objective
+
+__all__ = [
+    "DEFAULTS",
+    "LossTerms",
+    "NOISE_KINDS",
+    "NoiseKind",
+    "ObjectiveSpec",
+    "Objective",
+    "OBJECTIVES",
+    "make_objective",
+    "ml_loss",
+    "sml_loss",
+    "ssm_loss",
+    "dsm_loss",
+    "fdssm_loss",
+    "esm_loss",
+]

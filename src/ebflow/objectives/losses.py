@@ -1,0 +1,265 @@
+"""The objective functions: each takes ``(model, x, ...)`` and returns :class:`LossTerms` (see
+:mod:`ebflow.objectives` for the maths and the loss scale)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..flow import EBFlow
+from ..prior import StandardNormal
+from ..utils import sum_except_batch
+
+__all__ = ["LossTerms", "dsm_loss", "esm_loss", "fdssm_loss", "ml_loss", "sml_loss", "ssm_loss"]
+
+Projection = Literal["rademacher", "gaussian"]
+
+
+class LossTerms(NamedTuple):
+    """What an objective function returns: the per-example ``loss`` (shape ``(batch,)``, 0 for
+    dropped examples), the energy ``E(x)`` per example when it was computed on the way (else
+    ``None``), the number of ``dropped`` examples (outside the model's domain) and the mask
+    of the ``kept`` ones (``None``: all)."""
+
+    loss: Tensor
+    energy: Tensor | None
+    dropped: int = 0
+    kept: Tensor | None = None
+
+
+def _energy_and_grad(model: EBFlow, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x_with_grad, E(x), dE/dx)`` with the graph kept for a second differentiation.
+
+    The score objectives differentiate with respect to ``x``, so they enable grad mode
+    themselves: their value can also be computed inside ``torch.no_grad()`` (validation).
+    """
+    x = x.detach().requires_grad_(True)
+    e = model.energy(x)
+    (g,) = torch.autograd.grad(e.sum(), x, create_graph=True)
+    return x, e, g
+
+
+def _zero_loss(model: EBFlow, batch: int, like: Tensor) -> Tensor:
+    """Per-example zeros that are still connected to the parameters (a batch whose every
+    example was dropped gives a zero gradient, not a backward error)."""
+    anchor = sum((p.sum() * 0 for p in model.parameters() if p.requires_grad), like.new_zeros(()))
+    return like.new_zeros(batch) + anchor
+
+
+def _on_rows(
+    model: EBFlow, keep: Tensor, batch: int, like: Tensor, compute: Callable[[Tensor], LossTerms],
+) -> LossTerms:
+    """Evaluate ``compute`` on the kept rows; dropped rows get loss (and energy) 0."""
+    dropped = int(batch - int(keep.sum()))
+    if dropped == 0:
+        return compute(keep.new_ones(()))  # a 0-d mask: every row
+    if dropped == batch:
+        return LossTerms(_zero_loss(model, batch, like), like.new_zeros(batch), dropped, keep)
+    part = compute(keep)
+    loss = _zero_loss(model, batch, like).index_put((keep,), part.loss)
+    energy = None if part.energy is None else like.new_zeros(batch).index_put((keep,), part.energy)
+    return LossTerms(loss, energy, dropped, keep)
+
+
+def ml_loss(model: EBFlow, x: Tensor) -> LossTerms:
+    r"""Maximum likelihood: :math:`E(x) + \log Z = -\log p(x)` per example (nats)."""
+    e = model.energy(x)
+    return LossTerms(e + model.log_partition().to(e.dtype), e)
+
+
+def sml_loss(
+    model: EBFlow, x: Tensor, num_samples: int | None = None, noise: Tensor | None = None,
+) -> LossTerms:
+    r"""Sampling-based ML: :math:`E(x_i) - \mathbb{E}_{model}[E]` with model samples drawn by
+    exact inversion and detached. Its gradient equals the ML gradient in expectation; its value
+    is not a likelihood.
+
+    ``noise`` optionally gives the latent draws: standard normal, one row per model sample, each
+    row of ``D`` entries (e.g. ``(n, *event_shape)`` from :meth:`Objective.draw_noise`); the
+    samples are then ``model.inverse(noise.reshape(n, *model.latent_shape))`` and their number is
+    the row count of ``noise`` (a process's share of a global draw may be smaller than
+    ``num_samples``). Without ``noise``, ``num_samples`` (default: the batch size) samples are
+    drawn by :meth:`EBFlow.sample` from the global random number generator."""
+    e = model.energy(x)
+    with torch.no_grad():
+        if noise is None:
+            samples = model.sample(x.shape[0] if num_samples is None else num_samples)
+        else:
+            samples = model.inverse(_latent_noise(model, noise, x))
+    return LossTerms(e - model.energy(samples).mean(), e)
+
+
+def _latent_noise(model: EBFlow, noise: Tensor, like: Tensor) -> Tensor:
+    """SML's latent draws ``noise`` as ``(n, *latent_shape)``, with clear errors."""
+    latent = math.prod(model.latent_shape)
+    if not isinstance(model.prior, StandardNormal):
+        raise ConfigError(f"SML noise holds standard normal latent draws, but the model's prior is "
+                          f"{type(model.prior).__name__}; pass noise=None to sample from the prior")
+    if noise.dim() < 1 or noise.shape[0] < 1 or noise[0].numel() != latent:
+        raise ConfigError(
+            f"SML noise must have one row of {latent} latent entries per model sample "
+            f"(shape (n, ...) with prod(...) = {latent}), got shape {tuple(noise.shape)}"
+        )
+    if noise.dtype != like.dtype or noise.device != like.device:
+        raise ConfigError(f"SML noise must have the batch's dtype and device ({like.dtype}, {like.device}), "
+                          f"got ({noise.dtype}, {noise.device})")
+    return noise.reshape(noise.shape[0], *model.latent_shape)
+
+
+def _projections(
+    shape: tuple[int, ...], projection: Projection, *, dtype: torch.dtype, device: torch.device,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    if projection == "rademacher":
+        signs = torch.randint(0, 2, shape, device=device, generator=generator)
+        return signs.to(dtype) * 2 - 1
+    if projection == "gaussian":
+        return torch.randn(shape, dtype=dtype, device=device, generator=generator)
+    raise ConfigError(f"unknown SSM projection {projection!r}; choose 'rademacher' or 'gaussian'")
+
+
+def _check_noise(noise: Tensor, shape: tuple[int, ...], what: str, like: Tensor) -> Tensor:
+    if tuple(noise.shape) != tuple(shape):
+        raise ConfigError(f"{what} must have shape {tuple(shape)}, got {tuple(noise.shape)}")
+    if noise.dtype != like.dtype or noise.device != like.device:
+        raise ConfigError(f"{what} must have the batch's dtype and device ({like.dtype}, {like.device}), "
+                          f"got ({noise.dtype}, {noise.device})")
+    return noise
+
+
+@torch.enable_grad()
+def ssm_loss(
+    model: EBFlow, x: Tensor, slices: int = 1, projection: Projection = "rademacher",
+    noise: Tensor | None = None,
+) -> LossTerms:
+    r"""Sliced score matching (variance reduced), per dimension:
+    :math:`\frac1D[-v^\top \nabla^2 E\, v + \tfrac12\|\nabla E\|^2]`, averaged over ``slices``
+    projections. ``noise`` optionally gives the projections ``v``, shape ``(slices, *x.shape)``."""
+    if slices < 1:
+        raise ConfigError(f"SSM needs at least one slice, got slices={slices}")
+    shape = (slices, *x.shape)
+    if noise is None:
+        v = _projections(shape, projection, dtype=x.dtype, device=x.device)
+    else:
+        v = _check_noise(noise, shape, "SSM projections", x)
+    b = x.shape[0]
+    xr = x.repeat(slices, *([1] * (x.dim() - 1))).detach().requires_grad_(True)
+    # Leading linear layers h = A x + c: v^T (d2E/dx2) v = u^T (d2E/dh2) u with u = A v, so the
+    # Hessian-vector product stops at h (dE/dx = A^T dE/dh is still needed for the norm term).
+    h, u = model.linear_prefix(xr, v.reshape(xr.shape))
+    e = model.tail_energy(h)
+    (g_h,) = torch.autograd.grad(e.sum(), h, create_graph=True)
+    g = g_h if h is xr else torch.autograd.grad(h, xr, g_h, create_graph=True)[0]
+    (hu,) = torch.autograd.grad(sum_except_batch(g_h * u).sum(), h, create_graph=True)
+    per_slice = (-sum_except_batch(hu * u) + 0.5 * sum_except_batch(g.pow(2))) / x[0].numel()
+    return LossTerms(per_slice.view(slices, b).mean(0), e[:b])
+
+
+def _in_domain(model: EBFlow, *inputs: Tensor) -> Tensor:
+    keep = model.in_domain(inputs[0])
+    for t in inputs[1:]:
+        keep = keep & model.in_domain(t)
+    return keep
+
+
+@torch.enable_grad()
+def dsm_loss(
+    model: EBFlow, x: Tensor, sigma: float, noise: Tensor | None = None,
+    drop_out_of_domain: bool = False,
+) -> LossTerms:
+    r"""Denoising score matching at noise level ``sigma``, per dimension:
+    :math:`\frac1{2D}\|\nabla E(\tilde x) - \epsilon/\sigma\|^2`,
+    :math:`\tilde x = x + \sigma\epsilon`; ``noise`` optionally gives :math:`\epsilon`
+    (shape of ``x``). No energy at ``x`` is computed."""
+    if not sigma > 0:
+        raise ConfigError(f"DSM needs a noise level sigma > 0, got sigma={sigma}")
+    eps = torch.randn_like(x) if noise is None else _check_noise(noise, tuple(x.shape), "DSM noise", x)
+    d = x[0].numel()
+
+    def compute(rows: Tensor) -> LossTerms:
+        xs, es = (x, eps) if rows.dim() == 0 else (x[rows], eps[rows])
+        _, _, g = _energy_and_grad(model, xs + sigma * es)
+        return LossTerms(0.5 * sum_except_batch((g - es / sigma).pow(2)) / d, None)
+
+    if not drop_out_of_domain:
+        return compute(x.new_ones((), dtype=torch.bool))
+    return _on_rows(model, _in_domain(model, x + sigma * eps), x.shape[0], x, compute)
+
+
+def _fdssm_per_example(model: EBFlow, x: Tensor, v: Tensor) -> LossTerms:
+    r"""FDSSM terms for given directions ``v`` (``\|v\| = \varepsilon`` per example), divided by
+    :math:`\varepsilon^2`: an estimate of the per-dimension SSM objective."""
+    b = x.shape[0]
+    # E(x +- v) = tail(h +- A v) after the leading linear layers h = A x + c: those layers run
+    # on x and v (2 batches) instead of x, x + v, x - v (3 batches).
+    h, u = model.linear_prefix(x, v)
+    e_all = model.tail_energy(torch.cat([h, h + u, h - u]))
+    e, e_plus, e_minus = e_all[:b], e_all[b : 2 * b], e_all[2 * b :]
+    terms = (e_plus - e_minus).pow(2) / 8 + 2 * e - e_plus - e_minus
+    return LossTerms(terms / sum_except_batch(v.pow(2)), e)
+
+
+def _sphere(v: Tensor, radius: float) -> Tensor:
+    """Scale each example of ``v`` to norm ``radius`` (Gaussian ``v``: uniform on the sphere)."""
+    norm = v.reshape(v.shape[0], -1).norm(dim=1).clamp_min(torch.finfo(v.dtype).tiny)
+    return v * (radius / norm).view(-1, *([1] * (v.dim() - 1)))
+
+
+def fdssm_loss(
+    model: EBFlow, x: Tensor, eps: float, noise: Tensor | None = None,
+    drop_out_of_domain: bool = False,
+) -> LossTerms:
+    r"""Finite-difference sliced score matching with step ``eps``:
+    :math:`\frac{1}{\varepsilon^2}[\tfrac18(E(x+v)-E(x-v))^2 + 2E(x) - E(x+v) - E(x-v)]`,
+    :math:`v` uniform on the sphere of radius :math:`\varepsilon` (an estimate of the
+    per-dimension SSM objective). ``noise`` optionally gives Gaussian draws (shape of ``x``)
+    that are scaled to that sphere. Three energy evaluations, one backward."""
+    if not eps > 0:
+        raise ConfigError(f"FDSSM needs a step eps > 0, got eps={eps}")
+    raw = torch.randn_like(x) if noise is None else _check_noise(noise, tuple(x.shape), "FDSSM noise", x)
+    v = _sphere(raw, eps)
+    if not drop_out_of_domain:
+        return _fdssm_per_example(model, x, v)
+    keep = _in_domain(model, x, x + v, x - v)
+    return _on_rows(model, keep, x.shape[0], x,
+                    lambda rows: _fdssm_per_example(model, x, v) if rows.dim() == 0
+                    else _fdssm_per_example(model, x[rows], v[rows]))
+
+
+#: Entries (examples x dimensions x basis vectors) per vectorised chunk of ESM's Hessian rows.
+_ESM_CHUNK_ENTRIES = 1 << 24
+
+
+@torch.enable_grad()
+def esm_loss(model: EBFlow, x: Tensor) -> LossTerms:
+    r"""Exact score matching per dimension,
+    :math:`\frac1D[-\operatorname{tr}\nabla^2 E + \tfrac12\|\nabla E\|^2]` (small ``D`` only).
+
+    The Hessian trace is exact: ``torch.func`` gives the score and the vector-Jacobian products
+    of the ``D`` basis directions at once (``vmap`` over ``vjp``, replacing a loop of ``D``
+    Hessian-vector products; the values are identical and the result stays differentiable in
+    the parameters). Cost: ``D`` Hessian-vector products on the batch, in chunks of about
+    ``2**24`` entries. Every layer must run under ``torch.func`` (a custom
+    ``torch.autograd.Function`` needs ``setup_context`` and a vmap rule, as ebflow's have)."""
+    x = x.detach()
+    b, d = x.shape[0], x[0].numel()
+
+    def energy_sum(v: Tensor) -> tuple[Tensor, Tensor]:
+        e = model.energy(v)
+        return e.sum(), e
+
+    def grad_and_energy(v: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.func.grad(energy_sum, has_aux=True)(v)
+
+    g, vjp_fn, e = torch.func.vjp(grad_and_energy, x, has_aux=True)
+    # basis direction j for every example at once: row j of each example's Hessian
+    basis = torch.eye(d, dtype=x.dtype, device=x.device).view(d, 1, *x.shape[1:]).expand(d, *x.shape)
+    chunk = max(1, _ESM_CHUNK_ENTRIES // max(1, b * d))
+    (rows,) = torch.func.vmap(vjp_fn, chunk_size=chunk)(basis)
+    trace = rows.reshape(d, b, d).diagonal(dim1=0, dim2=2).sum(dim=-1)
+    return LossTerms((-trace + 0.5 * sum_except_batch(g.pow(2))) / d, e)

@@ -1,0 +1,96 @@
+"""``ebflow reproduce``: cells, budgets, resuming, and the report next to the paper's values
+(tiny budgets on generated MNIST-shaped data)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ebflow.cli import main
+from ebflow.errors import ConfigError
+from ebflow.experiment.reproduce import TABLES, cells_of, collect, render_report
+
+TINY = ["--set", "data=synthetic-mnist", "--set", "max_train=200", "--set", "max_eval=100",
+        "--set", "eval_every=5", "--set", "checkpoint_every=5", "--set", "log_every=5",
+        "--set", "num_samples=4", "--set", "tensorboard=false", "--set", "batch_size=50",
+        "--threads", "1"]
+
+
+def test_tables_hold_the_papers_values():
+    fc = {c.loss: c.paper for c in TABLES["mnist-fc"]}
+    assert fc == {"ml": 1092.4, "sml": 1092.3, "ssm": 1092.8, "dsm": 1099.2, "fdssm": 1104.1}
+    assert {c.loss: c.paper for c in TABLES["cifar-cnn"]}["fdssm"] == 11766.0
+    ablation = {c.name: c for c in TABLES["ablation"]}
+    assert len(ablation) == 18
+    assert ablation["fc-dsm-noema-nomap"].overrides == {"ema_decay": 0.0, "map": False,
+                                                         "drop_out_of_domain": True}
+    assert ablation["cnn-ssm-ema-nomap"].overrides == {"map": False}
+    assert ablation["fc-fdssm-ema-map"].paper == 1104.1
+    assert {c.name for c in TABLES["mm10"]} == {"full", "tril", "triu", "lu"}
+    assert [c.paper for c in TABLES["glow"]] == [728.0, None]
+
+
+def test_cell_selection():
+    assert [c.loss for c in cells_of("mnist-fc", ["ml", "dsm"])] == ["ml", "dsm"]
+    assert {c.name for c in cells_of("ablation", only=["fc-ssm-*"])} == {
+        "fc-ssm-noema-nomap", "fc-ssm-ema-nomap", "fc-ssm-ema-map"}
+    with pytest.raises(ConfigError, match="unknown table"):
+        cells_of("imagenet")
+    with pytest.raises(ConfigError, match="no cell"):
+        cells_of("mm10", only=["nothing-*"])
+
+
+def test_reproduce_trains_resumes_and_reports(tmp_path, capsys):
+    out = tmp_path / "rep"
+    args = ["reproduce", "mnist-fc", "--objectives", "ml", "dsm", "--budget-minutes", "0.01",
+            "--parallel", "2", "--out", str(out), *TINY]
+    assert main(args) == 0, capsys.readouterr().err
+    table = out / "mnist-fc"
+    for cell in ("ml", "dsm"):
+        results = json.loads((table / cell / "results.json").read_text())
+        assert results["iterations"] > 0 and results["threads"] == 1
+        assert json.loads((table / cell / "cell.json").read_text())["budget_minutes"] == 0.01
+    report = (table / "report.md").read_text()
+    assert "| ml | ml | 1,092.4 |" in report and "| dsm | dsm | 1,099.2 |" in report
+    data = json.loads((table / "results.json").read_text())
+    assert [c["status"] for c in data["cells"]] == ["finished", "finished"]
+    assert all(c["diff"] == pytest.approx(c["ours"] - c["paper"]) for c in data["cells"])
+    assert (table / "val_nll_vs_time.png").stat().st_size > 0
+    capsys.readouterr()
+
+    # a rerun at the same budget trains nothing
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("finished at this budget; skipped") == 2
+
+    # an interrupted cell (checkpoint, no results) resumes from its checkpoint; a larger budget
+    # continues a finished cell
+    (table / "dsm" / "results.json").unlink()
+    (table / "dsm" / "cell.json").unlink()
+    before = json.loads((table / "ml" / "results.json").read_text())["iterations"]
+    assert main([*args[:5], "--budget-minutes", "0.02", *args[7:]]) == 0
+    assert "--resume" in (table / "dsm.log").read_text()
+    after = json.loads((table / "ml" / "results.json").read_text())["iterations"]
+    assert after > before
+
+
+def test_report_marks_cells_not_run_and_checks_the_claims(tmp_path):
+    cells = cells_of("mnist-fc")
+    records = collect("mnist-fc", cells, tmp_path)
+    assert {r["status"] for r in records} == {"not run"}
+    fake = []
+    for r, ours in zip(records, (1093.0, 1094.0, 1095.0, 1100.0, 1200.0)):
+        fake.append({**r, "status": "finished", "ours": ours, "diff": ours - r["paper"],
+                     "rel_diff": (ours - r["paper"]) / r["paper"],
+                     "results": {"test_nll": ours, "iterations": 10, "train_seconds": 60.0,
+                                 "ms_per_iter": 6.0, "test_bpd": 2.0, "device": "cpu", "threads": 1}})
+    text = render_report("mnist-fc", fake, "test machine")
+    assert "Within 1 % of the paper: 4 of 5" in text
+    assert "Our order (best first): ML 1093.0 < SML 1094.0 < SSM 1095.0 < DSM 1100.0 < FDSSM 1200.0" in text
+
+
+def test_reproduce_refuses_bad_options(capsys):
+    assert main(["reproduce", "mnist-fc", "--parallel", "0"]) == 2
+    assert "--parallel" in capsys.readouterr().err
+    assert main(["reproduce", "mnist-fc", "--budget-minutes", "-1"]) == 2
+    assert main(["reproduce", "mnist-fc", "--objectives", "xyz"]) == 2
