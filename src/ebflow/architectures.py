@@ -87,10 +87,12 @@ def conv_flow(
     kernel_size: int = 7,
     alpha: float = 0.3,
     init: str = "identity",
+    spectral_norm: bool = False,
 ) -> EBFlow:
     """Convolutional EBFlow: ``blocks`` blocks of ``convs_per_block`` C->C convolutions with a
-    residual smooth leaky ReLU between convolutions, and a squeeze between blocks. ``init`` is
-    passed to :class:`Conv2d`."""
+    residual smooth leaky ReLU between convolutions, and a squeeze between blocks. ``init`` and
+    ``spectral_norm`` (the reference's CIFAR-CNN recipe for ML, SSM and DSM; see
+    :class:`Conv2d`: evaluate in eval mode) are passed to every :class:`Conv2d`."""
     c, h, w = event_shape
     layers: list[FlowLayer] = []
     for b in range(blocks):
@@ -98,7 +100,7 @@ def conv_flow(
             layers.append(Squeeze())
             c, h, w = 4 * c, h // 2, w // 2
         for i in range(convs_per_block):
-            layers.append(Conv2d(c, kernel_size, init=init))
+            layers.append(Conv2d(c, kernel_size, init=init, spectral_norm=spectral_norm))
             if not (b == blocks - 1 and i == convs_per_block - 1):
                 layers.append(ResidualSmoothLeakyReLU(alpha))
     return EBFlow(layers, tuple(event_shape))

@@ -23,9 +23,15 @@ from torch import Tensor, nn
 from .errors import ConfigError, InputError
 from .layers.base import FlowLayer, LinearFlowLayer, Shape
 from .prior import StandardNormal
-from .validation import check_batch
+from .validation import check_batch, check_count, check_generator
 
-__all__ = ["EBFlow"]
+__all__ = ["EBFlow", "with_grad"]
+
+
+def with_grad(h: Tensor) -> Tensor:
+    """``h`` itself when it requires grad, else a detached leaf copy that does (so that autograd
+    can differentiate with respect to it even when no parameter before it requires grad)."""
+    return h if h.requires_grad else h.detach().requires_grad_(True)
 
 
 class EBFlow(nn.Module):
@@ -87,11 +93,13 @@ class EBFlow(nn.Module):
     def linear_layers(self) -> list[LinearFlowLayer]:
         return [l for l in self.layers if isinstance(l, LinearFlowLayer)]
 
-    def _check(self, x: Tensor, what: str, shape: Shape | None = None) -> Tensor:
+    def _check(self, x: Tensor, what: str, shape: Shape | None = None, batch_size: int | None = None) -> Tensor:
+        """Every public entry point's input check (:func:`~ebflow.validation.check_batch`: type,
+        floating dtype = the model's, device, shape, finiteness); skipped with ``validate=False``."""
         if self.validate:
             check_batch(
                 x, self.event_shape if shape is None else shape,
-                dtype=self.dtype, device=self.device, what=what,
+                dtype=self.dtype, device=self.device, what=what, batch_size=batch_size,
             )
         return x
 
@@ -174,6 +182,8 @@ class EBFlow(nn.Module):
         objectives run the first (often the largest) layers on ``x`` and ``v`` instead of on
         every perturbed copy of ``x``."""
         h = self._check(x, "input x")
+        if self.validate:
+            check_batch(direction, None, dtype=self.dtype, device=self.device, what="direction")
         if tuple(direction.shape) != tuple(h.shape):
             raise InputError(
                 f"direction must have the shape of x {tuple(h.shape)}, got {tuple(direction.shape)}"
@@ -198,16 +208,59 @@ class EBFlow(nn.Module):
     def tail_energy(self, h: Tensor) -> Tensor:
         """:math:`E(x)` from ``h``, the output of :meth:`linear_prefix` (same value as
         :meth:`energy` of ``x``), shape ``(batch,)``."""
-        return self._energy_from(self.linear_prefix_length, h)
+        start = self.linear_prefix_length
+        shape = self.layer_input_shapes[start] if start < len(self.layers) else self.latent_shape
+        return self._energy_from(start, self._check(h, "prefix output h", shape))
 
     def score(self, x: Tensor, *, create_graph: bool = False) -> Tensor:
-        r"""Score :math:`\nabla_x \log p(x) = -\nabla_x E(x)` (no partition function needed)."""
+        r"""Score :math:`\nabla_x \log p(x) = -\nabla_x E(x)` (no partition function needed).
+
+        With ``create_graph=True`` the score is differentiable in the parameters (and in ``x``
+        when ``x`` requires grad). For an ``x`` that does not require grad, its graph then reaches
+        the parameters only (:meth:`energy_and_grad`), so a plain ``.backward()`` of a loss
+        built on it computes nothing but their gradients."""
+        x = self._check(x, "input x")
+        if create_graph and not x.requires_grad:
+            return -self.energy_and_grad(x)[1]
         with torch.enable_grad():
             if not x.requires_grad:
                 x = x.detach().requires_grad_(True)
             e = self.energy(x).sum()
             (grad,) = torch.autograd.grad(e, x, create_graph=create_graph)
         return -grad
+
+    def energy_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        r"""``(E(x), \nabla_x E(x))``, both differentiable in the parameters (score matching):
+        the values of ``torch.autograd.grad(E(x).sum(), x, create_graph=True)`` on a leaf copy of
+        ``x``, but ``x`` never becomes an autograd leaf, so the graph reaches the parameters only
+        and a plain ``loss.backward()`` does no work beyond their gradients (no input gradient of
+        the first layer, nothing accumulated into a copy of the data). ``x`` itself is detached.
+
+        How: the leading linear layers :math:`h = Ax + c` run under :func:`torch.func.vjp`, which
+        also gives the pull-back :math:`g_h \mapsto A^\top g_h`; the rest of the energy is
+        differentiated by autograd with respect to :math:`h`, a non-leaf that depends on the
+        parameters only (``torch.func``'s per-op dispatch cost stays off the many small ops of
+        coupling layers). A model without a linear prefix is differentiated by
+        :func:`torch.func.grad` alone."""
+        x = self._check(x, "input x").detach()
+        with torch.enable_grad():
+            if self.linear_prefix_length == 0:
+                def energy_sum(v: Tensor) -> tuple[Tensor, Tensor]:
+                    e = self._energy_from(0, v)
+                    return e.sum(), e
+
+                g, e = torch.func.grad(energy_sum, has_aux=True)(x)
+                return e, g
+            h, to_x = torch.func.vjp(self._through_prefix, x)
+            h = with_grad(h)
+            e = self._energy_from(self.linear_prefix_length, h)
+            (g_h,) = torch.autograd.grad(e.sum(), h, create_graph=True)
+            return e, to_x(g_h)[0]
+
+    def _through_prefix(self, x: Tensor) -> Tensor:
+        for layer in self.layers[: self.linear_prefix_length]:
+            x = layer.transform(x)
+        return x
 
     # -- exact likelihood ---------------------------------------------------------------------
     def log_partition(self) -> Tensor:
@@ -222,11 +275,13 @@ class EBFlow(nn.Module):
                 total = total - layer.log_abs_det(shape).to(device=self.device, dtype=torch.float64)
         return total
 
+    @torch.nn.utils.parametrize.cached()  # one value per parametrized weight (spectral norm)
     def log_prob(self, x: Tensor) -> Tensor:
         r"""Exact log-density :math:`\log p(x) = -E(x) - \log Z`, shape ``(batch,)``."""
         e = self.energy(x)
         return -e - self.log_partition().to(e.dtype)
 
+    @torch.nn.utils.parametrize.cached()  # one value per parametrized weight (spectral norm)
     def forward_with_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(z, sum of every layer's log|det J|)``: plain change of variables (for checks)."""
         h = self._check(x, "input x")
@@ -254,8 +309,8 @@ class EBFlow(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """Draw ``n`` exact samples: ``z ~ p_u``, ``x = g^{-1}(z)``. No gradient flows."""
-        if not isinstance(n, int) or n < 1:
-            raise InputError(f"number of samples must be a positive integer, got {n!r}")
+        n = check_count(n, "number of samples n", error=InputError)
+        check_generator(generator)
         z = self.prior.sample(
             (n, *self.latent_shape), dtype=self.dtype, device=self.device, generator=generator
         )

@@ -30,7 +30,9 @@ from torch import Tensor
 
 from .errors import ConfigError, InputError
 from .mcmc import PreprocessedSpaceEnergy, check_energy_model, default_step_size, langevin
+from .mcmc.energy import check_preprocessing
 from .preprocessing import ImagePreprocessing
+from .validation import check_batch, check_count, check_generator, check_number
 
 __all__ = [
     "InpaintResult",
@@ -102,7 +104,13 @@ def make_mask(
     Image masks cover every channel of a pixel. Returns shape ``event_shape``, or
     ``(batch, *event_shape)`` for ``random:P``.
     """
-    event_shape = tuple(int(s) for s in event_shape)
+    if not isinstance(spec, (str, Path)):
+        raise ConfigError(f"mask spec must be a string (a region, random:P or a FILE.png), got {type(spec).__name__}")
+    if isinstance(event_shape, (str, bytes)) or not hasattr(event_shape, "__iter__"):
+        raise ConfigError(f"event_shape must be a sequence of sizes, got {event_shape!r}")
+    event_shape = tuple(check_count(s, "every size of event_shape") for s in event_shape)
+    batch = check_count(batch, "mask batch")
+    check_generator(generator)
     spec = str(spec)
     if spec.startswith("random:"):
         try:
@@ -217,16 +225,18 @@ def inpaint_images(
         generator: random generator (CPU) for the noise start and the chains.
     """
     model = check_energy_model(model)
-    if not denoise_sigma >= 0:
-        raise ConfigError(f"denoise_sigma must be >= 0, got {denoise_sigma}")
-    if not (isinstance(average_last, int) and 0 <= average_last):
-        raise ConfigError(f"average_last must be a non-negative integer, got {average_last!r}")
+    if preprocessing is not None:
+        check_preprocessing(preprocessing)
+    steps = check_count(steps, "steps", minimum=0)
+    if step_size is not None:
+        step_size = check_number(step_size, "step size", positive=True)
+    denoise_sigma = check_number(denoise_sigma, "denoise_sigma", non_negative=True)
+    average_last = check_count(average_last, "average_last", minimum=0)
+    check_generator(generator)
     if average_last > steps:
         raise ConfigError(f"average_last ({average_last}) cannot exceed the number of steps ({steps})")
     event_shape = tuple(model.event_shape)
-    if not isinstance(images, Tensor) or tuple(images.shape[1:]) != event_shape or images.dim() != len(event_shape) + 1:
-        got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise InputError(f"images must have shape (batch, {', '.join(map(str, event_shape))}), got {got}")
+    check_batch(images, event_shape, what="images", integer_ok=True)
     dtype = getattr(model, "dtype", torch.get_default_dtype())
     device = getattr(model, "device", torch.device("cpu"))
     original = images.detach().to(device=device, dtype=dtype)
@@ -328,6 +338,12 @@ def save_inpainting_grid(result: InpaintResult, path: str | Path, *, max_value: 
     Small images are enlarged by an integer factor (nearest neighbour) to at least ``min_size``
     pixels high.
     """
+    if not isinstance(result, InpaintResult):
+        raise ConfigError(f"save_inpainting_grid needs an InpaintResult, got {type(result).__name__}")
+    if not isinstance(path, (str, Path)):
+        raise ConfigError(f"path must be a str or pathlib.Path, got {type(path).__name__}")
+    max_value = check_number(max_value, "max_value", positive=True)
+    min_size = check_count(min_size, "min_size")
     from torchvision.utils import save_image
 
     rows = [result.original, result.start, result.filled]

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import ConfigError, InputError
-from .utils import sum_except_batch
+from .errors import InputError
 from .layers import FixedAffine, FlowLayer, Logit
+from .utils import sum_except_batch
+from .validation import check_batch, check_count, check_generator, check_number
 
 __all__ = ["ImagePreprocessing"]
 
@@ -42,22 +43,19 @@ class ImagePreprocessing:
     """
 
     def __init__(self, smoothness: float = 0.5, shift: float = 1e-6, num_bins: int = 256) -> None:
-        if not smoothness > 0:
-            raise ConfigError(f"logit smoothness must be > 0, got {smoothness}")
-        if not 0 <= shift < 0.5:
-            raise ConfigError(f"logit shift must be in [0, 0.5), got {shift}")
-        if num_bins < 2:
-            raise ConfigError(f"num_bins must be at least 2, got {num_bins}")
-        self.smoothness = float(smoothness)
-        self.shift = float(shift)
-        self.num_bins = int(num_bins)
+        self.smoothness = check_number(smoothness, "logit smoothness", positive=True)
+        self.shift = check_number(shift, "logit shift", non_negative=True, below=0.5)
+        self.num_bins = check_count(num_bins, "num_bins", minimum=2)
 
     def __repr__(self) -> str:
         return (f"ImagePreprocessing(smoothness={self.smoothness}, shift={self.shift}, "
                 f"num_bins={self.num_bins})")
 
     def dequantize(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        r""":math:`\tilde x = x + u`, :math:`u \sim U[0, 1)`; pixels must be in ``[0, num_bins)``."""
+        r""":math:`\tilde x = x + u`, :math:`u \sim U[0, 1)`; pixels (integer or floating
+        tensor, a batch first) must be in ``[0, num_bins)``."""
+        check_batch(pixels, what="pixels", integer_ok=True)
+        check_generator(generator)
         if not pixels.is_floating_point():
             pixels = pixels.to(torch.get_default_dtype())
         if bool((pixels < 0).any()) or bool((pixels > self.num_bins - 1).any()):
@@ -76,6 +74,7 @@ class ImagePreprocessing:
 
         ``check=False`` skips the range check (values slightly outside ``[0, num_bins]`` still
         map to finite ``y`` thanks to the shift)."""
+        check_batch(x, what="dequantised pixels x", finite=check)
         if check and (bool((x < 0).any()) or bool((x > self.num_bins).any())):
             raise InputError(
                 f"dequantised pixels must lie in [0, {self.num_bins}], got range "
@@ -91,12 +90,14 @@ class ImagePreprocessing:
 
     def inverse(self, y: Tensor) -> Tensor:
         r"""Back to continuous pixels :math:`\tilde x \in (0, 256)`."""
+        check_batch(y, what="preprocessed y", finite=False)  # NaN/Inf samples map to NaN/edges
         p = torch.sigmoid(y * self.smoothness)
         return (p - self.shift) * self.num_bins / (1 - 2 * self.shift)
 
     def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         r"""``(x, log|det dx/dy|)`` for the inverse map, computed stably with log-sigmoids:
         :math:`\log\frac{dx}{dy} = \log\frac{\kappa n}{1 - 2\delta} + \log\sigma(\kappa y) + \log\sigma(-\kappa y)`."""
+        check_batch(y, what="preprocessed y", finite=False)
         t = y * self.smoothness
         x = (torch.sigmoid(t) - self.shift) * self.num_bins / (1 - 2 * self.shift)
         per_entry = (math.log(self.smoothness * self.num_bins / (1 - 2 * self.shift))

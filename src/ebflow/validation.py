@@ -1,15 +1,26 @@
-"""Input checks shared by models and layers: shape, dtype, device and finiteness."""
+"""Input checks shared by every public entry point of the library: type, dtype, shape, device and
+finiteness of tensors (:func:`check_batch`), and the plain numbers and generators that go with
+them. Each raises :class:`~ebflow.errors.InputError` (a bad tensor) or
+:class:`~ebflow.errors.ConfigError` (a bad option) naming the problem and, where there is one,
+the fix -- never a raw ``RuntimeError``/``AttributeError``/``TypeError`` from deeper down."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from .errors import InputError
+from .errors import ConfigError, EBFlowError, InputError
 
-__all__ = ["check_batch", "check_finite"]
+__all__ = [
+    "check_batch",
+    "check_count",
+    "check_finite",
+    "check_generator",
+    "check_number",
+]
 
 
 def check_finite(x: Tensor, what: str = "input") -> None:
@@ -20,38 +31,113 @@ def check_finite(x: Tensor, what: str = "input") -> None:
         raise InputError(f"{what} contains non-finite values ({n_nan} NaN, {n_inf} Inf)")
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def check_batch(
     x: object,
-    event_shape: Sequence[int],
+    event_shape: Sequence[int] | None = None,
     *,
     dtype: torch.dtype | None = None,
     device: torch.device | None = None,
     what: str = "input",
     finite: bool = True,
+    batch_size: int | None = None,
+    integer_ok: bool = False,
+    owner: str = "model",
 ) -> Tensor:
     """Check that ``x`` is a floating tensor of shape ``(batch, *event_shape)``.
 
-    Returns ``x`` unchanged; raises :class:`InputError` naming the problem otherwise.
+    * not a tensor (a list, a NumPy array, ...): :class:`InputError` naming the type and the
+      conversion;
+    * an integer, boolean or complex dtype: :class:`InputError` asking for a floating tensor
+      (of ``dtype`` when given); ``integer_ok`` accepts integer dtypes (pixels);
+    * ``dtype``/``device`` given: they must match (the model's);
+    * ``event_shape`` given: ``x`` must be ``(batch, *event_shape)``; ``None``: any shape with
+      a batch dimension. ``batch_size`` given: the batch must have that size. An empty batch is
+      refused;
+    * ``finite``: no NaN or Inf (one reduction over ``x``).
+
+    ``owner`` names the object in the suggested fix (``x.to(model.dtype)``). Returns ``x``
+    unchanged.
     """
+    target = f"dtype={owner}.dtype" if dtype is not None else "dtype=torch.float32"
     if not isinstance(x, Tensor):
-        raise InputError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
-    event_shape = tuple(event_shape)
-    if not x.is_floating_point():
-        raise InputError(f"{what} must have a floating dtype, got {x.dtype}")
+        hint = f"; convert with torch.as_tensor(x, {target})" if not isinstance(x, (str, bytes)) else ""
+        raise InputError(f"{what} must be a torch.Tensor, got {type(x).__name__}{hint}")
+    if x.dtype == torch.bool or x.is_complex() or not (x.is_floating_point() or integer_ok):
+        wanted = f"of dtype {_dtype_name(dtype)}" if dtype is not None else "(float32 or float64)"
+        fix = f"x.to({owner}.dtype)" if dtype is not None else "x.float()"
+        raise InputError(
+            f"{what}: expected a floating tensor {wanted}, got {_dtype_name(x.dtype)}; convert with {fix}"
+        )
     if dtype is not None and x.dtype != dtype:
         raise InputError(
-            f"{what} has dtype {x.dtype} but the model has dtype {dtype}; "
-            f"convert one of them (e.g. x.to({dtype}) or model.to({x.dtype}))"
+            f"{what} has dtype {x.dtype} but the {owner} has dtype {dtype}; "
+            f"convert one of them (e.g. x.to({dtype}) or {owner}.to({x.dtype}))"
         )
     if device is not None and x.device.type != device.type:
-        raise InputError(f"{what} is on device {x.device} but the model is on {device}")
-    if x.dim() != len(event_shape) + 1 or tuple(x.shape[1:]) != event_shape:
         raise InputError(
-            f"{what} must have shape (batch, {', '.join(map(str, event_shape))}), "
-            f"got {tuple(x.shape)}"
+            f"{what} is on device {x.device} but the {owner} is on {device}; move it with x.to({owner}.device)"
         )
+    if event_shape is not None:
+        event_shape = tuple(event_shape)
+        if x.dim() != len(event_shape) + 1 or tuple(x.shape[1:]) != event_shape:
+            raise InputError(
+                f"{what} must have shape (batch, {', '.join(map(str, event_shape))}), "
+                f"got {tuple(x.shape)}"
+            )
+    elif x.dim() == 0:
+        raise InputError(f"{what} must have a batch dimension, got a 0-d tensor")
     if x.shape[0] == 0:
         raise InputError(f"{what} is an empty batch")
+    if batch_size is not None and x.shape[0] != batch_size:
+        raise InputError(f"{what} must hold {batch_size} examples (the batch's), got {x.shape[0]}")
     if finite:
         check_finite(x, what)
     return x
+
+
+def check_count(
+    value: object, what: str, *, minimum: int = 1, error: type[EBFlowError] = ConfigError,
+) -> int:
+    """``value`` as an ``int >= minimum`` (a Python or NumPy integer, never a bool), else
+    ``error`` (:class:`ConfigError`, or :class:`InputError` for a call's argument)."""
+    kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    if isinstance(value, bool) or not hasattr(value, "__index__") or isinstance(value, Tensor):
+        raise error(f"{what} must be {kind}, got {value!r} ({type(value).__name__})")
+    value = int(value.__index__())  # type: ignore[attr-defined]
+    if value < minimum:
+        raise error(f"{what} must be {kind}, got {value}")
+    return value
+
+
+def check_number(
+    value: object, what: str, *, positive: bool = False, non_negative: bool = False,
+    below: float | None = None,
+) -> float:
+    """``value`` as a finite ``float`` (a Python or NumPy real, never a bool), optionally
+    ``> 0``, ``>= 0`` or ``< below``; else :class:`ConfigError`."""
+    ok = not isinstance(value, (bool, str, bytes, Tensor))
+    if ok:
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            ok = False
+    if not ok or not math.isfinite(number):
+        raise ConfigError(f"{what} must be a finite number, got {value!r}")
+    if positive and not number > 0:
+        raise ConfigError(f"{what} must be > 0, got {value!r}")
+    if non_negative and not number >= 0:
+        raise ConfigError(f"{what} must be >= 0, got {value!r}")
+    if below is not None and not number < below:
+        raise ConfigError(f"{what} must be < {below}, got {value!r}")
+    return number
+
+
+def check_generator(generator: object, what: str = "generator") -> torch.Generator | None:
+    """``generator`` if it is ``None`` or a :class:`torch.Generator`, else :class:`ConfigError`."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ConfigError(f"{what} must be a torch.Generator or None, got {type(generator).__name__}")
+    return generator

@@ -71,7 +71,21 @@ def _interrupted(err: TrainingInterrupted) -> str:
         return f"{err} before the run's first checkpoint; delete {err.run_dir} and start again"
     else:
         return f"{err} before the run started; nothing was written"
-    return f"{text}. Continue with: {resume_command(err.run_dir)}"
+    again = " (under torchrun: with the same torchrun options)" if _world_size() > 1 else ""
+    return f"{text}. Continue with: {resume_command(err.run_dir)}{again}"
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    text = str(err)
+    return (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in text or "CUDA out of memory" in text)
+
+
+def _world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     debug = args.debug or os.environ.get("EBFLOW_DEBUG", "") not in ("", "0")
     # in a torchrun run every process reports; the others say which they are
-    rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else "0"
+    rank = os.environ.get("RANK", "0") if _world_size() > 1 else "0"
     who = "" if rank == "0" else f"[rank {rank}] "
     try:
         return int(args.handler(args) or 0)
@@ -99,6 +113,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{who}error: {_one_line(_describe(err))}", file=sys.stderr)
         return EXIT_DIVERGED if isinstance(err, TrainingDivergedError) else EXIT_ERROR
+    except (MemoryError, RuntimeError) as err:  # out of memory can happen anywhere: say so
+        if debug or not _out_of_memory(err):
+            raise
+        print(f"{who}error: out of memory ({_one_line(str(err))[-200:]}); use smaller sizes "
+              "(batch_size, eval_batch_size, -n, the data or the model)", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         if debug:
             raise

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..experiment.checkpoint import check_new_run_dir
 from ..experiment.config import LOSSES, parse_overrides, resolve_config
 from ..experiment.distributed import init_from_env, shutdown
 from ..experiment.trainer import StopRequest, TrainingInterrupted
@@ -81,6 +82,7 @@ def _train(args: argparse.Namespace) -> int:
             run_dir = Path(args.out) if args.out else (
                 Path("runs") / f"{config['name']}-{config['loss']}-{time.strftime('%Y%m%d-%H%M%S')}")
             run_dir = ctx.broadcast_object(run_dir)  # rank 0's clock names the run
+            ctx.from_main(lambda: check_new_run_dir(run_dir))  # refuse a taken --out before anything
             say(f"training {config['name']} with {config['loss']} in {run_dir}")
             if ctx.is_distributed:
                 say(_batch_line(ctx.world_size, config["batch_size"], config["lr"]))

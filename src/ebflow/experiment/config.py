@@ -80,7 +80,8 @@ FIELDS: dict[str, Field] = {
                   f"in [0, {MAX_SEED}]"),
     "device": Field("auto", _STR, "cpu, cuda, cuda:N or auto (cuda when available)",
                     lambda v: DEVICE_NAME.fullmatch(v) is not None, "auto|cpu|cuda|cuda:N"),
-    "num_threads": Field(None, _INT, "CPU threads for torch (null = torch's default)", *_POS, nullable=True),
+    "num_threads": Field(None, _INT, "CPU threads for torch (null = torch's default)",
+                         lambda v: 0 < v <= 1024, "in [1, 1024]", nullable=True),
     "dtype": Field("float32", _STR, "model and data precision", _choice(("float32", "float64")),
                    "float32|float64"),
     # -- data ------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from .checkpoint import (CheckpointError, OutputError, check_new_run_dir, check_
                          load_checkpoint, os_reason, remove_temp_files, resume_command, write_text_atomic)
 from .config import RESUMABLE_KEYS, dump_config, validate_config
 from .data import DataSplits
-from .distributed import SINGLE_PROCESS, Distributed, resolve_device
+from .distributed import Distributed, resolve_device
 from .distributed import current as current_distributed
 from .evaluation import EVAL_SEED_OFFSET, evaluate_nll
 from .plots import save_density_plot, save_samples

@@ -115,11 +115,30 @@ class Conv2d(LinearFlowLayer):
     an LU factorisation of :math:`M` (cached). Initialised at the identity kernel plus small
     noise (``init_noise``), or with ``init="negative_identity"`` at exactly :math:`-I` with a
     bias :math:`\sim N(0, 0.01^2)` (the paper's recipe).
+
+    **Spectral normalisation** (``spectral_norm=True``, the reference's CIFAR-CNN recipe for ML,
+    SSM and DSM): ``weight`` becomes :func:`torch.nn.utils.parametrizations.spectral_norm` of a
+    free parameter (``parametrizations.weight.original``): the kernel reshaped to a
+    ``C x (C k k)`` matrix divided by its largest singular value :math:`\sigma`, estimated by
+    power iteration with the vectors ``u``, ``v`` kept as buffers (in the state dict).
+    Everything -- ``transform``, the exact ``log|det M|``, the inverse, sampling -- uses the
+    *normalised* weight, so the flow stays exact for the map it applies. (This normalises the
+    reshaped kernel, not the operator norm of the convolution, which can still exceed 1.)
+
+    * In **train mode every access to** ``weight`` **runs one power-iteration step** (updating
+      ``u`` and ``v`` in place), so the map changes slightly between calls, as in the reference.
+      ebflow's objectives and :meth:`~ebflow.EBFlow.log_prob` evaluate it once per call
+      (:func:`torch.nn.utils.parametrize.cached`): one power step per layer and training step,
+      and one map for the whole loss. The cached ``log|det|`` and factorisation follow the
+      buffers (their version counters are part of the cache key), so nothing stale is served.
+    * In **eval mode** the weight is a fixed function of the parameter and the buffers: the
+      density, the inverse and the samples are exactly consistent (call ``model.eval()`` before
+      evaluating an exact likelihood or sampling).
     """
 
     def __init__(
         self, channels: int, kernel_size: int = 3, *, bias: bool = True, init_noise: float = 1e-2,
-        init: str = "identity",
+        init: str = "identity", spectral_norm: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
@@ -142,11 +161,17 @@ class Conv2d(LinearFlowLayer):
         else:
             weight[:, :, centre, centre] = -torch.eye(channels)
             start_bias = 0.01 * torch.randn(channels)
+        if not isinstance(spectral_norm, bool):
+            raise ConfigError(f"Conv2d spectral_norm must be True or False, got {spectral_norm!r}")
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(start_bias) if bias else None
+        self.spectral_norm = spectral_norm
+        if spectral_norm:
+            nn.utils.parametrizations.spectral_norm(self, "weight")
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, kernel_size={self.kernel_size}, bias={self.bias is not None}"
+        sn = ", spectral_norm=True" if self.spectral_norm else ""
+        return f"channels={self.channels}, kernel_size={self.kernel_size}, bias={self.bias is not None}{sn}"
 
     def output_shape(self, event_shape: Shape) -> Shape:
         if len(event_shape) != 3 or event_shape[0] != self.channels:
@@ -162,12 +187,14 @@ class Conv2d(LinearFlowLayer):
                 f"Conv2d({self.channels} channels) expects images of shape "
                 f"(batch, {self.channels}, H, W), got {tuple(x.shape)}"
             )
+        weight = self.weight  # one access: with spectral_norm in train mode, one power step
         if x.device.type == "cpu" and self.channels <= _FEW_CHANNELS:
-            return same_padding_conv2d(x, self.weight, self.bias)
-        return F.conv2d(x, self.weight, self.bias, padding=self.kernel_size // 2)
+            return same_padding_conv2d(x, weight, self.bias)
+        return F.conv2d(x, weight, self.bias, padding=self.kernel_size // 2)
 
     def matrix(self, image_shape: Shape) -> Tensor:
-        """The layer's ``D x D`` matrix on images of shape ``image_shape`` (float64)."""
+        """The layer's ``D x D`` matrix on images of shape ``image_shape`` (float64), from the
+        weight that :meth:`transform` uses (the normalised one with ``spectral_norm``)."""
         return convolution_matrix(self.weight.double(), tuple(image_shape))
 
     def _log_abs_det(self, event_shape: Shape) -> Tensor:

@@ -12,8 +12,10 @@ from torch import Tensor
 
 from ..errors import ConfigError, InputError
 from ..utils import sum_except_batch
+from ..validation import check_batch, check_number
 
-__all__ = ["EnergyModel", "PreprocessedSpaceEnergy", "check_energy_model", "gaussian_blur", "smoothness_energy"]
+__all__ = ["EnergyModel", "PreprocessedSpaceEnergy", "check_energy_model", "check_preprocessing", "gaussian_blur",
+           "smoothness_energy"]
 
 
 @runtime_checkable
@@ -36,6 +38,15 @@ def check_energy_model(model: object) -> EnergyModel:
     return model  # type: ignore[return-value]
 
 
+def check_preprocessing(preprocessing: object) -> None:
+    """Raise :class:`ConfigError` unless ``preprocessing`` looks like an
+    :class:`~ebflow.ImagePreprocessing` (``forward``, ``inverse``, ``inverse_and_log_det``)."""
+    if not all(callable(getattr(preprocessing, m, None)) for m in ("forward", "inverse", "inverse_and_log_det")):
+        raise ConfigError(
+            f"preprocessing must be an ebflow.ImagePreprocessing (or None), got {type(preprocessing).__name__}"
+        )
+
+
 class PreprocessedSpaceEnergy:
     r"""Energy of :math:`y = P(\tilde x)` for a model whose input is dequantised pixels
     :math:`\tilde x` (image preprocessing :math:`P` inside the model, no MaP):
@@ -47,6 +58,7 @@ class PreprocessedSpaceEnergy:
 
     def __init__(self, model: EnergyModel, preprocessing) -> None:
         self.model = check_energy_model(model)
+        check_preprocessing(preprocessing)
         self.preprocessing = preprocessing
         self.event_shape = tuple(model.event_shape)
 
@@ -75,10 +87,10 @@ def gaussian_blur(x: Tensor, sigma: float = 1.0) -> Tensor:
     Kept rather than ``torchvision.transforms.v2.functional.gaussian_blur``: the kernel is the
     same (tested), but torchvision pads by reflection, which changes the smoothness energy at
     the borders and fails on images not larger than the kernel radius."""
+    check_batch(x, what="gaussian_blur input x", finite=False)
     if x.dim() != 4:
         raise InputError(f"gaussian_blur expects (batch, C, H, W), got {tuple(x.shape)}")
-    if not sigma > 0:
-        raise ConfigError(f"blur sigma must be > 0, got {sigma}")
+    sigma = check_number(sigma, "blur sigma", positive=True)
     c = x.shape[1]
     k = _gaussian_kernel(sigma, x.dtype, x.device)
     r = (k.numel() - 1) // 2

@@ -11,8 +11,14 @@ from torch import Tensor
 
 from ..errors import ConfigError, EBFlowError, InputError
 from ..utils import sum_except_batch
-from ..validation import check_batch
-from .energy import EnergyModel, PreprocessedSpaceEnergy, check_energy_model, smoothness_energy
+from ..validation import check_batch, check_count, check_generator, check_number
+from .energy import (
+    EnergyModel,
+    PreprocessedSpaceEnergy,
+    check_energy_model,
+    check_preprocessing,
+    smoothness_energy,
+)
 from .schedules import Schedule, step_sizes
 
 __all__ = ["LangevinResult", "default_step_size", "langevin", "mala", "refine_samples", "ula"]
@@ -76,6 +82,16 @@ def _potential_and_grad(potential: Callable[[Tensor], Tensor], x: Tensor) -> tup
     return u.detach(), g.detach()
 
 
+def _check_states(model: EnergyModel, x: object, what: str) -> Tensor:
+    """Chain states for ``model``: :func:`~ebflow.validation.check_batch` with the model's event
+    shape, and its dtype and device when it has them (an :class:`~ebflow.EBFlow` does)."""
+    dtype = getattr(model, "dtype", None)
+    device = getattr(model, "device", None)
+    return check_batch(x, model.event_shape, what=what,
+                       dtype=dtype if isinstance(dtype, torch.dtype) else None,
+                       device=device if isinstance(device, torch.device) else None)
+
+
 def _per_chain(v: Tensor, x: Tensor) -> Tensor:
     return v.view(-1, *([1] * (x.dim() - 1)))
 
@@ -89,7 +105,7 @@ def default_step_size(model: EnergyModel, x: Tensor, mask: Tensor | None = None)
     ``target_acceptance`` for targets that are not isotropic.
     """
     model = check_energy_model(model)
-    check_batch(x, model.event_shape, what="chain states x")
+    _check_states(model, x, "chain states x")
     m = _check_mask(mask, x)
     _, g = _potential_and_grad(model.energy, x)
     if m is not None:
@@ -143,22 +159,23 @@ def langevin(
     """
     model = check_energy_model(model)
     event_shape = tuple(model.event_shape)
-    x0 = check_batch(x0, event_shape, what="initial chain states x0")
-    if not isinstance(steps, int) or steps < 0:
-        raise ConfigError(f"steps must be a non-negative integer, got {steps!r}")
-    try:
-        step_ok = float(step_size) > 0 and math.isfinite(float(step_size))
-    except (TypeError, ValueError):
-        step_ok = False
-    if isinstance(step_size, bool) or not step_ok:
-        raise ConfigError(f"step size must be a finite number > 0, got {step_size!r}")
+    x0 = _check_states(model, x0, "initial chain states x0")
+    steps = check_count(steps, "steps", minimum=0)
+    step_size = check_number(step_size, "step size", positive=True)
+    if not isinstance(metropolis, bool):
+        raise ConfigError(f"metropolis must be True or False, got {metropolis!r}")
+    if final_step_size is not None:
+        final_step_size = check_number(final_step_size, "final step size", positive=True)
     if target_acceptance is not None:
         if not metropolis:
             raise ConfigError("target_acceptance needs metropolis=True (MALA)")
-        if not 0 < target_acceptance < 1:
-            raise ConfigError(f"target_acceptance must be in (0, 1), got {target_acceptance}")
-    if not smoothness >= 0:
-        raise ConfigError(f"smoothness must be >= 0, got {smoothness}")
+        target_acceptance = check_number(target_acceptance, "target_acceptance", positive=True, below=1)
+    adaptation_rate = check_number(adaptation_rate, "adaptation_rate", non_negative=True)
+    smoothness = check_number(smoothness, "smoothness", non_negative=True)
+    blur_sigma = check_number(blur_sigma, "blur_sigma", positive=True)
+    check_generator(generator)
+    if callback is not None and not callable(callback):
+        raise ConfigError(f"callback must be callable, got {type(callback).__name__}")
     if smoothness > 0 and len(event_shape) not in (2, 3):
         raise ConfigError(
             f"the smoothness pull needs image events (C, H, W) or (H, W); the model's event "
@@ -274,15 +291,16 @@ def refine_samples(
     (:class:`PreprocessedSpaceEnergy`) and the result is mapped back to pixels.
     """
     model = check_energy_model(model)
-    if not isinstance(steps, int) or steps < 0:
-        raise ConfigError(f"refine steps must be a non-negative integer, got {steps!r}")
+    steps = check_count(steps, "refine steps", minimum=0)
     if step_size is not None:
-        try:
-            ok = float(step_size) > 0 and math.isfinite(float(step_size))
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise ConfigError(f"step size must be a finite number > 0, got {step_size!r}")
+        step_size = check_number(step_size, "step size", positive=True)
+    if metropolis is not None and not isinstance(metropolis, bool):
+        raise ConfigError(f"metropolis must be True, False or None, got {metropolis!r}")
+    if preprocessing is not None:
+        check_preprocessing(preprocessing)
+        check_batch(x, model.event_shape, what="samples x (pixels)")
+    else:
+        _check_states(model, x, "samples x")
     if steps == 0:
         return x
     if preprocessing is not None:

@@ -10,10 +10,11 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
-from ..flow import EBFlow
+from ..errors import ConfigError, InputError
+from ..flow import EBFlow, with_grad
 from ..prior import StandardNormal
 from ..utils import sum_except_batch
+from ..validation import check_batch, check_count, check_number
 
 __all__ = ["LossTerms", "dsm_loss", "esm_loss", "fdssm_loss", "ml_loss", "sml_loss", "ssm_loss"]
 
@@ -32,16 +33,18 @@ class LossTerms(NamedTuple):
     kept: Tensor | None = None
 
 
-def _energy_and_grad(model: EBFlow, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(x_with_grad, E(x), dE/dx)`` with the graph kept for a second differentiation.
+#: Objectives evaluate every parametrized weight once per call (e.g. a spectrally normalised
+#: convolution: one power-iteration step per layer and loss, one map for the whole loss).
+_one_weight_per_loss = torch.nn.utils.parametrize.cached
 
-    The score objectives differentiate with respect to ``x``, so they enable grad mode
-    themselves: their value can also be computed inside ``torch.no_grad()`` (validation).
-    """
-    x = x.detach().requires_grad_(True)
-    e = model.energy(x)
-    (g,) = torch.autograd.grad(e.sum(), x, create_graph=True)
-    return x, e, g
+
+def _checked(model: EBFlow, x: Tensor, what: str = "batch x") -> Tensor:
+    """Every objective's input check: ``model`` is an :class:`EBFlow` (else
+    :class:`~ebflow.errors.ConfigError`) and ``x`` a batch for it (the model's own check:
+    :class:`~ebflow.errors.InputError` naming the problem)."""
+    if not isinstance(model, EBFlow):
+        raise ConfigError(f"objectives take an ebflow.EBFlow as model, got {type(model).__name__}")
+    return model._check(x, what)
 
 
 def _zero_loss(model: EBFlow, batch: int, like: Tensor) -> Tensor:
@@ -66,12 +69,15 @@ def _on_rows(
     return LossTerms(loss, energy, dropped, keep)
 
 
+@_one_weight_per_loss()
 def ml_loss(model: EBFlow, x: Tensor) -> LossTerms:
     r"""Maximum likelihood: :math:`E(x) + \log Z = -\log p(x)` per example (nats)."""
+    x = _checked(model, x)
     e = model.energy(x)
     return LossTerms(e + model.log_partition().to(e.dtype), e)
 
 
+@_one_weight_per_loss()
 def sml_loss(
     model: EBFlow, x: Tensor, num_samples: int | None = None, noise: Tensor | None = None,
 ) -> LossTerms:
@@ -85,7 +91,10 @@ def sml_loss(
     the row count of ``noise`` (a process's share of a global draw may be smaller than
     ``num_samples``). Without ``noise``, ``num_samples`` (default: the batch size) samples are
     drawn by :meth:`EBFlow.sample` from the global random number generator."""
+    x = _checked(model, x)
     e = model.energy(x)
+    if num_samples is not None:
+        num_samples = check_count(num_samples, "SML num_samples")
     with torch.no_grad():
         if noise is None:
             samples = model.sample(x.shape[0] if num_samples is None else num_samples)
@@ -97,6 +106,7 @@ def sml_loss(
 def _latent_noise(model: EBFlow, noise: Tensor, like: Tensor) -> Tensor:
     """SML's latent draws ``noise`` as ``(n, *latent_shape)``, with clear errors."""
     latent = math.prod(model.latent_shape)
+    _check_noise_tensor(noise, "SML noise")
     if not isinstance(model.prior, StandardNormal):
         raise ConfigError(f"SML noise holds standard normal latent draws, but the model's prior is "
                           f"{type(model.prior).__name__}; pass noise=None to sample from the prior")
@@ -123,7 +133,18 @@ def _projections(
     raise ConfigError(f"unknown SSM projection {projection!r}; choose 'rademacher' or 'gaussian'")
 
 
+def _check_noise_tensor(noise: object, what: str) -> Tensor:
+    """Type, floating dtype and finiteness of an objective's noise
+    (:func:`~ebflow.validation.check_batch`); a bad one is a :class:`ConfigError` (the noise is
+    normally drawn by :meth:`Objective.draw_noise`)."""
+    try:
+        return check_batch(noise, None, what=what)
+    except InputError as err:
+        raise ConfigError(str(err)) from None
+
+
 def _check_noise(noise: Tensor, shape: tuple[int, ...], what: str, like: Tensor) -> Tensor:
+    _check_noise_tensor(noise, what)
     if tuple(noise.shape) != tuple(shape):
         raise ConfigError(f"{what} must have shape {tuple(shape)}, got {tuple(noise.shape)}")
     if noise.dtype != like.dtype or noise.device != like.device:
@@ -132,6 +153,7 @@ def _check_noise(noise: Tensor, shape: tuple[int, ...], what: str, like: Tensor)
     return noise
 
 
+@_one_weight_per_loss()
 @torch.enable_grad()
 def ssm_loss(
     model: EBFlow, x: Tensor, slices: int = 1, projection: Projection = "rademacher",
@@ -140,24 +162,40 @@ def ssm_loss(
     r"""Sliced score matching (variance reduced), per dimension:
     :math:`\frac1D[-v^\top \nabla^2 E\, v + \tfrac12\|\nabla E\|^2]`, averaged over ``slices``
     projections. ``noise`` optionally gives the projections ``v``, shape ``(slices, *x.shape)``."""
-    if slices < 1:
-        raise ConfigError(f"SSM needs at least one slice, got slices={slices}")
+    x = _checked(model, x)
+    slices = check_count(slices, "SSM slices")
     shape = (slices, *x.shape)
     if noise is None:
         v = _projections(shape, projection, dtype=x.dtype, device=x.device)
     else:
         v = _check_noise(noise, shape, "SSM projections", x)
     b = x.shape[0]
-    xr = x.repeat(slices, *([1] * (x.dim() - 1))).detach().requires_grad_(True)
+    xr = x.detach().repeat(slices, *([1] * (x.dim() - 1)))
+    vr = v.reshape(xr.shape)
+
     # Leading linear layers h = A x + c: v^T (d2E/dx2) v = u^T (d2E/dh2) u with u = A v, so the
-    # Hessian-vector product stops at h (dE/dx = A^T dE/dh is still needed for the norm term).
-    h, u = model.linear_prefix(xr, v.reshape(xr.shape))
-    e = model.tail_energy(h)
-    (g_h,) = torch.autograd.grad(e.sum(), h, create_graph=True)
-    g = g_h if h is xr else torch.autograd.grad(h, xr, g_h, create_graph=True)[0]
-    (hu,) = torch.autograd.grad(sum_except_batch(g_h * u).sum(), h, create_graph=True)
+    # Hessian-vector product stops at h, and dE/dx = A^T dE/dh (the prefix's pull-back).
+    if model.linear_prefix_length == 0:
+        def tail_sum(h: Tensor) -> tuple[Tensor, Tensor]:
+            e = model.tail_energy(h)
+            return e.sum(), e
+
+        g, hessian_vjp, e = torch.func.vjp(torch.func.grad(tail_sum, has_aux=True), xr, has_aux=True)
+        u, (hu,) = vr, hessian_vjp(vr)
+    else:
+        h, to_x, u = torch.func.vjp(lambda z: model.linear_prefix(z, vr), xr, has_aux=True)
+        h = with_grad(h)
+        e = model.tail_energy(h)
+        (g_h,) = torch.autograd.grad(e.sum(), h, create_graph=True)
+        (hu,) = torch.autograd.grad(sum_except_batch(g_h * u).sum(), h, create_graph=True)
+        (g,) = to_x(g_h)
     per_slice = (-sum_except_batch(hu * u) + 0.5 * sum_except_batch(g.pow(2))) / x[0].numel()
     return LossTerms(per_slice.view(slices, b).mean(0), e[:b])
+
+
+def _check_flag(drop_out_of_domain: object) -> None:
+    if not isinstance(drop_out_of_domain, bool):
+        raise ConfigError(f"drop_out_of_domain must be True or False, got {drop_out_of_domain!r}")
 
 
 def _in_domain(model: EBFlow, *inputs: Tensor) -> Tensor:
@@ -167,6 +205,7 @@ def _in_domain(model: EBFlow, *inputs: Tensor) -> Tensor:
     return keep
 
 
+@_one_weight_per_loss()
 @torch.enable_grad()
 def dsm_loss(
     model: EBFlow, x: Tensor, sigma: float, noise: Tensor | None = None,
@@ -176,14 +215,15 @@ def dsm_loss(
     :math:`\frac1{2D}\|\nabla E(\tilde x) - \epsilon/\sigma\|^2`,
     :math:`\tilde x = x + \sigma\epsilon`; ``noise`` optionally gives :math:`\epsilon`
     (shape of ``x``). No energy at ``x`` is computed."""
-    if not sigma > 0:
-        raise ConfigError(f"DSM needs a noise level sigma > 0, got sigma={sigma}")
+    x = _checked(model, x)
+    sigma = check_number(sigma, "DSM noise level sigma", positive=True)
+    _check_flag(drop_out_of_domain)
     eps = torch.randn_like(x) if noise is None else _check_noise(noise, tuple(x.shape), "DSM noise", x)
     d = x[0].numel()
 
     def compute(rows: Tensor) -> LossTerms:
         xs, es = (x, eps) if rows.dim() == 0 else (x[rows], eps[rows])
-        _, _, g = _energy_and_grad(model, xs + sigma * es)
+        _, g = model.energy_and_grad(xs + sigma * es)
         return LossTerms(0.5 * sum_except_batch((g - es / sigma).pow(2)) / d, None)
 
     if not drop_out_of_domain:
@@ -210,6 +250,7 @@ def _sphere(v: Tensor, radius: float) -> Tensor:
     return v * (radius / norm).view(-1, *([1] * (v.dim() - 1)))
 
 
+@_one_weight_per_loss()
 def fdssm_loss(
     model: EBFlow, x: Tensor, eps: float, noise: Tensor | None = None,
     drop_out_of_domain: bool = False,
@@ -219,8 +260,9 @@ def fdssm_loss(
     :math:`v` uniform on the sphere of radius :math:`\varepsilon` (an estimate of the
     per-dimension SSM objective). ``noise`` optionally gives Gaussian draws (shape of ``x``)
     that are scaled to that sphere. Three energy evaluations, one backward."""
-    if not eps > 0:
-        raise ConfigError(f"FDSSM needs a step eps > 0, got eps={eps}")
+    x = _checked(model, x)
+    eps = check_number(eps, "FDSSM step eps", positive=True)
+    _check_flag(drop_out_of_domain)
     raw = torch.randn_like(x) if noise is None else _check_noise(noise, tuple(x.shape), "FDSSM noise", x)
     v = _sphere(raw, eps)
     if not drop_out_of_domain:
@@ -235,6 +277,7 @@ def fdssm_loss(
 _ESM_CHUNK_ENTRIES = 1 << 24
 
 
+@_one_weight_per_loss()
 @torch.enable_grad()
 def esm_loss(model: EBFlow, x: Tensor) -> LossTerms:
     r"""Exact score matching per dimension,
@@ -246,7 +289,7 @@ def esm_loss(model: EBFlow, x: Tensor) -> LossTerms:
     the parameters). Cost: ``D`` Hessian-vector products on the batch, in chunks of about
     ``2**24`` entries. Every layer must run under ``torch.func`` (a custom
     ``torch.autograd.Function`` needs ``setup_context`` and a vmap rule, as ebflow's have)."""
-    x = x.detach()
+    x = _checked(model, x).detach()
     b, d = x.shape[0], x[0].numel()
 
     def energy_sum(v: Tensor) -> tuple[Tensor, Tensor]:

@@ -4,7 +4,7 @@ and the application's choices are derived. Adding an objective is one entry."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..flow import EBFlow
+from ..validation import check_count, check_generator, check_number
 from .losses import LossTerms, _projections, dsm_loss, esm_loss, fdssm_loss, ml_loss, sml_loss, ssm_loss
 
 __all__ = ["DEFAULTS", "NOISE_KINDS", "OBJECTIVES", "NoiseKind", "Objective", "ObjectiveSpec", "make_objective"]
@@ -21,15 +22,13 @@ __all__ = ["DEFAULTS", "NOISE_KINDS", "OBJECTIVES", "NoiseKind", "Objective", "O
 # -- option checks -------------------------------------------------------------------------------
 def _positive(name: str) -> Callable[[Any], None]:
     def check(v: Any) -> None:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-            raise ConfigError(f"{name} must be > 0, got {v!r}")
+        check_number(v, name, positive=True)
     return check
 
 
 def _positive_int(name: str) -> Callable[[Any], None]:
     def check(v: Any) -> None:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        check_count(v, name)
     return check
 
 
@@ -165,10 +164,19 @@ class Objective:
         kind = self.spec.noise
         if kind is None:
             return None
-        return NOISE_KINDS[kind].draw(tuple(batch_shape), self.options, dtype=dtype, device=device,
-                                      generator=generator)
+        if isinstance(batch_shape, (str, bytes)) or not isinstance(batch_shape, Sequence) or not batch_shape:
+            raise ConfigError(f"batch_shape must be a non-empty sequence of sizes, got {batch_shape!r}")
+        shape = tuple(check_count(s, "every size of batch_shape") for s in batch_shape)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ConfigError(f"noise dtype must be a floating torch.dtype, got {dtype!r}")
+        check_generator(generator)
+        return NOISE_KINDS[kind].draw(shape, self.options, dtype=dtype, device=device, generator=generator)
 
+    @torch.nn.utils.parametrize.cached()
     def __call__(self, model: EBFlow, x: Tensor, noise: Tensor | None = None) -> Tensor:
+        """The batch mean of the loss (a scalar). ``model`` must be an :class:`EBFlow` and ``x``
+        a batch for it; both are checked by the objective function (:class:`ConfigError` /
+        :class:`~ebflow.errors.InputError` naming the problem)."""
         if noise is not None:
             if self.spec.noise is None:
                 raise ConfigError(f"objective {self.name!r} takes no noise")
@@ -201,8 +209,7 @@ def make_objective(name: str, *, energy_reg: float = 0.0, **options: Any) -> Obj
             f"objective {name!r} takes no option(s) {', '.join(unknown)}; "
             f"it takes: {', '.join(spec.defaults) or 'none'}"
         )
-    if isinstance(energy_reg, bool) or not isinstance(energy_reg, (int, float)) or not energy_reg >= 0:
-        raise ConfigError(f"energy_reg must be >= 0, got {energy_reg!r}")
+    energy_reg = check_number(energy_reg, "energy_reg", non_negative=True)
     merged = {**spec.defaults, **options}
     for key, value in merged.items():
         spec.checks[key](value)
