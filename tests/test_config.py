@@ -143,6 +143,8 @@ def test_recipes_per_objective_follow_design_4_2():
     assert _recipe("cifar-cnn", "ml", *keys) == (0.8, 19, 0.0, None, 0.0)
     assert _recipe("cifar-cnn", "ssm", *keys) == (0.9, 19, 0.0, None, 0.001)
     assert _recipe("cifar-cnn", "fdssm", *keys)[:2] == (0.85, 49)
+    for loss, sn in (("ml", True), ("sml", False), ("ssm", True), ("dsm", True), ("fdssm", False)):
+        assert _recipe("cifar-cnn", loss, "spectral_norm") == (sn,)
     for preset in ("mnist-fc", "mnist-cnn", "cifar-fc", "cifar-cnn"):
         c = resolve_config(preset)
         assert (c["optimizer"], c["lr"], c["batch_size"], c["ema_decay"], c["ema_warmup"],
@@ -176,3 +178,12 @@ def test_no_map_dsm_needs_the_drop_switch():
         resolve_config("mnist-fc", {"loss": "dsm", "map": False})
     c = resolve_config("mnist-fc", {"loss": "fdssm", "map": False, "drop_out_of_domain": True})
     assert c["drop_out_of_domain"] is True
+
+
+@pytest.mark.parametrize("key, bad", [("num_layers", 100_000), ("blocks", 257), ("hidden", 16385),
+                                      ("depth", 65), ("convs_per_block", 65), ("kernel_size", 65),
+                                      ("levels", 9), ("steps", 257), ("slices", 4097)])
+def test_model_size_keys_are_bounded(key, bad):
+    """A typo such as num_layers=100000 must not try to allocate tens of GB."""
+    with pytest.raises(ConfigError, match=repr(key)):
+        resolve_config("digits-fc", {key: bad})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import image_model_1ch, initialised, perturb
 from ebflow import EBFlow, glow_flow, make_objective
@@ -22,7 +23,7 @@ from ebflow.layers import (
     SmoothLeakyReLU,
     Squeeze,
 )
-from ebflow.objectives import esm_loss, fdssm_loss, sml_loss, ssm_loss
+from ebflow.objectives import dsm_loss, esm_loss, fdssm_loss, sml_loss, ssm_loss
 from ebflow.objectives.losses import _fdssm_per_example
 
 
@@ -402,3 +403,111 @@ def test_esm_matches_the_loop_of_hessian_vector_products_in_value_and_gradient(b
             torch.testing.assert_close(a, b, atol=1e-10 * (1 + float(b.abs().max())), rtol=1e-10)
     with torch.no_grad():  # validation computes it without gradients to the parameters
         torch.testing.assert_close(esm_loss(model, x).loss, expected.detach(), atol=1e-12, rtol=1e-12)
+
+
+# -- the plain training loop is the fast path ---------------------------------------------------------
+class _CountOps(TorchDispatchMode):
+    """Counts the aten ops that run while it is active (here: during a backward pass)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _accumulated_leaves(loss: torch.Tensor) -> list[torch.Tensor]:
+    """Every tensor an AccumulateGrad node of ``loss``'s graph would write a gradient into."""
+    seen, stack, leaves = set(), [loss.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.append(node.variable)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
+
+
+def _no_prefix_model() -> EBFlow:
+    """First layer non-linear: no linear prefix (the derivative in x is taken by torch.func alone)."""
+    return EBFlow([SmoothLeakyReLU(0.3), Dense(3), AffineCoupling((3,), hidden=4, depth=1), Dense(3)], (3,)).double()
+
+
+def _wide_conv_model() -> EBFlow:
+    """8 channels: oneDNN's own convolution backward (not the few-channel custom function)."""
+    return EBFlow([Conv2d(8, 3), ResidualSmoothLeakyReLU(0.3), Conv2d(8, 3)], (8, 2, 2)).double()
+
+
+FAST_PATH_MODELS = {"dense": (tiny_model, (3,)), "no-prefix": (_no_prefix_model, (3,)),
+                    "conv": (image_model_1ch, (1, 4, 4)), "wide-conv": (_wide_conv_model, (8, 2, 2))}
+
+
+@pytest.mark.parametrize("name, options", [("ssm", {}), ("ssm", {"slices": 2}), ("dsm", {"sigma": 0.3}),
+                                           ("fdssm", {"eps": 0.1}), ("esm", {}),
+                                           ("dsm", {"sigma": 0.3, "energy_reg": 0.1})])
+@pytest.mark.parametrize("model_name", list(FAST_PATH_MODELS))
+def test_a_plain_backward_computes_the_parameter_gradients_only(name, options, model_name):
+    """objective(model, x).backward() (the README's loop) does exactly the work of
+    backward(inputs=params): the graph reaches no leaf but the parameters (no input gradient of
+    the first layer, nothing accumulated into a copy of the data), the same number of aten ops
+    runs, and the gradients are equal."""
+    build, shape = FAST_PATH_MODELS[model_name]
+    x = torch.rand(6, *shape, dtype=torch.float64) * 0.8 + 0.1
+    model = initialised(build(), x, scale=0.2)
+    objective = make_objective(name, **options)
+    noise = objective.draw_noise(tuple(x.shape), dtype=x.dtype, device=x.device)
+    params = _params(model)
+    ids = {id(p) for p in params}
+    results = []
+    for plain in (True, False):
+        model.zero_grad(set_to_none=True)
+        loss = objective(model, x, noise=noise)
+        assert all(id(leaf) in ids for leaf in _accumulated_leaves(loss))
+        with _CountOps() as ops:
+            loss.backward() if plain else loss.backward(inputs=params)
+        results.append((loss.detach(), ops.count, [p.grad.clone() for p in params]))
+    (v_plain, n_plain, g_plain), (v_params, n_params, g_params) = results
+    assert n_plain == n_params
+    assert torch.equal(v_plain, v_params)
+    for a, b in zip(g_plain, g_params):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def _dsm_on_a_leaf(model, x, sigma, eps):
+    """DSM as written before: autograd on a leaf copy of the perturbed data."""
+    xt = (x + sigma * eps).detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(model.energy(xt).sum(), xt, create_graph=True)
+    return 0.5 * (g - eps / sigma).pow(2).reshape(x.shape[0], -1).sum(1) / x[0].numel()
+
+
+def _ssm_on_a_leaf(model, x, v):
+    xl = x.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(model.energy(xl).sum(), xl, create_graph=True)
+    (hv,) = torch.autograd.grad((g * v).sum(), xl, create_graph=True)
+    per = (-(hv * v).reshape(x.shape[0], -1).sum(1) + 0.5 * g.pow(2).reshape(x.shape[0], -1).sum(1))
+    return per / x[0].numel()
+
+
+@pytest.mark.parametrize("model_name", list(FAST_PATH_MODELS))
+def test_the_fast_path_equals_autograd_on_a_leaf(model_name):
+    build, shape = FAST_PATH_MODELS[model_name]
+    x = torch.rand(6, *shape, dtype=torch.float64) * 0.8 + 0.1
+    model = initialised(build(), x, scale=0.2)
+    eps, v = torch.randn_like(x), torch.randn_like(x)
+    params = _params(model)
+    for got, expected in ((dsm_loss(model, x, 0.3, noise=eps).loss, _dsm_on_a_leaf(model, x, 0.3, eps)),
+                          (ssm_loss(model, x, noise=v[None]).loss, _ssm_on_a_leaf(model, x, v))):
+        torch.testing.assert_close(got, expected, atol=1e-12 * (1 + float(expected.detach().abs().max())), rtol=0)
+        for a, b in zip(torch.autograd.grad(got.sum(), params), torch.autograd.grad(expected.sum(), params)):
+            torch.testing.assert_close(a, b, atol=1e-12 * (1 + float(b.abs().max())), rtol=0)
+    # the public score with create_graph=True: same values, a graph to the parameters only
+    xt = x + 0.3 * eps
+    score = model.score(xt, create_graph=True)
+    xl = xt.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(model.energy(xl).sum(), xl, create_graph=True)
+    torch.testing.assert_close(score, -g, atol=1e-12, rtol=0)
+    assert all(id(leaf) in {id(p) for p in params} for leaf in _accumulated_leaves(score.pow(2).sum()))

@@ -210,3 +210,25 @@ def test_dsm_gradient_of_the_normalised_weights_matches_finite_differences_in_ev
             down = objective(model, x, noise=noise).item()
             flat[i] = old
         assert (up - down) / (2 * h) == pytest.approx(grad[i].item(), abs=1e-6, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["ssm", "dsm"])
+def test_a_plain_backward_reaches_only_the_free_parameters(name):
+    """The score objectives' graph on a normalised model ends at the parametrization's free
+    parameters (not at the power-iteration buffers, not at a copy of the data)."""
+    torch.manual_seed(8)
+    model = sn_model(power_steps=0).train()
+    x = torch.randn(4, 1, 4, 4, dtype=torch.float64)
+    loss = make_objective(name)(model, x)
+    ids = {id(p) for p in model.parameters()}
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            assert id(node.variable) in ids
+        stack.extend(n for n, _ in node.next_functions)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())

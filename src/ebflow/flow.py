@@ -25,10 +25,10 @@ from .layers.base import FlowLayer, LinearFlowLayer, Shape
 from .prior import StandardNormal
 from .validation import check_batch, check_count, check_generator
 
-__all__ = ["EBFlow", "with_grad"]
+__all__ = ["EBFlow"]
 
 
-def with_grad(h: Tensor) -> Tensor:
+def _with_grad(h: Tensor) -> Tensor:
     """``h`` itself when it requires grad, else a detached leaf copy that does (so that autograd
     can differentiate with respect to it even when no parameter before it requires grad)."""
     return h if h.requires_grad else h.detach().requires_grad_(True)
@@ -93,13 +93,13 @@ class EBFlow(nn.Module):
     def linear_layers(self) -> list[LinearFlowLayer]:
         return [l for l in self.layers if isinstance(l, LinearFlowLayer)]
 
-    def _check(self, x: Tensor, what: str, shape: Shape | None = None, batch_size: int | None = None) -> Tensor:
+    def _check(self, x: Tensor, what: str, shape: Shape | None = None) -> Tensor:
         """Every public entry point's input check (:func:`~ebflow.validation.check_batch`: type,
         floating dtype = the model's, device, shape, finiteness); skipped with ``validate=False``."""
         if self.validate:
             check_batch(
                 x, self.event_shape if shape is None else shape,
-                dtype=self.dtype, device=self.device, what=what, batch_size=batch_size,
+                dtype=self.dtype, device=self.device, what=what,
             )
         return x
 
@@ -188,6 +188,10 @@ class EBFlow(nn.Module):
             raise InputError(
                 f"direction must have the shape of x {tuple(h.shape)}, got {tuple(direction.shape)}"
             )
+        return self._linear_prefix(h, direction)
+
+    def _linear_prefix(self, h: Tensor, direction: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`linear_prefix` without the input checks (callers checked)."""
         prefix = self.layers[: self.linear_prefix_length]
         if not prefix:
             return h, direction
@@ -210,7 +214,11 @@ class EBFlow(nn.Module):
         :meth:`energy` of ``x``), shape ``(batch,)``."""
         start = self.linear_prefix_length
         shape = self.layer_input_shapes[start] if start < len(self.layers) else self.latent_shape
-        return self._energy_from(start, self._check(h, "prefix output h", shape))
+        return self._tail_energy(self._check(h, "prefix output h", shape))
+
+    def _tail_energy(self, h: Tensor) -> Tensor:
+        """:meth:`tail_energy` without the input check."""
+        return self._energy_from(self.linear_prefix_length, h)
 
     def score(self, x: Tensor, *, create_graph: bool = False) -> Tensor:
         r"""Score :math:`\nabla_x \log p(x) = -\nabla_x E(x)` (no partition function needed).
@@ -221,7 +229,7 @@ class EBFlow(nn.Module):
         built on it computes nothing but their gradients."""
         x = self._check(x, "input x")
         if create_graph and not x.requires_grad:
-            return -self.energy_and_grad(x)[1]
+            return -self._energy_and_grad(x)[1]
         with torch.enable_grad():
             if not x.requires_grad:
                 x = x.detach().requires_grad_(True)
@@ -242,7 +250,11 @@ class EBFlow(nn.Module):
         parameters only (``torch.func``'s per-op dispatch cost stays off the many small ops of
         coupling layers). A model without a linear prefix is differentiated by
         :func:`torch.func.grad` alone."""
-        x = self._check(x, "input x").detach()
+        return self._energy_and_grad(self._check(x, "input x"))
+
+    def _energy_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`energy_and_grad` without the input check."""
+        x = x.detach()
         with torch.enable_grad():
             if self.linear_prefix_length == 0:
                 def energy_sum(v: Tensor) -> tuple[Tensor, Tensor]:
@@ -252,8 +264,8 @@ class EBFlow(nn.Module):
                 g, e = torch.func.grad(energy_sum, has_aux=True)(x)
                 return e, g
             h, to_x = torch.func.vjp(self._through_prefix, x)
-            h = with_grad(h)
-            e = self._energy_from(self.linear_prefix_length, h)
+            h = _with_grad(h)
+            e = self._tail_energy(h)
             (g_h,) = torch.autograd.grad(e.sum(), h, create_graph=True)
             return e, to_x(g_h)[0]
 

@@ -43,7 +43,6 @@ def check_batch(
     device: torch.device | None = None,
     what: str = "input",
     finite: bool = True,
-    batch_size: int | None = None,
     integer_ok: bool = False,
     owner: str = "model",
 ) -> Tensor:
@@ -55,8 +54,7 @@ def check_batch(
       (of ``dtype`` when given); ``integer_ok`` accepts integer dtypes (pixels);
     * ``dtype``/``device`` given: they must match (the model's);
     * ``event_shape`` given: ``x`` must be ``(batch, *event_shape)``; ``None``: any shape with
-      a batch dimension. ``batch_size`` given: the batch must have that size. An empty batch is
-      refused;
+      a batch dimension. An empty batch is refused;
     * ``finite``: no NaN or Inf (one reduction over ``x``).
 
     ``owner`` names the object in the suggested fix (``x.to(model.dtype)``). Returns ``x``
@@ -92,8 +90,6 @@ def check_batch(
         raise InputError(f"{what} must have a batch dimension, got a 0-d tensor")
     if x.shape[0] == 0:
         raise InputError(f"{what} is an empty batch")
-    if batch_size is not None and x.shape[0] != batch_size:
-        raise InputError(f"{what} must hold {batch_size} examples (the batch's), got {x.shape[0]}")
     if finite:
         check_finite(x, what)
     return x

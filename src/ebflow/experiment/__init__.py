@@ -1,4 +1,4 @@
-"""The experiment application on top of the ebflow library: typed run configurations and the
+"""The experiment application on top of the ebflow library: validated run configurations and the
 paper's presets, data sets, builders, batches, the training loop, checkpoints, data-parallel
 training, finished runs, plots and the paper's tables (``ebflow reproduce``).
 
@@ -8,7 +8,7 @@ The library (``ebflow``, ``ebflow.layers``, ...) never imports this package.
 from .config import list_presets, resolve_config
 from .runs import LoadedRun, load_run
 from .training import train
-from .trainer import TrainingDivergedError, TrainResult
+from .trainer import StopRequest, TrainingDivergedError, TrainingInterrupted, TrainResult
 
 __all__ = ["train", "load_run", "LoadedRun", "resolve_config", "list_presets",
-           "TrainResult", "TrainingDivergedError"]
+           "TrainResult", "TrainingDivergedError", "TrainingInterrupted", "StopRequest"]

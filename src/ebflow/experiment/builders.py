@@ -66,7 +66,8 @@ def _dense(c: Mapping[str, Any], shape: tuple[int, ...], for_loading: bool) -> E
 
 def _conv(c: Mapping[str, Any], shape: tuple[int, ...], for_loading: bool) -> EBFlow:
     return conv_flow(shape, blocks=c["blocks"], convs_per_block=c["convs_per_block"],
-                     kernel_size=c["kernel_size"], alpha=c["alpha"], init=_CONV_INIT[c["weight_init"]])
+                     kernel_size=c["kernel_size"], alpha=c["alpha"], init=_CONV_INIT[c["weight_init"]],
+                     spectral_norm=c["spectral_norm"])
 
 
 def _glow(c: Mapping[str, Any], shape: tuple[int, ...], for_loading: bool) -> EBFlow:

@@ -53,8 +53,8 @@ def optimization_step(
         error = error or "non-finite loss"
         loss = poisoned_loss(params) if loss is None else loss * math.nan
     assert loss is not None
-    # Differentiate with respect to the parameters only: the score objectives' graphs also
-    # reach their (detached) input copies, whose gradients nobody needs.
+    # The parameters are the only leaves of the objectives' graphs; naming them keeps a
+    # distributed run's poisoned loss (see above) from reaching anything else.
     loss.backward(inputs=params)
     if sync is not None:
         sync.after_backward(params)

@@ -12,9 +12,20 @@ With :math:`s(x) = -\nabla_x E(x)` the model score:
 * ``esm``   -- exact score matching :math:`\mathbb{E}[\operatorname{tr}\nabla_x s + \tfrac12\|s\|^2]`
   (``D`` Hessian-vector products: small ``D`` only).
 
-The score-matching objectives (``ssm``, ``dsm``, ``fdssm``, ``esm``) only call
-:meth:`EBFlow.energy` (or its split :meth:`EBFlow.linear_prefix` / :meth:`EBFlow.tail_energy`):
-never a determinant, inverse or factorisation of a linear layer.
+The score-matching objectives (``ssm``, ``dsm``, ``fdssm``, ``esm``) only evaluate the energy
+(:meth:`EBFlow.energy`, :meth:`EBFlow.energy_and_grad`, or the split :meth:`EBFlow.linear_prefix`
+/ :meth:`EBFlow.tail_energy`): never a determinant, inverse or factorisation of a linear layer.
+
+**A plain** ``loss.backward()`` **is the fast path.** The derivatives in the data are taken
+without making the data an autograd leaf (``torch.func`` for the leading linear layers, autograd
+with respect to their output for the rest): the loss's graph reaches the parameters only, so
+``loss.backward()`` does exactly the work of ``loss.backward(inputs=params)``.
+
+**Checks.** Every objective checks its inputs once, on entry: the model (an :class:`EBFlow`), the
+batch (:class:`~ebflow.errors.InputError`: type, floating dtype, shape, device, NaN/Inf, as
+:meth:`EBFlow.energy` does), the noise and the options (:class:`~ebflow.errors.ConfigError`).
+Parametrized weights (a spectrally normalised :class:`~ebflow.layers.Conv2d`) are evaluated once
+per call.
 
 **Loss scale.** ``ml`` and ``sml`` are in nats per example. The score-matching objectives are
 *per dimension*: the per-example sums above divided by ``D`` (FDSSM: the finite-difference sum

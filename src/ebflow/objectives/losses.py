@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, InputError
-from ..flow import EBFlow, with_grad
+from ..flow import EBFlow, _with_grad
 from ..prior import StandardNormal
 from ..utils import sum_except_batch
 from ..validation import check_batch, check_count, check_number
@@ -73,7 +73,7 @@ def _on_rows(
 def ml_loss(model: EBFlow, x: Tensor) -> LossTerms:
     r"""Maximum likelihood: :math:`E(x) + \log Z = -\log p(x)` per example (nats)."""
     x = _checked(model, x)
-    e = model.energy(x)
+    e = model._energy_from(0, x)
     return LossTerms(e + model.log_partition().to(e.dtype), e)
 
 
@@ -92,7 +92,7 @@ def sml_loss(
     ``num_samples``). Without ``noise``, ``num_samples`` (default: the batch size) samples are
     drawn by :meth:`EBFlow.sample` from the global random number generator."""
     x = _checked(model, x)
-    e = model.energy(x)
+    e = model._energy_from(0, x)
     if num_samples is not None:
         num_samples = check_count(num_samples, "SML num_samples")
     with torch.no_grad():
@@ -174,18 +174,21 @@ def ssm_loss(
     vr = v.reshape(xr.shape)
 
     # Leading linear layers h = A x + c: v^T (d2E/dx2) v = u^T (d2E/dh2) u with u = A v, so the
-    # Hessian-vector product stops at h, and dE/dx = A^T dE/dh (the prefix's pull-back).
+    # Hessian-vector product stops at h, and dE/dx = A^T dE/dh (the prefix's pull-back). As in
+    # EBFlow.energy_and_grad the data never becomes an autograd leaf: torch.func gives h and the
+    # pull-back, autograd differentiates with respect to h (a non-leaf), and the loss's graph
+    # reaches the parameters only (a plain loss.backward() computes nothing else).
     if model.linear_prefix_length == 0:
         def tail_sum(h: Tensor) -> tuple[Tensor, Tensor]:
-            e = model.tail_energy(h)
+            e = model._tail_energy(h)
             return e.sum(), e
 
         g, hessian_vjp, e = torch.func.vjp(torch.func.grad(tail_sum, has_aux=True), xr, has_aux=True)
         u, (hu,) = vr, hessian_vjp(vr)
     else:
-        h, to_x, u = torch.func.vjp(lambda z: model.linear_prefix(z, vr), xr, has_aux=True)
-        h = with_grad(h)
-        e = model.tail_energy(h)
+        h, to_x, u = torch.func.vjp(lambda z: model._linear_prefix(z, vr), xr, has_aux=True)
+        h = _with_grad(h)
+        e = model._tail_energy(h)
         (g_h,) = torch.autograd.grad(e.sum(), h, create_graph=True)
         (hu,) = torch.autograd.grad(sum_except_batch(g_h * u).sum(), h, create_graph=True)
         (g,) = to_x(g_h)
@@ -223,7 +226,7 @@ def dsm_loss(
 
     def compute(rows: Tensor) -> LossTerms:
         xs, es = (x, eps) if rows.dim() == 0 else (x[rows], eps[rows])
-        _, g = model.energy_and_grad(xs + sigma * es)
+        _, g = model._energy_and_grad(xs + sigma * es)
         return LossTerms(0.5 * sum_except_batch((g - es / sigma).pow(2)) / d, None)
 
     if not drop_out_of_domain:
@@ -237,8 +240,8 @@ def _fdssm_per_example(model: EBFlow, x: Tensor, v: Tensor) -> LossTerms:
     b = x.shape[0]
     # E(x +- v) = tail(h +- A v) after the leading linear layers h = A x + c: those layers run
     # on x and v (2 batches) instead of x, x + v, x - v (3 batches).
-    h, u = model.linear_prefix(x, v)
-    e_all = model.tail_energy(torch.cat([h, h + u, h - u]))
+    h, u = model._linear_prefix(x, v)
+    e_all = model._tail_energy(torch.cat([h, h + u, h - u]))
     e, e_plus, e_minus = e_all[:b], e_all[b : 2 * b], e_all[2 * b :]
     terms = (e_plus - e_minus).pow(2) / 8 + 2 * e - e_plus - e_minus
     return LossTerms(terms / sum_except_batch(v.pow(2)), e)
@@ -293,7 +296,7 @@ def esm_loss(model: EBFlow, x: Tensor) -> LossTerms:
     b, d = x.shape[0], x[0].numel()
 
     def energy_sum(v: Tensor) -> tuple[Tensor, Tensor]:
-        e = model.energy(v)
+        e = model._energy_from(0, v)
         return e.sum(), e
 
     def grad_and_energy(v: Tensor) -> tuple[Tensor, Tensor]:
