@@ -18,7 +18,6 @@ from ebflow.layers import (
     Conv2d,
     Dense,
     Flatten,
-    GenericLinear,
     GroupedConv2d,
     LinearFlowLayer,
     LinearMap,
@@ -28,20 +27,9 @@ from ebflow.layers import (
 )
 from ebflow.layers.cache import needs_grad, parameter_state
 
+from helpers import RowMixing
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class RowMixing(GenericLinear):
-    """A user's layer: one learnable W x W matrix mixing every image row, plus a bias."""
-
-    def __init__(self, event_shape: tuple[int, int, int]) -> None:
-        super().__init__(event_shape)
-        width = event_shape[-1]
-        self.weight = nn.Parameter(torch.eye(width) + 0.1 * torch.randn(width, width))
-        self.bias = nn.Parameter(torch.zeros(event_shape))
-
-    def transform(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight.T + self.bias
 
 
 def near_identity_conv(channels: int) -> nn.Conv2d:

@@ -26,20 +26,9 @@ from ebflow.layers import (
 )
 from ebflow.layers.generic_conv import circular_conv2d
 
+from helpers import RowMixing, brute_force_log_prob
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class RowMixing(GenericLinear):
-    """The README's custom layer: one learnable W x W matrix mixing every image row, plus a bias."""
-
-    def __init__(self, event_shape: tuple[int, int, int]) -> None:
-        super().__init__(event_shape)
-        width = event_shape[-1]
-        self.weight = nn.Parameter(torch.eye(width) + 0.1 * torch.randn(width, width))
-        self.bias = nn.Parameter(torch.zeros(event_shape))
-
-    def transform(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight.T + self.bias
 
 
 SHAPE = (2, 4, 4)
@@ -71,19 +60,6 @@ def model_with(build) -> EBFlow:
     """[layer, non-linearity, layer, non-linearity, layer]: the layer between non-linear ones."""
     layers = [build(), ResidualSmoothLeakyReLU(0.3), build(), SmoothLeakyReLU(0.3), build()]
     return EBFlow(layers, SHAPE).double()
-
-
-def brute_force_log_prob(model: EBFlow, x: torch.Tensor) -> torch.Tensor:
-    """log p_u(g(x)) + log|det dg/dx| with the full Jacobian from autograd and slogdet (float64)."""
-    out = []
-    for xi in x:
-        def g(v: torch.Tensor) -> torch.Tensor:
-            return model(v.reshape(1, *model.event_shape)).reshape(-1)
-
-        jac = torch.autograd.functional.jacobian(g, xi.reshape(-1))
-        z = g(xi.reshape(-1)).reshape(1, *model.latent_shape)
-        out.append(model.prior.log_prob(z)[0] + torch.linalg.slogdet(jac)[1])
-    return torch.stack(out)
 
 
 @pytest.mark.parametrize("name", list(LAYERS))

@@ -12,6 +12,8 @@ from ebflow.errors import ConfigError
 from ebflow.layers import Conv2d, ResidualSmoothLeakyReLU, SmoothLeakyReLU, Squeeze
 from ebflow.objectives import ml_loss
 
+from helpers import brute_force_log_prob
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -73,19 +75,6 @@ def test_option_is_checked_and_off_by_default():
     convs = [l for l in normed.layers if isinstance(l, Conv2d)]
     assert len(convs) == 4 and all(l.spectral_norm and hasattr(l, "parametrizations") for l in convs)
     assert not any(hasattr(l, "parametrizations") for l in plain.layers)
-
-
-def brute_force_log_prob(model: EBFlow, x: torch.Tensor) -> torch.Tensor:
-    """log p_u(g(x)) + log|det dg/dx|: the full Jacobian from autograd and slogdet (float64)."""
-    out = []
-    for xi in x:
-        def g(v: torch.Tensor) -> torch.Tensor:
-            return model(v.reshape(1, *model.event_shape)).reshape(-1)
-
-        jac = torch.autograd.functional.jacobian(g, xi.reshape(-1))
-        z = g(xi.reshape(-1)).reshape(1, *model.latent_shape)
-        out.append(model.prior.log_prob(z)[0] + torch.linalg.slogdet(jac)[1])
-    return torch.stack(out)
 
 
 def test_log_prob_matches_change_of_variables_by_brute_force_in_eval_mode():

@@ -181,6 +181,49 @@ def masked_mse(a: Tensor, b: Tensor, mask: Tensor, max_value: float) -> float:
     return float(diff[mask].mean())
 
 
+def _full_mask(mask: Tensor, original: Tensor, event_shape: tuple[int, ...]) -> Tensor:
+    """The mask broadcast to the images' shape (boolean, on their device)."""
+    if not isinstance(mask, Tensor):
+        raise InputError(f"mask must be a boolean torch.Tensor, got {type(mask).__name__}")
+    try:
+        if torch.broadcast_shapes(mask.shape, original.shape) != original.shape or mask.dim() < len(event_shape):
+            raise RuntimeError
+    except RuntimeError:
+        raise InputError(
+            f"mask of shape {tuple(mask.shape)} does not match images of shape {tuple(original.shape)}"
+        ) from None
+    return mask.to(device=original.device, dtype=torch.bool).expand(original.shape).clone()
+
+
+def _chain_start(
+    model, preprocessing: ImagePreprocessing | None, original: Tensor, full_mask: Tensor,
+    map_space: bool, generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor, object, float]:
+    """``(y0, start, target, max_value)``: the chains' first state in the space they run in
+    (noise on the masked pixels), the same start in pixels, the energy model the chains use,
+    and the pixel range for the errors."""
+    dtype, device = original.dtype, original.device
+    if preprocessing is not None:
+        top = preprocessing.num_bins - 1
+        if bool((original < 0).any()) or bool((original > top).any()):
+            raise InputError(
+                f"images must be pixels in [0, {top}], got range [{float(original.min())}, "
+                f"{float(original.max())}]"
+            )
+        noise = torch.rand(original.shape, generator=generator).to(device=device, dtype=dtype) * preprocessing.num_bins
+        start_cont = torch.where(full_mask, noise, original + 0.5)  # mid-bin for observed pixels
+        y0, _ = preprocessing.forward(start_cont)
+        start = torch.where(full_mask, noise.floor().clamp(0, top), original)
+        target = model if map_space else PreprocessedSpaceEnergy(model, preprocessing)
+        return y0, start, target, float(top)
+    mean = original.mean(dim=0, keepdim=True)
+    spread = original.std(dim=0, keepdim=True).clamp_min(1e-3) if original.shape[0] > 1 else torch.ones_like(mean)
+    noise = mean + spread * torch.randn(original.shape, generator=generator).to(device=device, dtype=dtype)
+    y0 = torch.where(full_mask, noise, original)
+    span = float(original.max() - original.min())
+    return y0, y0.clone(), model, span if span > 0 else 1.0
+
+
 def inpaint_images(
     model,
     preprocessing: ImagePreprocessing | None,
@@ -240,40 +283,8 @@ def inpaint_images(
     dtype = getattr(model, "dtype", torch.get_default_dtype())
     device = getattr(model, "device", torch.device("cpu"))
     original = images.detach().to(device=device, dtype=dtype)
-    if not isinstance(mask, Tensor):
-        raise InputError(f"mask must be a boolean torch.Tensor, got {type(mask).__name__}")
-    try:
-        if torch.broadcast_shapes(mask.shape, original.shape) != original.shape or mask.dim() < len(event_shape):
-            raise RuntimeError
-    except RuntimeError:
-        raise InputError(
-            f"mask of shape {tuple(mask.shape)} does not match images of shape {tuple(original.shape)}"
-        ) from None
-    full_mask = mask.to(device=device, dtype=torch.bool).expand(original.shape).clone()
-
-    noise_gen = generator
-    if preprocessing is not None:
-        top = preprocessing.num_bins - 1
-        if bool((original < 0).any()) or bool((original > top).any()):
-            raise InputError(
-                f"images must be pixels in [0, {top}], got range [{float(original.min())}, "
-                f"{float(original.max())}]"
-            )
-        noise = torch.rand(original.shape, generator=noise_gen).to(device=device, dtype=dtype) * preprocessing.num_bins
-        start_cont = torch.where(full_mask, noise, original + 0.5)  # mid-bin for observed pixels
-        y0, _ = preprocessing.forward(start_cont)
-        start = torch.where(full_mask, noise.floor().clamp(0, top), original)
-        target = model if map_space else PreprocessedSpaceEnergy(model, preprocessing)
-        max_value = float(top)
-    else:
-        mean = original.mean(dim=0, keepdim=True)
-        spread = original.std(dim=0, keepdim=True).clamp_min(1e-3) if original.shape[0] > 1 else torch.ones_like(mean)
-        noise = mean + spread * torch.randn(original.shape, generator=noise_gen).to(device=device, dtype=dtype)
-        y0 = torch.where(full_mask, noise, original)
-        start = y0.clone()
-        target = model
-        span = float(original.max() - original.min())
-        max_value = span if span > 0 else 1.0
+    full_mask = _full_mask(mask, original, event_shape)
+    y0, start, target, max_value = _chain_start(model, preprocessing, original, full_mask, map_space, generator)
 
     if step_size is None:
         step_size = default_step_size(target, y0, full_mask)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -190,71 +190,98 @@ def langevin(
             u = u + smoothness_energy(x, event_shape, smoothness, blur_sigma)
         return u
 
-    def movable(t: Tensor) -> Tensor:
-        return t if mask is None else torch.where(mask, t, torch.zeros_like(t))
-
-    chains = x0.shape[0]
-    x = x0.detach().clone()
-    scale = torch.ones(chains, dtype=x.dtype, device=x.device)  # adaptive factor per chain
-    accepted = torch.zeros(chains, dtype=torch.float64, device=x.device)
-    u, g = _potential_and_grad(potential, x)
-    iterator = range(steps)
+    chain = _Chain(potential, x0.detach().clone(), mask, generator)
+    iterator: Iterable[int] = range(steps)
     if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc="MALA" if metropolis else "Langevin", leave=False)
-    eta = scale * (sizes[0] if sizes else step_size)
+    eta = chain.scale * (sizes[0] if sizes else step_size)
     for i in iterator:
-        eta = scale * sizes[i]
-        eta_b = _per_chain(eta, x)
-        noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
-        step = movable(-eta_b * g + torch.sqrt(2 * eta_b) * noise)
-        proposal = x + step if mask is None else torch.where(mask, x + step, x)
-        finite = torch.isfinite(proposal.reshape(chains, -1)).all(dim=1)
-        if not bool(finite.all()):
-            if not metropolis:
-                raise EBFlowError(
-                    f"unadjusted Langevin diverged at iteration {i} (non-finite states in "
-                    f"{int((~finite).sum())} chain(s)); use a smaller step size or MALA"
-                )
-            proposal = torch.where(_per_chain(finite, x), proposal, x)  # rejected below
-        u_new, g_new = _potential_and_grad(potential, proposal)
-        if not metropolis:
-            if not bool(torch.isfinite(u_new).all()):
-                raise EBFlowError(
-                    f"unadjusted Langevin diverged at iteration {i} (non-finite energy); use a "
-                    "smaller step size or MALA"
-                )
-            x, u, g = proposal, u_new, g_new
-            if callback is not None:
-                callback(i, x, g)
-            continue
-        # log q(x | x') - log q(x' | x), restricted to the moving coordinates.
-        forward_res = movable(proposal - x + eta_b * g)
-        backward_res = movable(x - proposal + eta_b * g_new)
-        log_q_ratio = (sum_except_batch(forward_res.pow(2)) - sum_except_batch(backward_res.pow(2))) / (4 * eta)
-        log_alpha = u - u_new + log_q_ratio
-        ok = finite & torch.isfinite(log_alpha)
-        log_alpha = torch.where(ok, log_alpha, torch.full_like(log_alpha, -math.inf))
-        alpha = torch.exp(log_alpha.clamp(max=0.0))
-        uniform = torch.rand(chains, dtype=x.dtype, device=x.device, generator=generator)
-        accept = uniform < alpha
-        accepted += accept.to(torch.float64)
-        a = _per_chain(accept, x)
-        x = torch.where(a, proposal, x)
-        u = torch.where(accept, u_new, u)
-        g = torch.where(a, g_new, g)
-        if target_acceptance is not None:
-            scale = scale * torch.exp(adaptation_rate * (alpha - target_acceptance))
+        eta = chain.scale * sizes[i]
+        proposal, finite = chain.propose(eta, allow_nonfinite=metropolis, iteration=i)
+        if metropolis:
+            alpha = chain.metropolis_step(proposal, finite, eta)
+            if target_acceptance is not None:
+                chain.scale = chain.scale * torch.exp(adaptation_rate * (alpha - target_acceptance))
+        else:
+            chain.accept_all(proposal, iteration=i)
         if callback is not None:
-            callback(i, x, g)
+            callback(i, chain.x, chain.g)
     if metropolis and steps > 0:
-        per_chain = (accepted / steps).to(x.dtype)
+        per_chain = (chain.accepted / steps).to(chain.x.dtype)
         rate: float | None = float(per_chain.mean())
     else:
         per_chain, rate = None, None
-    return LangevinResult(samples=x, acceptance_rate=rate, acceptance_per_chain=per_chain,
-                          step_size=eta.detach(), energy=u)
+    return LangevinResult(samples=chain.x, acceptance_rate=rate, acceptance_per_chain=per_chain,
+                          step_size=eta.detach(), energy=chain.u)
+
+
+class _Chain:
+    r"""The state of a batch of Langevin chains: positions :math:`x`, potentials :math:`U(x)`,
+    gradients :math:`\nabla U(x)`, each chain's adaptive step factor and accept count."""
+
+    def __init__(self, potential: Callable[[Tensor], Tensor], x: Tensor, mask: Tensor | None,
+                 generator: torch.Generator | None) -> None:
+        self.potential, self.x, self.mask, self.generator = potential, x, mask, generator
+        self.chains = x.shape[0]
+        self.scale = torch.ones(self.chains, dtype=x.dtype, device=x.device)
+        self.accepted = torch.zeros(self.chains, dtype=torch.float64, device=x.device)
+        self.u, self.g = _potential_and_grad(potential, x)
+
+    def movable(self, t: Tensor) -> Tensor:
+        return t if self.mask is None else torch.where(self.mask, t, torch.zeros_like(t))
+
+    def propose(self, eta: Tensor, *, allow_nonfinite: bool, iteration: int) -> tuple[Tensor, Tensor]:
+        r"""The Langevin proposal :math:`x' = x - \eta\nabla U + \sqrt{2\eta}\,\xi` on the moving
+        coordinates, and which chains it keeps finite (a non-finite ULA proposal raises)."""
+        x = self.x
+        eta_b = _per_chain(eta, x)
+        noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=self.generator)
+        step = self.movable(-eta_b * self.g + torch.sqrt(2 * eta_b) * noise)
+        proposal = x + step if self.mask is None else torch.where(self.mask, x + step, x)
+        finite = torch.isfinite(proposal.reshape(self.chains, -1)).all(dim=1)
+        if not bool(finite.all()):
+            if not allow_nonfinite:
+                raise EBFlowError(
+                    f"unadjusted Langevin diverged at iteration {iteration} (non-finite states in "
+                    f"{int((~finite).sum())} chain(s)); use a smaller step size or MALA"
+                )
+            proposal = torch.where(_per_chain(finite, x), proposal, x)  # rejected below
+        return proposal, finite
+
+    def accept_all(self, proposal: Tensor, *, iteration: int) -> None:
+        """ULA: move every chain to its proposal."""
+        u_new, g_new = _potential_and_grad(self.potential, proposal)
+        if not bool(torch.isfinite(u_new).all()):
+            raise EBFlowError(
+                f"unadjusted Langevin diverged at iteration {iteration} (non-finite energy); use a "
+                "smaller step size or MALA"
+            )
+        self.x, self.u, self.g = proposal, u_new, g_new
+
+    def metropolis_step(self, proposal: Tensor, finite: Tensor, eta: Tensor) -> Tensor:
+        r"""MALA: accept each chain's proposal with probability
+        :math:`\min(1, e^{U(x) - U(x')} q(x \mid x') / q(x' \mid x))`; returns that probability."""
+        x, g = self.x, self.g
+        eta_b = _per_chain(eta, x)
+        u_new, g_new = _potential_and_grad(self.potential, proposal)
+        # log q(x | x') - log q(x' | x), restricted to the moving coordinates.
+        forward_res = self.movable(proposal - x + eta_b * g)
+        backward_res = self.movable(x - proposal + eta_b * g_new)
+        log_q_ratio = (sum_except_batch(forward_res.pow(2)) - sum_except_batch(backward_res.pow(2))) / (4 * eta)
+        log_alpha = self.u - u_new + log_q_ratio
+        ok = finite & torch.isfinite(log_alpha)
+        log_alpha = torch.where(ok, log_alpha, torch.full_like(log_alpha, -math.inf))
+        alpha = torch.exp(log_alpha.clamp(max=0.0))
+        uniform = torch.rand(self.chains, dtype=x.dtype, device=x.device, generator=self.generator)
+        accept = uniform < alpha
+        self.accepted += accept.to(torch.float64)
+        a = _per_chain(accept, x)
+        self.x = torch.where(a, proposal, x)
+        self.u = torch.where(accept, u_new, self.u)
+        self.g = torch.where(a, g_new, g)
+        return alpha
 
 
 def ula(model: EnergyModel, x0: Tensor, steps: int, step_size: float, **options) -> LangevinResult:
