@@ -94,6 +94,8 @@ def test_reproduce_refuses_bad_options(capsys):
     assert "--parallel" in capsys.readouterr().err
     assert main(["reproduce", "mnist-fc", "--budget-minutes", "-1"]) == 2
     assert main(["reproduce", "mnist-fc", "--objectives", "xyz"]) == 2
+    assert main(["reproduce", "mnist-fc", "--threads", "0"]) == 2
+    assert "--threads" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("table", ["cifar-fc", "cifar-cnn"])

@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
     if args.device is not None:
         resolve_device(args.device)  # the cells' runs would all fail on a device this machine lacks
+    if args.threads is not None and not 1 <= args.threads <= 1024:
+        raise ConfigError(f"--threads must be in [1, 1024], got {args.threads}")
     if args.threads is None and args.parallel > 1:
         args.threads = max(1, (os.cpu_count() or 1) // args.parallel)
     cells = cells_of(args.table, args.objectives, args.only)
