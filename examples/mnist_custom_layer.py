@@ -33,10 +33,7 @@ from ebflow.layers import (
     CircularConv2d,
     DepthwiseConv2d,
     DilatedConv2d,
-    FlowLayer,
     LinearFlowLayer,
-    ResidualSmoothLeakyReLU,
-    Squeeze,
 )
 
 LAYERS: dict[str, Callable[[tuple[int, int, int], int], LinearFlowLayer]] = {
@@ -44,22 +41,6 @@ LAYERS: dict[str, Callable[[tuple[int, int, int], int], LinearFlowLayer]] = {
     "dilated": lambda shape, k: DilatedConv2d(shape, k, dilation=2),
     "depthwise": lambda shape, k: DepthwiseConv2d(shape, k),
 }
-
-
-def custom_conv_flow(layer: str, event_shape: tuple[int, int, int], kernel_size: int = 7,
-                     blocks: int = 3, convs_per_block: int = 2, alpha: float = 0.3) -> EBFlow:
-    """``conv_flow``'s layout with ``LAYERS[layer]`` in place of ``Conv2d``."""
-    c, h, w = event_shape
-    layers: list[FlowLayer] = []
-    for b in range(blocks):
-        if b > 0:
-            layers.append(Squeeze())
-            c, h, w = 4 * c, h // 2, w // 2
-        for i in range(convs_per_block):
-            layers.append(LAYERS[layer]((c, h, w), kernel_size))
-            if not (b == blocks - 1 and i == convs_per_block - 1):
-                layers.append(ResidualSmoothLeakyReLU(alpha))
-    return EBFlow(layers, event_shape)
 
 
 def load_mnist(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +106,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     train_x, test_x = load_mnist(args.data_dir)
     pre = ImagePreprocessing(smoothness=0.75)  # MaP, the paper's CNN setting
-    builders = {f"{args.layer} conv (new)": lambda: custom_conv_flow(args.layer, (1, 28, 28)),
+    builders = {f"{args.layer} conv (new)": lambda: conv_flow((1, 28, 28), conv=LAYERS[args.layer]),
                 "Conv2d (conv_flow)": lambda: conv_flow((1, 28, 28))}
     rows = []
     for name, build in builders.items():

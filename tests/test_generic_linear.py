@@ -298,3 +298,19 @@ def test_flattened_events_work_too():
     x = torch.randn(3, *SHAPE, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(model.log_prob(x), brute_force_log_prob(model, x), atol=1e-8, rtol=0)
+
+
+def test_conv_flow_takes_any_convolution_layer():
+    """``conv_flow(conv=...)`` keeps the paper's CNN layout with another linear layer in place of
+    Conv2d (what examples/mnist_custom_layer.py trains), and its density stays exact."""
+    from ebflow import conv_flow
+    from ebflow.layers import CircularConv2d
+
+    torch.manual_seed(0)
+    model = conv_flow((1, 4, 4), blocks=2, convs_per_block=2, kernel_size=3,
+                      conv=lambda shape, k: CircularConv2d(shape, k)).double()
+    convs = [l for l in model.layers if isinstance(l, CircularConv2d)]
+    assert [tuple(l.event_shape) for l in convs] == [(1, 4, 4), (1, 4, 4), (4, 2, 2), (4, 2, 2)]
+    assert not any(type(l).__name__ == "Conv2d" for l in model.layers)
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(model.log_prob(x), brute_force_log_prob(model, x), rtol=1e-8, atol=1e-8)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .errors import ConfigError
 from .flow import EBFlow
@@ -88,11 +88,14 @@ def conv_flow(
     alpha: float = 0.3,
     init: str = "identity",
     spectral_norm: bool = False,
+    conv: Callable[[tuple[int, int, int], int], FlowLayer] | None = None,
 ) -> EBFlow:
     """Convolutional EBFlow: ``blocks`` blocks of ``convs_per_block`` C->C convolutions with a
     residual smooth leaky ReLU between convolutions, and a squeeze between blocks. ``init`` and
     ``spectral_norm`` (the reference's CIFAR-CNN recipe for ML, SSM and DSM; see
-    :class:`Conv2d`: evaluate in eval mode) are passed to every :class:`Conv2d`."""
+    :class:`Conv2d`: evaluate in eval mode) are passed to every :class:`Conv2d`; ``conv``, a
+    function ``(event_shape (C, H, W), kernel_size) -> layer``, replaces :class:`Conv2d` (e.g. a
+    :class:`~ebflow.layers.CircularConv2d`)."""
     c, h, w = event_shape
     layers: list[FlowLayer] = []
     for b in range(blocks):
@@ -100,7 +103,8 @@ def conv_flow(
             layers.append(Squeeze())
             c, h, w = 4 * c, h // 2, w // 2
         for i in range(convs_per_block):
-            layers.append(Conv2d(c, kernel_size, init=init, spectral_norm=spectral_norm))
+            layers.append(conv((c, h, w), kernel_size) if conv is not None
+                          else Conv2d(c, kernel_size, init=init, spectral_norm=spectral_norm))
             if not (b == blocks - 1 and i == convs_per_block - 1):
                 layers.append(ResidualSmoothLeakyReLU(alpha))
     return EBFlow(layers, tuple(event_shape))

@@ -107,6 +107,13 @@ def _scatter_plot(run: LoadedRun, x: Tensor, out: Path) -> None:
         ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), s=2, alpha=0.3, label="samples")
         ax.legend()
         ax.set_title(f"{run.config['name']}: dimensions 1 and 2")
+    _save(fig, out)
+
+
+def _save(fig, out: Path) -> None:
+    """Write a figure (atomically, see :func:`_writing`) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     try:
         with _writing(out):
@@ -136,10 +143,5 @@ def save_density_plot(run: LoadedRun, out: str | Path) -> Path:
         ax.pcolormesh(gx.numpy(), gy.numpy(), dens.numpy(), shading="auto", cmap="viridis")
         ax.set_title(title)
         ax.set_aspect("equal")
-    fig.tight_layout()
-    try:
-        with _writing(out):
-            fig.savefig(out, dpi=100)
-    finally:
-        plt.close(fig)
+    _save(fig, out)
     return out
