@@ -33,3 +33,46 @@ class RowMixing(GenericLinear):
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight.T + self.bias
+
+
+#: torch.linalg routines that compute a determinant, an inverse or a factorisation.
+LINEAR_ROUTINES = ("slogdet", "det", "inv", "inv_ex", "lu_factor", "lu_factor_ex", "lu", "solve",
+                   "solve_ex", "lu_solve", "solve_triangular")
+
+
+def spy_on_linear_algebra(monkeypatch, classes, methods) -> list[str]:
+    """Make every torch determinant / inverse / factorisation routine, and each of ``methods``
+    that one of ``classes`` defines itself, raise when called; return the list of the names
+    called (filled as calls happen). Call it after building the models: their initialisation
+    may factorise matrices."""
+    calls: list[str] = []
+
+    def spy(name):
+        def boom(*args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"{name} was called")
+        return boom
+
+    for routine in LINEAR_ROUTINES:
+        monkeypatch.setattr(torch.linalg, routine, spy(f"torch.linalg.{routine}"))
+    for routine in ("det", "logdet", "slogdet", "inverse"):
+        monkeypatch.setattr(torch, routine, spy(f"torch.{routine}"))
+    for cls in classes:
+        for method in methods:
+            if method in cls.__dict__:
+                monkeypatch.setattr(cls, method, spy(f"{cls.__name__}.{method}"))
+    return calls
+
+
+def accumulated_leaves(loss: torch.Tensor) -> list[torch.Tensor]:
+    """Every tensor an AccumulateGrad node of ``loss``'s graph would write a gradient into."""
+    seen, stack, leaves = set(), [loss.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.append(node.variable)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import initialised, perturb
+from helpers import RowMixing, brute_force_log_prob, spy_on_linear_algebra
 from torch import nn
 
-from conftest import initialised, perturb
 from ebflow import EBFlow, make_objective
 from ebflow.errors import ConfigError, InputError, SingularLayerError
 from ebflow.layers import (
@@ -25,8 +26,6 @@ from ebflow.layers import (
     SmoothLeakyReLU,
 )
 from ebflow.layers.generic_conv import circular_conv2d
-
-from helpers import RowMixing, brute_force_log_prob
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -142,8 +141,6 @@ def test_float32_layer_builds_its_matrix_in_float64():
 
 
 # -- score matching never needs determinants ---------------------------------------------------------
-LINEAR_ROUTINES = ("slogdet", "det", "inv", "inv_ex", "lu_factor", "lu_factor_ex", "lu", "solve",
-                   "solve_ex", "lu_solve", "solve_triangular")
 LAYER_CLASSES = (LinearFlowLayer, GenericLinear, LinearMap, GroupedConv2d, DepthwiseConv2d,
                  DilatedConv2d, CircularConv2d, DCT, RowMixing)
 
@@ -153,28 +150,9 @@ def forbid_linear_algebra(monkeypatch):
     """``activate()`` makes every determinant / inverse / factorisation routine and every
     derived-matrix method of the generic layers (the circular convolution's ``spectrum`` too)
     raise when called. The FFT itself is allowed: the circular convolution's map uses it."""
-    calls: list[str] = []
-
-    def spy(name):
-        def boom(*args, **kwargs):
-            calls.append(name)
-            raise AssertionError(f"{name} was called")
-        return boom
-
-    def activate() -> list[str]:
-        for routine in LINEAR_ROUTINES:
-            monkeypatch.setattr(torch.linalg, routine, spy(f"torch.linalg.{routine}"))
-        for routine in ("det", "logdet", "slogdet", "inverse"):
-            monkeypatch.setattr(torch, routine, spy(f"torch.{routine}"))
-        methods = ("log_abs_det", "_log_abs_det", "_factorize", "inverse", "_inverse_with", "matrix",
-                   "shift", "spectrum", "dense_log_abs_det", "dense_inverse")
-        for cls in LAYER_CLASSES:
-            for method in methods:
-                if method in cls.__dict__:
-                    monkeypatch.setattr(cls, method, spy(f"{cls.__name__}.{method}"))
-        return calls
-
-    return activate
+    methods = ("log_abs_det", "_log_abs_det", "_factorize", "inverse", "_inverse_with", "matrix",
+               "shift", "spectrum", "dense_log_abs_det", "dense_inverse")
+    return lambda: spy_on_linear_algebra(monkeypatch, LAYER_CLASSES, methods)
 
 
 def every_generic_layer_model() -> EBFlow:

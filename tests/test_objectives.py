@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import image_model_1ch, initialised, perturb
+from helpers import accumulated_leaves, spy_on_linear_algebra
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import image_model_1ch, initialised, perturb
 from ebflow import EBFlow, glow_flow, make_objective
 from ebflow.errors import ConfigError
 from ebflow.layers import (
@@ -168,35 +169,13 @@ def test_gaussian_model_recovers_data_covariance(name, options):
     assert rel < 0.05, rel
 
 
-LINEAR_ROUTINES = ("slogdet", "det", "inv", "inv_ex", "lu_factor", "lu_factor_ex", "lu", "solve",
-                   "solve_ex", "lu_solve", "solve_triangular")
-
-
 @pytest.fixture
 def forbid_linear_algebra(monkeypatch):
     """``activate()`` makes every determinant / inverse / factorisation routine raise when
     called (after the models are built: their initialisation may factorise matrices)."""
-    calls: list[str] = []
-
-    def spy(name):
-        def boom(*args, **kwargs):
-            calls.append(name)
-            raise AssertionError(f"{name} was called")
-        return boom
-
-    def activate() -> list[str]:
-        for routine in LINEAR_ROUTINES:
-            monkeypatch.setattr(torch.linalg, routine, spy(f"torch.linalg.{routine}"))
-        for routine in ("det", "logdet", "slogdet", "inverse"):
-            monkeypatch.setattr(torch, routine, spy(f"torch.{routine}"))
-        for method in ("log_abs_det", "_log_abs_det", "_factorize", "inverse", "_inverse_with"):
-            monkeypatch.setattr(LinearFlowLayer, method, spy(f"LinearFlowLayer.{method}"))
-            for cls in (Dense, Conv2d, Conv1x1, ActNorm, FixedAffine, Flatten, Squeeze):
-                if method in cls.__dict__:
-                    monkeypatch.setattr(cls, method, spy(f"{cls.__name__}.{method}"))
-        return calls
-
-    return activate
+    classes = (LinearFlowLayer, Dense, Conv2d, Conv1x1, ActNorm, FixedAffine, Flatten, Squeeze)
+    methods = ("log_abs_det", "_log_abs_det", "_factorize", "inverse", "_inverse_with")
+    return lambda: spy_on_linear_algebra(monkeypatch, classes, methods)
 
 
 def every_linear_layer_model() -> EBFlow:
@@ -418,20 +397,6 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _accumulated_leaves(loss: torch.Tensor) -> list[torch.Tensor]:
-    """Every tensor an AccumulateGrad node of ``loss``'s graph would write a gradient into."""
-    seen, stack, leaves = set(), [loss.grad_fn], []
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if hasattr(node, "variable"):
-            leaves.append(node.variable)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return leaves
-
-
 def _no_prefix_model() -> EBFlow:
     """First layer non-linear: no linear prefix (the derivative in x is taken by torch.func alone)."""
     return EBFlow([SmoothLeakyReLU(0.3), Dense(3), AffineCoupling((3,), hidden=4, depth=1), Dense(3)], (3,)).double()
@@ -466,7 +431,7 @@ def test_a_plain_backward_computes_the_parameter_gradients_only(name, options, m
     for plain in (True, False):
         model.zero_grad(set_to_none=True)
         loss = objective(model, x, noise=noise)
-        assert all(id(leaf) in ids for leaf in _accumulated_leaves(loss))
+        assert all(id(leaf) in ids for leaf in accumulated_leaves(loss))
         with _CountOps() as ops:
             loss.backward() if plain else loss.backward(inputs=params)
         results.append((loss.detach(), ops.count, [p.grad.clone() for p in params]))
@@ -510,4 +475,4 @@ def test_the_fast_path_equals_autograd_on_a_leaf(model_name):
     xl = xt.detach().requires_grad_(True)
     (g,) = torch.autograd.grad(model.energy(xl).sum(), xl, create_graph=True)
     torch.testing.assert_close(score, -g, atol=1e-12, rtol=0)
-    assert all(id(leaf) in {id(p) for p in params} for leaf in _accumulated_leaves(score.pow(2).sum()))
+    assert all(id(leaf) in {id(p) for p in params} for leaf in accumulated_leaves(score.pow(2).sum()))

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import accumulated_leaves, brute_force_log_prob
 
 from ebflow import EBFlow, conv_flow, make_objective
 from ebflow.errors import ConfigError
 from ebflow.layers import Conv2d, ResidualSmoothLeakyReLU, SmoothLeakyReLU, Squeeze
 from ebflow.objectives import ml_loss
-
-from helpers import brute_force_log_prob
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -210,14 +209,6 @@ def test_a_plain_backward_reaches_only_the_free_parameters(name):
     x = torch.randn(4, 1, 4, 4, dtype=torch.float64)
     loss = make_objective(name)(model, x)
     ids = {id(p) for p in model.parameters()}
-    seen, stack = set(), [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if hasattr(node, "variable"):
-            assert id(node.variable) in ids
-        stack.extend(n for n, _ in node.next_functions)
+    assert all(id(leaf) in ids for leaf in accumulated_leaves(loss))
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
