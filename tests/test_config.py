@@ -30,28 +30,29 @@ def test_every_preset_of_the_issue_ships_with_a_description():
 @pytest.mark.parametrize("name", PRESETS)
 def test_presets_validate_and_keep_their_name(name):
     config = resolve_config(name)
-    assert config["name"] == name
-    assert set(config) == set(FIELDS)
+    assert config.runtime.name == name
+    assert set(config.to_dict()) == set(FIELDS)
 
 
 def test_recipes_follow_the_design():
     fc, cnn, cifar = resolve_config("mnist-fc"), resolve_config("mnist-cnn"), resolve_config("cifar-fc")
-    assert (fc["optimizer"], fc["lr"], fc["batch_size"], fc["ema_decay"]) == ("rmsprop", 1e-4, 100, 0.999)
-    assert fc["sigma"] == fc["eps"] == 1.0 and cnn["sigma"] == cnn["eps"] == 0.1
-    assert fc["logit_smoothness"] == 0.5 and cnn["logit_smoothness"] == 0.75
-    assert cifar["energy_reg"] == 0.001 and fc["energy_reg"] == 0.0
-    assert fc["val_size"] == 10000 and fc["map"] is True
+    assert (fc.optim.optimizer, fc.optim.lr, fc.training.batch_size, fc.optim.ema_decay) == (
+        "rmsprop", 1e-4, 100, 0.999)
+    assert fc.objective.sigma == fc.objective.eps == 1.0 and cnn.objective.sigma == cnn.objective.eps == 0.1
+    assert fc.preprocessing.logit_smoothness == 0.5 and cnn.preprocessing.logit_smoothness == 0.75
+    assert cifar.objective.energy_reg == 0.001 and fc.objective.energy_reg == 0.0
+    assert fc.data.val_size == 10000 and fc.preprocessing.map is True
     assert grad_clip_for(resolve_config("mnist-fc", {"loss": "fdssm"})) == 5.0
     assert grad_clip_for(resolve_config("mnist-fc", {"loss": "ssm"})) is None
-    assert resolve_config("toy2d-sine")["dtype"] == "float64"
-    assert resolve_config("digits-fc")["num_bins"] == 17
+    assert resolve_config("toy2d-sine").model.dtype == "float64"
+    assert resolve_config("digits-fc").preprocessing.num_bins == 17
 
 
 def test_overrides_are_parsed_as_yaml_scalars():
     out = parse_overrides(["lr=3e-4", "map=false", "max_iters=10", "data_dir=2024", "val_size=null"])
     assert out == {"lr": 3e-4, "map": False, "max_iters": 10, "data_dir": "2024", "val_size": None}
     config = resolve_config("mnist-fc", out)
-    assert config["lr"] == 3e-4 and config["map"] is False
+    assert config.optim.lr == 3e-4 and config.preprocessing.map is False
 
 
 @pytest.mark.parametrize("item", ["learning_rate=1", "lrr=0.1"])
@@ -95,7 +96,7 @@ def test_yaml_file_may_extend_a_preset(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("preset: mnist-cnn\nlr: 0.0005\nname: mine\n")
     config = resolve_config(str(path))
-    assert config["model"] == "conv" and config["lr"] == 0.0005 and config["name"] == "mine"
+    assert config.model.family == "conv" and config.optim.lr == 0.0005 and config.runtime.name == "mine"
 
 
 def test_yaml_file_errors_name_the_problem(tmp_path):
@@ -119,7 +120,7 @@ def test_yaml_is_read_safely(tmp_path):
 
 
 def _recipe(preset, loss, *keys):
-    c = resolve_config(preset, {"loss": loss})
+    c = resolve_config(preset, {"loss": loss}).to_dict()  # the recipe tables name flat keys
     return tuple(c[k] for k in keys)
 
 
@@ -147,14 +148,14 @@ def test_recipes_per_objective_follow_design_4_2():
         assert _recipe("cifar-cnn", loss, "spectral_norm") == (sn,)
     for preset in ("mnist-fc", "mnist-cnn", "cifar-fc", "cifar-cnn"):
         c = resolve_config(preset)
-        assert (c["optimizer"], c["lr"], c["batch_size"], c["ema_decay"], c["ema_warmup"],
-                c["weight_init"]) == ("rmsprop", 1e-4, 100, 0.999, True, "negative_identity")
+        assert (c.optim.optimizer, c.optim.lr, c.training.batch_size, c.optim.ema_decay, c.optim.ema_warmup,
+                c.model.weight_init) == ("rmsprop", 1e-4, 100, 0.999, True, "negative_identity")
     cifar = resolve_config("cifar-fc")
-    assert cifar["augment"] is True and cifar["val_size"] == 10000
+    assert cifar.training.augment is True and cifar.data.val_size == 10000
     glow = resolve_config("mnist-glow", {"loss": "dsm"})
-    assert (glow["optimizer"], glow["lr"], glow["weight_decay"], glow["grad_clip"], glow["energy_reg"],
-            glow["logit_smoothness"], glow["epochs"], glow["lr_decay"], glow["sigma"]) == (
-        "adam", 1e-5, 0.1, 500.0, 0.1, 1.0, 80, 1.0, 0.1)
+    assert (glow.optim.optimizer, glow.optim.lr, glow.optim.weight_decay, glow.optim.grad_clip,
+            glow.objective.energy_reg, glow.preprocessing.logit_smoothness, glow.training.epochs,
+            glow.optim.lr_decay, glow.objective.sigma) == ("adam", 1e-5, 0.1, 500.0, 0.1, 1.0, 80, 1.0, 0.1)
     assert _recipe("toy2d-sine", "ml", "lr", "batch_size", "max_iters") == (5e-4, 2048, 50000)
     assert _recipe("toy2d-sine", "dsm", "lr") == (1e-4,)
     assert _recipe("toy2d-swirl", "ml", "lr") == (5e-3,)
@@ -165,8 +166,8 @@ def test_recipes_per_objective_follow_design_4_2():
 
 
 def test_explicit_override_beats_the_per_loss_recipe():
-    assert resolve_config("mnist-cnn", {"loss": "ml"})["weight_decay"] == 1e-5
-    assert resolve_config("mnist-cnn", {"loss": "ml", "weight_decay": 0.0})["weight_decay"] == 0.0
+    assert resolve_config("mnist-cnn", {"loss": "ml"}).optim.weight_decay == 1e-5
+    assert resolve_config("mnist-cnn", {"loss": "ml", "weight_decay": 0.0}).optim.weight_decay == 0.0
     with pytest.raises(ConfigError, match="per_loss"):
         resolve_config("mnist-fc", {"per_loss": {"ml": {"no_such_key": 1}}})
     with pytest.raises(ConfigError, match="per_loss"):
@@ -177,7 +178,7 @@ def test_no_map_dsm_needs_the_drop_switch():
     with pytest.raises(ConfigError, match="drop_out_of_domain"):
         resolve_config("mnist-fc", {"loss": "dsm", "map": False})
     c = resolve_config("mnist-fc", {"loss": "fdssm", "map": False, "drop_out_of_domain": True})
-    assert c["drop_out_of_domain"] is True
+    assert c.objective.drop_out_of_domain is True
 
 
 @pytest.mark.parametrize("key, bad", [("num_layers", 100_000), ("blocks", 257), ("hidden", 16385),

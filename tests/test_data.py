@@ -14,8 +14,9 @@ from ebflow.experiment.data import DataUnavailableError, check_data, load_data, 
 from ebflow.errors import ConfigError, InputError
 
 
-def _config(name, **overrides):
-    return resolve_config(name, overrides)
+def _data_config(name, **overrides):
+    """The data section of a preset with overrides (what load_data reads)."""
+    return resolve_config(name, overrides).data
 
 
 def write_idx(path, array, compress):
@@ -53,12 +54,12 @@ def write_fake_cifar(folder, per_batch=10, seed=0):
 
 @pytest.mark.parametrize("name", ["toy2d-sine", "toy2d-swirl", "toy2d-checkerboard"])
 def test_toy_data_is_seeded_and_smoothed(name):
-    cfg = _config(name, toy_train_size=300, toy_eval_size=100, toy_points=50)
+    cfg = _data_config(name, toy_train_size=300, toy_eval_size=100, toy_points=50)
     a, b = load_data(cfg), load_data(cfg)
     assert torch.equal(a.train, b.train) and a.train.shape == (300, 2) and a.test.shape == (100, 2)
     assert a.mixture is not None and a.mixture.centres.shape == (50, 2) and a.mixture.noise == 0.375
     assert not torch.equal(a.val, a.test)
-    other = load_data(_config(name, toy_train_size=300, toy_eval_size=100, toy_points=50, data_seed=5))
+    other = load_data(_data_config(name, toy_train_size=300, toy_eval_size=100, toy_points=50, data_seed=5))
     assert not torch.equal(a.train, other.train)
 
 
@@ -75,7 +76,7 @@ def test_mm10_is_ten_dimensional_and_multimodal():
 
 
 def test_digits_have_17_levels_and_fixed_splits():
-    d = load_data(_config("digits-fc"))
+    d = load_data(_data_config("digits-fc"))
     assert d.num_bins == 17 and d.event_shape == (1, 8, 8)
     assert (d.train.shape[0], d.val.shape[0], d.test.shape[0]) == (1200, 300, 297)
     assert float(d.train.max()) == 16 and float(d.train.min()) == 0
@@ -84,7 +85,7 @@ def test_digits_have_17_levels_and_fixed_splits():
 @pytest.mark.parametrize("compress", [True, False])
 def test_local_mnist_files_plain_or_gzip(tmp_path, compress):
     folder = write_fake_mnist(tmp_path / "m", compress=compress)
-    d = load_data(_config("mnist-fc", data_dir=str(folder), val_size=10, download=False))
+    d = load_data(_data_config("mnist-fc", data_dir=str(folder), val_size=10, download=False))
     assert d.train.shape == (50, 1, 28, 28) and d.val.shape == (10, 1, 28, 28)
     assert d.test.shape == (20, 1, 28, 28) and d.num_bins == 256
     raw = read_idx(folder / ("train-images-idx3-ubyte" + (".gz" if compress else "")))
@@ -93,13 +94,13 @@ def test_local_mnist_files_plain_or_gzip(tmp_path, compress):
 
 def test_torchvision_folder_layout_is_found(tmp_path):
     write_fake_mnist(tmp_path / "MNIST" / "raw")
-    d = load_data(_config("mnist-fc", data_dir=str(tmp_path), val_size=10, download=False))
+    d = load_data(_data_config("mnist-fc", data_dir=str(tmp_path), val_size=10, download=False))
     assert d.train.shape[0] == 50
 
 
 def test_missing_mnist_offline_says_what_to_download_and_where(tmp_path):
     with pytest.raises(DataUnavailableError) as info:
-        load_data(_config("mnist-fc", data_dir=str(tmp_path), download=False))
+        load_data(_data_config("mnist-fc", data_dir=str(tmp_path), download=False))
     msg = str(info.value)
     assert "train-images-idx3-ubyte" in msg and str(tmp_path) in msg and "data_dir" in msg
 
@@ -109,18 +110,18 @@ def test_truncated_idx_file_is_rejected(tmp_path):
     path = folder / "train-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-5])
     with pytest.raises(InputError, match="truncated"):
-        load_data(_config("mnist-fc", data_dir=str(folder), val_size=10, download=False))
+        load_data(_data_config("mnist-fc", data_dir=str(folder), val_size=10, download=False))
 
 
 def test_val_size_must_leave_training_images(tmp_path):
     folder = write_fake_mnist(tmp_path)
     with pytest.raises(ConfigError, match="val_size"):
-        load_data(_config("mnist-fc", data_dir=str(folder), val_size=60, download=False))
+        load_data(_data_config("mnist-fc", data_dir=str(folder), val_size=60, download=False))
 
 
 def test_local_cifar_batches(tmp_path):
     folder = write_fake_cifar(tmp_path / "cifar-10-batches-py")
-    d = load_data(_config("cifar-fc", data_dir=str(tmp_path), val_size=5, download=False))
+    d = load_data(_data_config("cifar-fc", data_dir=str(tmp_path), val_size=5, download=False))
     assert d.train.shape == (45, 3, 32, 32) and d.val.shape == (5, 3, 32, 32)
     assert d.test.shape == (10, 3, 32, 32)
 
@@ -135,21 +136,21 @@ def test_cifar_batch_with_code_is_refused(tmp_path):
     with open(folder / "data_batch_3", "wb") as f:
         pickle.dump({b"data": Payload()}, f)
     with pytest.raises(InputError, match="refusing"):
-        load_data(_config("cifar-fc", data_dir=str(folder), val_size=5, download=False))
+        load_data(_data_config("cifar-fc", data_dir=str(folder), val_size=5, download=False))
 
 
 def test_points_file_with_nan_is_rejected_at_load_time(tmp_path):
     pts = np.random.default_rng(0).normal(size=(50, 3))
     good = tmp_path / "good.npy"
     np.save(good, pts)
-    d = load_data(_config("mm10-full", data="points", data_file=str(good)))
+    d = load_data(_data_config("mm10-full", data="points", data_file=str(good)))
     assert d.train.shape == (40, 3) and d.val.shape == (5, 3) and d.test.shape == (5, 3)
     pts[17, 1] = np.nan
     pts[30, 0] = np.inf
     bad = tmp_path / "bad.npy"
     np.save(bad, pts)
     with pytest.raises(InputError, match=r"1 NaN, 1 Inf.*index 17"):
-        load_data(_config("mm10-full", data="points", data_file=str(bad)))
+        load_data(_data_config("mm10-full", data="points", data_file=str(bad)))
 
 
 def test_check_data_rejects_non_finite_and_empty():
@@ -161,7 +162,7 @@ def test_check_data_rejects_non_finite_and_empty():
 
 @pytest.mark.parametrize("name, shape", [("synthetic-mnist", (1, 28, 28)), ("synthetic-cifar10", (3, 32, 32))])
 def test_synthetic_stand_ins_have_the_real_shapes(name, shape):
-    d = load_data(_config("mnist-fc", data=name, max_train=20, max_eval=5))
+    d = load_data(_data_config("mnist-fc", data=name, max_train=20, max_eval=5))
     assert d.event_shape == shape and d.train.shape[0] == 20 and d.test.shape[0] == 5
     assert float(d.train.min()) >= 0 and float(d.train.max()) <= 255
     assert torch.equal(d.train, d.train.floor())

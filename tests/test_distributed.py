@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from ebflow.experiment.checkpoint import load_checkpoint
-from ebflow.experiment.config import parse_overrides, resolve_config
+from ebflow.experiment.config import RunConfig, parse_overrides, resolve_config
 from ebflow.experiment.data import load_data
 from ebflow.experiment.distributed import SINGLE_PROCESS, Distributed, make_gradient_sync
 from ebflow.experiment.builders import build_model, build_objective, build_preprocessing
@@ -53,7 +53,7 @@ MATCH_SINGLE = ("dsm", "ssm", "dsm-allreduce")  # the same maths as 1 process x 
 GRAD_OBJECTIVES = ("ml", "sml", "ssm", "dsm", "fdssm", "esm")
 
 
-def _config(name: str) -> dict:
+def _config(name: str) -> RunConfig:
     preset, extra = RUNS[name]
     return resolve_config(preset, {**COMMON, **extra})
 
@@ -61,10 +61,10 @@ def _config(name: str) -> dict:
 def _eval_setup():
     """A perturbed digits model and the raw validation pixels (same on every process)."""
     config = _config("dsm")
-    splits = load_data(config)
-    pre = build_preprocessing(config, splits.num_bins)
+    splits = load_data(config.data, num_bins=config.preprocessing.num_bins)
+    pre = build_preprocessing(config.preprocessing, splits.num_bins)
     torch.manual_seed(11)
-    model = build_model(config, splits.event_shape, pre)
+    model = build_model(config.model, splits.event_shape, pre, use_map=config.preprocessing.map)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -75,13 +75,13 @@ def _grad_setup(name: str):
     """A small dense model (LU weights, ActNorm), a global batch of 8 and its shared noise."""
     config = resolve_config("mm10-lu", {**COMMON, "loss": name})
     torch.manual_seed(5)
-    model = build_model(config, (10,), None)
+    model = build_model(config.model, (10,), None, use_map=config.preprocessing.map)
     x = torch.randn(4 * WORLD, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     model.initialize(x)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    objective = build_objective(config)
+    objective = build_objective(config.objective)
     noise = objective.draw_noise(tuple(x.shape), dtype=x.dtype, device=x.device,
                                  generator=torch.Generator().manual_seed(7))
     return model, objective, x, noise
@@ -238,7 +238,7 @@ def test_both_ranks_hold_bit_identical_parameters_and_ema(worker_out, name):
 def test_two_processes_match_one_process_with_the_global_batch(worker_out, name, tmp_path):
     """2 processes x 8 rows == 1 process x 16 rows, same data order and noise (float64)."""
     config = _config(name)
-    assert config["batch_size"] == 16
+    assert config.training.batch_size == 16
     single = train(config, tmp_path / "single", final_outputs=name == "dsm")
     assert single.world_size == 1
     one = load_checkpoint(tmp_path / "single" / "checkpoints" / "last.pt")

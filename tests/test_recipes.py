@@ -170,7 +170,7 @@ def test_negative_identity_initialisation():
     w = conv.weight.detach()
     assert torch.equal(w[:, :, 1, 1], -torch.eye(2)) and float(w.abs().sum()) == 2.0
     config = resolve_config("mnist-fc")
-    model = build_model(config, (1, 28, 28), ImagePreprocessing(0.5, 1e-6, 256))
+    model = build_model(config.model, (1, 28, 28), ImagePreprocessing(0.5, 1e-6, 256), use_map=True)
     assert all(torch.equal(l.weight.detach(), -torch.eye(784)) for l in model.layers if isinstance(l, Dense))
     with pytest.raises(ConfigError, match="initialisation"):
         Dense(3, init="zeros")

@@ -222,10 +222,10 @@ def test_points_files_that_cannot_be_trained_on_are_refused_at_load_time(array, 
     path = tmp_path / "points.npy"
     np.save(path, array)
     with pytest.raises(InputError, match="real numbers") as info:
-        load_data(resolve_config("mm10-lu", {"data": "points", "data_file": str(path)}))
+        load_data(resolve_config("mm10-lu", {"data": "points", "data_file": str(path)}).data)
     assert str(path) in str(info.value)
     np.save(path, np.arange(100).reshape(50, 2))  # integers are fine
-    assert load_data(resolve_config("mm10-lu", {"data": "points", "data_file": str(path)})).train.shape[1] == 2
+    assert load_data(resolve_config("mm10-lu", {"data": "points", "data_file": str(path)}).data).train.shape[1] == 2
 
 
 # -- run ownership ----------------------------------------------------------------------------------

@@ -123,12 +123,12 @@ def test_consecutive_non_finite_steps_stop_with_a_usable_checkpoint(tmp_path, mo
 
 def test_data_space_nll_with_map_equals_the_model_with_preprocessing_inside():
     config = _tiny()
-    pre = build_preprocessing(config, 17)
-    outside = build_model(config, (1, 8, 8), pre).double()
+    pre = build_preprocessing(config.preprocessing, 17)
+    outside = build_model(config.model, (1, 8, 8), pre, use_map=True).double()
     with torch.no_grad():
         for p in outside.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    inside = build_model({**config, "map": False}, (1, 8, 8), pre).double()
+    inside = build_model(config.model, (1, 8, 8), pre, use_map=False).double()
     inside.layers[3:].load_state_dict(outside.layers.state_dict())
     pixels = torch.randint(0, 17, (40, 1, 8, 8)).double()
     a = evaluate_nll(outside, pixels, pre, True, batch_size=16, seed=1)
@@ -203,7 +203,7 @@ def test_load_run_gives_the_ema_model_and_raw_data(tmp_path):
         run = load_run(path)
         assert run.run_dir == tmp_path / "r" and not run.model.training
         assert run.map is True and run.preprocessing.num_bins == 17
-        assert run.config["name"] == "digits-fc"
+        assert run.config.runtime.name == "digits-fc"
         pixels = run.data("test")
         assert pixels.shape == (297, 1, 8, 8) and float(pixels.max()) <= 16
     ckpt = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ..errors import ConfigError
-from ..experiment.config import FIELDS, dump_config, list_presets, parse_overrides, resolve_config, validate_config
+from ..experiment.config import FIELDS, dump_config, list_presets, parse_overrides, resolve_config
 from ..experiment.distributed import resolve_device
 from ..experiment.plots import prepare_output, save_samples
 from ..experiment.runs import LoadedRun, load_run
@@ -39,7 +39,7 @@ def _load(args: argparse.Namespace) -> LoadedRun:
     bad = sorted(set(overrides) - allowed)
     if bad:
         raise ConfigError(f"only {', '.join(sorted(allowed))} may be set here, not {', '.join(bad)}")
-    run.config = validate_config({**run.config, **overrides})
+    run.config = run.config.updated(overrides)
     return run
 
 

@@ -14,7 +14,7 @@ from ..errors import ConfigError, InputError
 from ..flow import EBFlow
 from ..inpainting import inpaint_images, make_mask, save_inpainting_grid
 from ..mcmc import SCHEDULES, check_energy_model
-from ..experiment.config import parse_overrides, validate_config
+from ..experiment.config import RunConfig, parse_overrides
 from ..experiment.checkpoint import OutputError, os_reason
 from ..experiment.distributed import resolve_device
 from ..experiment.plots import prepare_output
@@ -58,12 +58,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _denoise_sigma(value: str, config: dict) -> float:
+def _denoise_sigma(value: str, config: RunConfig | None) -> float:
+    """``--denoise-sigma``: a number, or ``auto``: the DSM sigma of a run trained with DSM in
+    the chain's (MaP) space, else 0. ``config`` None: only check an explicit value."""
     if str(value).lower() == "auto":
         # The chain runs in the MaP space; a run without MaP learnt its DSM sigma in pixel
         # units, which does not carry over, so it gets no automatic step.
-        dsm_in_chain_space = config.get("loss") == "dsm" and config.get("map", True)
-        return float(config.get("sigma", 0.0)) if dsm_in_chain_space else 0.0
+        if config is None or config.objective.loss != "dsm" or not config.preprocessing.map:
+            return 0.0
+        return config.objective.sigma
     try:
         sigma = float(value)
     except ValueError:
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.average <= args.steps:
         raise ConfigError(f"--average must be between 0 and --steps ({args.steps}), got {args.average}")
     if str(args.denoise_sigma).lower() != "auto":
-        _denoise_sigma(args.denoise_sigma, {})
+        _denoise_sigma(args.denoise_sigma, None)
     if args.out is not None and Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise ConfigError(f"--out must name a .png (or .jpg) file, got {args.out!r}")
     device = resolve_device(args.device or "auto")
@@ -109,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     bad = sorted(set(overrides) - {"data_dir", "download"})
     if bad:
         raise ConfigError(f"only data_dir and download may be set here, not {', '.join(bad)}")
-    loaded.config = validate_config({**loaded.config, **overrides})
+    loaded.config = loaded.config.updated(overrides)
     denoise = _denoise_sigma(args.denoise_sigma, loaded.config)
     model = loaded.model
     if not isinstance(model, EBFlow):

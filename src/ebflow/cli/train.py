@@ -66,7 +66,7 @@ def _train(args: argparse.Namespace) -> int:
         device = args.device or "auto"
     else:
         config = resolve_config(args.config or DEFAULT_PRESET, overrides)
-        device = config["device"]
+        device = config.runtime.device
     # Under torchrun: join the process group (NCCL on CUDA, Gloo on CPU); else one process.
     ctx = init_from_env(device)
     say = print if ctx.is_main else (lambda *a, **k: None)
@@ -79,13 +79,14 @@ def _train(args: argparse.Namespace) -> int:
             with _stop_on_signals(stop, run_dir):
                 result = train(None, run_dir, resume=True, overrides=overrides, distributed=ctx, stop=stop)
         else:
+            name, loss = config.runtime.name, config.objective.loss
             run_dir = Path(args.out) if args.out else (
-                Path("runs") / f"{config['name']}-{config['loss']}-{time.strftime('%Y%m%d-%H%M%S')}")
+                Path("runs") / f"{name}-{loss}-{time.strftime('%Y%m%d-%H%M%S')}")
             run_dir = ctx.broadcast_object(run_dir)  # rank 0's clock names the run
             ctx.from_main(lambda: check_new_run_dir(run_dir))  # refuse a taken --out before anything
-            say(f"training {config['name']} with {config['loss']} in {run_dir}")
+            say(f"training {name} with {loss} in {run_dir}")
             if ctx.is_distributed:
-                say(_batch_line(ctx.world_size, config["batch_size"], config["lr"]))
+                say(_batch_line(ctx.world_size, config.training.batch_size, config.optim.lr))
             with _stop_on_signals(stop, run_dir):
                 result = train(config, run_dir, distributed=ctx, stop=stop)
         # Rank 0 alone tests the best checkpoint and writes the final files: the others wait

@@ -5,10 +5,10 @@ training, finished runs, plots and the paper's tables (``ebflow reproduce``).
 The library (``ebflow``, ``ebflow.layers``, ...) never imports this package.
 """
 
-from .config import list_presets, resolve_config
+from .config import RunConfig, list_presets, resolve_config, validate_config
 from .runs import LoadedRun, load_run
 from .training import train
 from .trainer import StopRequest, TrainingDivergedError, TrainingInterrupted, TrainResult
 
-__all__ = ["train", "load_run", "LoadedRun", "resolve_config", "list_presets",
+__all__ = ["train", "load_run", "LoadedRun", "resolve_config", "validate_config", "RunConfig", "list_presets",
            "TrainResult", "TrainingDivergedError", "TrainingInterrupted", "StopRequest"]

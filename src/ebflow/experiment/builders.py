@@ -1,15 +1,18 @@
 """Builders: the model, preprocessing, objective, optimizer and LR schedule of a run config.
 
-Model families are data (:data:`MODEL_FAMILIES`): a family maps a config and an event shape to
-an :class:`~ebflow.EBFlow`. Adding a family is one entry; the config's ``model`` choices, the
-presets and the benchmark read this table.
+Each builder takes the section of the validated config it needs
+(:mod:`ebflow.experiment.sections`): ``build_model(config.model, ...)``,
+``build_objective(config.objective)``, ``build_optimizer(config.optim, ...)``.
+
+Model families are data (:data:`MODEL_FAMILIES`): a family maps the model section and an event
+shape to an :class:`~ebflow.EBFlow`. Adding a family is one entry; the config's ``model``
+choices and the presets read this table.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -19,6 +22,7 @@ from ..errors import ConfigError
 from ..flow import EBFlow
 from ..objectives import OBJECTIVES, Objective, make_objective
 from ..preprocessing import ImagePreprocessing
+from .sections import ModelConfig, ObjectiveConfig, OptimConfig, PreprocessingConfig
 
 __all__ = [
     "ModelFamily",
@@ -31,12 +35,12 @@ __all__ = [
     "build_scheduler",
 ]
 
-def build_preprocessing(config: Mapping[str, Any], num_bins: int | None) -> ImagePreprocessing | None:
-    """The image preprocessing of an image config (None for point data)."""
+def build_preprocessing(config: PreprocessingConfig, num_bins: int | None) -> ImagePreprocessing | None:
+    """The image preprocessing of image data with ``num_bins`` pixel levels (None for point
+    data); the config's ``num_bins``, when set, wins."""
     if num_bins is None:
         return None
-    return ImagePreprocessing(config["logit_smoothness"], config["logit_shift"],
-                              config["num_bins"] or num_bins)
+    return ImagePreprocessing(config.logit_smoothness, config.logit_shift, config.num_bins or num_bins)
 
 
 _DENSE_INIT = {"default": None, "negative_identity": "negative_identity"}
@@ -45,33 +49,31 @@ _CONV_INIT = {"default": "identity", "negative_identity": "negative_identity"}
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """A model family: ``build(config, event_shape, for_loading)`` and the event rank it needs
-    (1: vectors, 3: images ``(C, H, W)``, None: any)."""
+    """A model family: ``build(model_config, event_shape, for_loading)`` and the event rank it
+    needs (1: vectors, 3: images ``(C, H, W)``, None: any)."""
 
-    build: Callable[[Mapping[str, Any], tuple[int, ...], bool], EBFlow]
+    build: Callable[[ModelConfig, tuple[int, ...], bool], EBFlow]
     event_rank: int | None
     help: str
 
 
-def _coupling(c: Mapping[str, Any], shape: tuple[int, ...], for_loading: bool) -> EBFlow:
-    return coupling_flow(shape[0], blocks=c["blocks"], hidden=c["hidden"], depth=c["depth"])
+def _coupling(c: ModelConfig, shape: tuple[int, ...], for_loading: bool) -> EBFlow:
+    return coupling_flow(shape[0], blocks=c.blocks, hidden=c.hidden, depth=c.depth)
 
 
-def _dense(c: Mapping[str, Any], shape: tuple[int, ...], for_loading: bool) -> EBFlow:
+def _dense(c: ModelConfig, shape: tuple[int, ...], for_loading: bool) -> EBFlow:
     # for_loading: skip the orthogonal draw of weights that a checkpoint overwrites right after
-    return dense_flow(shape, num_layers=c["num_layers"], alpha=c["alpha"],
-                      parameterization=c["parameterization"], actnorm=c["actnorm"],
-                      init="identity" if for_loading else _DENSE_INIT[c["weight_init"]])
+    return dense_flow(shape, num_layers=c.num_layers, alpha=c.alpha, parameterization=c.parameterization,
+                      actnorm=c.actnorm, init="identity" if for_loading else _DENSE_INIT[c.weight_init])
 
 
-def _conv(c: Mapping[str, Any], shape: tuple[int, ...], for_loading: bool) -> EBFlow:
-    return conv_flow(shape, blocks=c["blocks"], convs_per_block=c["convs_per_block"],
-                     kernel_size=c["kernel_size"], alpha=c["alpha"], init=_CONV_INIT[c["weight_init"]],
-                     spectral_norm=c["spectral_norm"])
+def _conv(c: ModelConfig, shape: tuple[int, ...], for_loading: bool) -> EBFlow:
+    return conv_flow(shape, blocks=c.blocks, convs_per_block=c.convs_per_block, kernel_size=c.kernel_size,
+                     alpha=c.alpha, init=_CONV_INIT[c.weight_init], spectral_norm=c.spectral_norm)
 
 
-def _glow(c: Mapping[str, Any], shape: tuple[int, ...], for_loading: bool) -> EBFlow:
-    return glow_flow(shape, levels=c["levels"], steps=c["steps"], hidden=c["hidden"])
+def _glow(c: ModelConfig, shape: tuple[int, ...], for_loading: bool) -> EBFlow:
+    return glow_flow(shape, levels=c.levels, steps=c.steps, hidden=c.hidden)
 
 
 #: Model families by config name (``model``).
@@ -84,35 +86,32 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
 
 
 def build_model(
-    config: Mapping[str, Any], event_shape: Sequence[int], preprocessing: ImagePreprocessing | None,
-    *, for_loading: bool = False,
+    config: ModelConfig, event_shape: Sequence[int], preprocessing: ImagePreprocessing | None,
+    *, use_map: bool, for_loading: bool = False,
 ) -> EBFlow:
-    """The EBFlow of a config (its :data:`MODEL_FAMILIES` entry). Without MaP the preprocessing
-    becomes the model's first layers. ``for_loading=True`` skips costly random initialisations
-    of parameters that a checkpoint overwrites right after."""
+    """The EBFlow of a model section (its :data:`MODEL_FAMILIES` entry), in its ``dtype``.
+    Without MaP (``use_map=False``, the config's ``map``) the preprocessing becomes the model's
+    first layers. ``for_loading=True`` skips costly random initialisations of parameters that a
+    checkpoint overwrites right after."""
     event_shape = tuple(event_shape)
-    kind = config["model"]
-    if kind not in MODEL_FAMILIES:
-        raise ConfigError(f"unknown model {kind!r}; choose one of {', '.join(MODEL_FAMILIES)}")
-    family = MODEL_FAMILIES[kind]
+    family = MODEL_FAMILIES[config.family]
     if family.event_rank is not None and len(event_shape) != family.event_rank:
         need = "vector data" if family.event_rank == 1 else "image data (C, H, W)"
-        raise ConfigError(f"model {kind!r} needs {need}, got event shape {event_shape}")
+        raise ConfigError(f"model {config.family!r} needs {need}, got event shape {event_shape}")
     model = family.build(config, event_shape, for_loading)
-    if preprocessing is not None and not config["map"]:
+    if preprocessing is not None and not use_map:
         model = EBFlow([*preprocessing.as_layers(), *model.layers], event_shape)
-    return model.to(getattr(torch, config["dtype"]))
+    return model.to(getattr(torch, config.dtype))
 
 
-def build_objective(config: Mapping[str, Any]) -> Objective:
-    """The objective of a config with its options (σ, ε, slices, λ, ...): every option of the
-    objective's registry entry is read from the config key of the same name (``num_samples``
-    from ``sml_samples``)."""
-    name = config["loss"]
+def build_objective(config: ObjectiveConfig) -> Objective:
+    """The objective of an objective section with its options (σ, ε, slices, λ, ...): every
+    option of the objective's registry entry is read from the attribute of the same name
+    (``num_samples`` from ``sml_samples``)."""
     keys = {"num_samples": "sml_samples"}
-    options = {opt: config[keys.get(opt, opt)] for opt in OBJECTIVES[name].defaults
-               if keys.get(opt, opt) in config}
-    return make_objective(name, energy_reg=config["energy_reg"], **options)
+    options = {opt: getattr(config, keys.get(opt, opt)) for opt in OBJECTIVES[config.loss].defaults
+               if hasattr(config, keys.get(opt, opt))}
+    return make_objective(config.loss, energy_reg=config.energy_reg, **options)
 
 
 #: Optimizers by config name (``optimizer``); each takes ``lr`` and ``weight_decay``.
@@ -121,13 +120,13 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 
 
-def build_optimizer(config: Mapping[str, Any], params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
-    return OPTIMIZERS[config["optimizer"]](params, lr=config["lr"], weight_decay=config["weight_decay"])
+def build_optimizer(config: OptimConfig, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
+    return OPTIMIZERS[config.optimizer](params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def build_scheduler(config: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(config: OptimConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
     r"""Per-epoch decay :math:`\eta_e = \eta_0 \gamma^{\min(e, N)}` (``lr_decay``, ``lr_decay_epochs``)."""
-    gamma, n = config["lr_decay"], config["lr_decay_epochs"]
+    gamma, n = config.lr_decay, config.lr_decay_epochs
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: gamma ** min(e, n))
 
 

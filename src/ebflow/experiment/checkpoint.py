@@ -256,16 +256,16 @@ def check_owner(run_dir: Path, ckpt: Path, state: Mapping[str, Any]) -> None:
                                   f"the folder has neither {RUN_FILE} nor config.yaml")
         return
     try:
-        run_config = validate_config(load_config(str(saved)))
+        run_config = validate_config(load_config(str(saved))).to_dict()
     except ConfigError as err:
         raise ConfigError(f"{str(saved)!r}: {err}") from err
     try:
-        ckpt_config = validate_config(state["config"])
+        ckpt_config = validate_config(state["config"]).to_dict()
     except ConfigError as err:
         raise CheckpointError(f"checkpoint {str(ckpt)!r} holds an invalid config: {err}") from err
-    diff = [k for k in FIELDS if k not in RESUMABLE_KEYS and run_config.get(k) != ckpt_config.get(k)]
+    diff = [k for k in FIELDS if k not in RESUMABLE_KEYS and run_config[k] != ckpt_config[k]]
     if diff:
-        shown = ", ".join(f"{k}={ckpt_config.get(k)!r} (run: {run_config.get(k)!r})" for k in diff[:3])
+        shown = ", ".join(f"{k}={ckpt_config[k]!r} (run: {run_config[k]!r})" for k in diff[:3])
         raise CheckpointError(f"checkpoint {str(ckpt)!r} does not belong to the run in {str(run_dir)!r}: "
                               f"it was trained with {shown}; ebflow does not resume it here")
 

@@ -1,17 +1,19 @@
-"""Run configurations: a flat dictionary of named, typed and range-checked keys.
+"""Run configurations: the flat keys users write, read into a typed :class:`RunConfig`.
 
 A configuration starts from :data:`DEFAULTS`, then a preset shipped in ``ebflow/configs/`` (or a
-user YAML file, which may name a ``preset`` to start from), then ``key=value`` overrides. Every
-key is validated; unknown keys and out-of-range values raise :class:`~ebflow.errors.ConfigError`
-naming the key. YAML is read with ``yaml.safe_load`` only.
+user YAML file, which may name a ``preset`` to start from), then the preset's ``per_loss`` entry
+for the chosen loss, then ``key=value`` overrides. :func:`resolve_config` validates the result
+once (:func:`~ebflow.experiment.schema.validate_config`: unknown keys and out-of-range values
+raise :class:`~ebflow.errors.ConfigError` naming the key) and returns a :class:`RunConfig`, whose
+sections the application reads (``config.optim.lr``). YAML is read with ``yaml.safe_load`` only.
+
+The keys, their checks and :class:`RunConfig` are :mod:`ebflow.experiment.schema` (re-exported
+here); this module reads presets, files and overrides.
 """
 
 from __future__ import annotations
 
-import difflib
-import math
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,265 +21,28 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from ..objectives import OBJECTIVES
-from .builders import MODEL_FAMILIES, OPTIMIZERS
-from .distributed import DEVICE_NAME
+from .schema import (
+    DATASETS,
+    DEFAULTS,
+    FIELDS,
+    IMAGE_DATASETS,
+    LOSSES,
+    MAX_SEED,
+    MODELS,
+    RENAMED_KEYS,
+    RESUMABLE_KEYS,
+    Field,
+    RunConfig,
+    coerce_value,
+    grad_clip_for,
+    unknown_key,
+    validate_config,
+)
 
-__all__ = ["DEFAULTS", "FIELDS", "LOSSES", "DATASETS", "MODELS", "RESUMABLE_KEYS", "MAX_SEED",
-           "list_presets", "load_preset", "load_config", "parse_overrides", "resolve_config",
-           "validate_config", "grad_clip_for", "apply_per_loss", "dump_config"]
-
-LOSSES = tuple(OBJECTIVES)
-TOY_DATASETS = ("toy2d-sine", "toy2d-swirl", "toy2d-checkerboard")
-IMAGE_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "synthetic-mnist", "synthetic-cifar10")
-DATASETS = (*TOY_DATASETS, "mm10", "points", *IMAGE_DATASETS)
-MODELS = tuple(MODEL_FAMILIES)
-MAX_SEED = 2**44 - 1  # the epoch shuffle seeds torch with seed * 1_000_003 + epoch < 2**64
-MAX_TOY_SIZE = 10_000_000  # generated samples per split: 10 dims x float64 = 800 MB
-
-
-@dataclass(frozen=True)
-class Field:
-    """One configuration key: its default, accepted types, a range check and a description."""
-
-    default: Any
-    types: tuple[type, ...]
-    help: str
-    check: Callable[[Any], bool] | None = None
-    rule: str = ""
-    nullable: bool = False
-
-
-_POS = (lambda v: v > 0, "> 0")
-_NONNEG = (lambda v: v >= 0, ">= 0")
-_TOY_SIZE = (lambda v: 0 < v <= MAX_TOY_SIZE, f"in [1, {MAX_TOY_SIZE}] (generated in memory)")
-
-
-def _choice(options: Iterable[str]) -> Callable[[Any], bool]:
-    allowed = tuple(options)
-    return lambda v: v in allowed
-
-
-def _grad_clip_ok(v: Any) -> bool:
-    if isinstance(v, Mapping):
-        return all(k in LOSSES and isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
-                   for k, x in v.items())
-    return v > 0
-
-
-def _per_loss_ok(v: Any) -> bool:
-    return isinstance(v, Mapping) and all(k in LOSSES and isinstance(inner, Mapping) and all(
-        key in FIELDS and key not in ("per_loss", "loss") for key in inner) for k, inner in v.items())
-
-
-_INT, _FLOAT, _STR, _BOOL = (int,), (int, float), (str,), (bool,)
-
-FIELDS: dict[str, Field] = {
-    # -- identity --------------------------------------------------------------------------
-    "name": Field("custom", _STR, "name of the preset / experiment"),
-    "description": Field("", _STR, "one line shown by `ebflow configs`"),
-    "seed": Field(0, _INT, "seed of every random number generator", lambda v: 0 <= v <= MAX_SEED,
-                  f"in [0, {MAX_SEED}]"),
-    "device": Field("auto", _STR, "cpu, cuda, cuda:N or auto (cuda when available)",
-                    lambda v: DEVICE_NAME.fullmatch(v) is not None, "auto|cpu|cuda|cuda:N"),
-    "num_threads": Field(None, _INT, "CPU threads for torch (null = torch's default)",
-                         lambda v: 0 < v <= 1024, "in [1, 1024]", nullable=True),
-    "dtype": Field("float32", _STR, "model and data precision", _choice(("float32", "float64")),
-                   "float32|float64"),
-    # -- data ------------------------------------------------------------------------------
-    "data": Field("digits", _STR, "data set", _choice(DATASETS), "|".join(DATASETS)),
-    "data_dir": Field(None, _STR, "folder with local data files (MNIST IDX / CIFAR-10 batches)", nullable=True),
-    "data_file": Field(None, _STR, "a .npy file of points (N, D) for data=points", nullable=True),
-    "download": Field(True, _BOOL, "download MNIST / CIFAR-10 through torchvision when missing"),
-    "val_size": Field(None, _INT, "examples held out of the training set for validation "
-                      "(MNIST: 10000)", *_POS, nullable=True),
-    "max_train": Field(None, _INT, "use at most this many training examples (quick runs)", *_POS, nullable=True),
-    "max_eval": Field(None, _INT, "use at most this many validation/test examples (quick runs)", *_POS,
-                      nullable=True),
-    "toy_points": Field(2000, _INT, "toy data: number of base points of the smoothed mixture", *_POS),
-    "toy_noise": Field(0.375, _FLOAT, "toy data: std of the Gaussian smoothing of the points", *_POS),
-    "toy_train_size": Field(50000, _INT, "toy/mm10 data: training samples", *_TOY_SIZE),
-    "toy_eval_size": Field(5000, _INT, "toy/mm10 data: validation and test samples each", *_TOY_SIZE),
-    "data_seed": Field(1234, _INT, "seed of generated data and of data splits",
-                       lambda v: 0 <= v < 2**63, "in [0, 2**63 - 1]"),
-    # -- preprocessing -----------------------------------------------------------------------
-    "map": Field(True, _BOOL, "match after preprocessing: the loss sees logit-space images"),
-    "logit_smoothness": Field(0.5, _FLOAT, "smoothness factor of the logit (0.5 FC, 0.75 CNN)", *_POS),
-    "logit_shift": Field(1e-6, _FLOAT, "shift away from 0 and 1 before the logit",
-                         lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
-    "num_bins": Field(None, _INT, "pixel levels (256 for 8-bit; digits: 17); null = from the data",
-                      lambda v: v >= 2, ">= 2", nullable=True),
-    # -- model -------------------------------------------------------------------------------
-    "model": Field("dense", _STR, "architecture", _choice(MODELS), "|".join(MODELS)),
-    "num_layers": Field(2, _INT, "dense: number of dense layers", lambda v: 0 < v <= 256, "in [1, 256]"),
-    "parameterization": Field("full", _STR, "dense: weight parameterization",
-                              _choice(("full", "tril", "triu", "lu")), "full|tril|triu|lu"),
-    "weight_init": Field("default", _STR, "dense/conv: initial weights (default: orthogonal dense, "
-                         "identity kernel + noise; negative_identity: exactly -I, bias ~ N(0, 0.01^2), "
-                         "the paper's recipe)", _choice(("default", "negative_identity")),
-                         "default|negative_identity"),
-    "actnorm": Field(False, _BOOL, "dense: ActNorm after each non-linearity"),
-    "alpha": Field(0.3, _FLOAT, "slope parameter of the smooth leaky ReLU", lambda v: 0 < v < 1, "in (0, 1)"),
-    "blocks": Field(10, _INT, "coupling: blocks; conv: blocks of convolutions", lambda v: 0 < v <= 256, "in [1, 256]"),
-    "hidden": Field(64, _INT, "coupling/glow: width of the conditioner", lambda v: 0 < v <= 16384, "in [1, 16384]"),
-    "depth": Field(2, _INT, "coupling: hidden layers of the conditioner MLP", lambda v: 0 < v <= 64, "in [1, 64]"),
-    "convs_per_block": Field(2, _INT, "conv: convolutions per block", lambda v: 0 < v <= 64, "in [1, 64]"),
-    "kernel_size": Field(7, _INT, "conv: kernel size (odd)", lambda v: 0 < v <= 63 and v % 2 == 1,
-                         "odd, in [1, 63]"),
-    "spectral_norm": Field(False, _BOOL, "conv: spectral normalisation of the convolution weights "
-                           "(the paper's CIFAR-CNN recipe for ML, SSM, DSM)"),
-    "levels": Field(2, _INT, "glow: levels", lambda v: 0 < v <= 8, "in [1, 8]"),
-    "steps": Field(16, _INT, "glow: steps per level", lambda v: 0 < v <= 256, "in [1, 256]"),
-    # -- objective ---------------------------------------------------------------------------
-    "loss": Field("ssm", _STR, "training objective", _choice(LOSSES), "|".join(LOSSES)),
-    "sigma": Field(0.1, _FLOAT, "DSM noise level", *_POS),
-    "eps": Field(0.1, _FLOAT, "FDSSM step size", *_POS),
-    "slices": Field(1, _INT, "SSM projections per example", lambda v: 0 < v <= 4096, "in [1, 4096]"),
-    "projection": Field("rademacher", _STR, "SSM projection distribution",
-                        _choice(("rademacher", "gaussian")), "rademacher|gaussian"),
-    "sml_samples": Field(None, _INT, "SML model samples per step (null = batch size)", *_POS, nullable=True),
-    "energy_reg": Field(0.0, _FLOAT, "lambda of the energy regulariser lambda*E[E(x)]/D", *_NONNEG),
-    "drop_out_of_domain": Field(False, _BOOL, "DSM/FDSSM without MaP: examples whose perturbed "
-                                "input leaves the logit's domain contribute 0 to the loss (the "
-                                "paper's ablation) instead of failing the step"),
-    # -- optimisation ------------------------------------------------------------------------
-    "optimizer": Field("rmsprop", _STR, "optimizer", _choice(OPTIMIZERS), "|".join(OPTIMIZERS)),
-    "lr": Field(1e-4, _FLOAT, "learning rate", *_POS),
-    "weight_decay": Field(0.0, _FLOAT, "weight decay", *_NONNEG),
-    "lr_decay": Field(1.0, _FLOAT, "learning rate factor gamma applied after each epoch",
-                      lambda v: 0 < v <= 1, "in (0, 1]"),
-    "lr_decay_epochs": Field(0, _INT, "apply lr_decay for the first N epochs only", *_NONNEG),
-    "batch_size": Field(100, _INT, "training batch size: the global batch, split evenly over "
-                        "the processes of a torchrun run", *_POS),
-    "eval_batch_size": Field(500, _INT, "evaluation batch size", *_POS),
-    "epochs": Field(None, _INT, "stop after this many epochs", *_POS, nullable=True),
-    "max_iters": Field(None, _INT, "stop after this many iterations", *_POS, nullable=True),
-    "max_minutes": Field(None, _FLOAT, "stop after this many minutes of training time "
-                         "(evaluation excluded), then test the best checkpoint", *_POS,
-                         nullable=True),
-    "ema_decay": Field(0.999, _FLOAT, "EMA decay of the parameters (0: no averaging, the "
-                       "ablation's 'no EMA')", lambda v: 0 <= v < 1, "in [0, 1)"),
-    "ema_warmup": Field(True, _BOOL, "EMA decay min(ema_decay, (1+t)/(10+t)) at update t"),
-    "grad_clip": Field(None, (int, float, dict), "gradient-norm clipping: a number, or a mapping "
-                       "loss -> number", _grad_clip_ok, "> 0 (or {loss: value > 0})",
-                       nullable=True),
-    "per_loss": Field(None, (dict,), "recipe values per objective: {loss: {key: value}}, applied "
-                      "when that loss trains (explicit --set values win)", _per_loss_ok,
-                      "{loss: {config key: value}}", nullable=True),
-    "augment": Field(False, _BOOL, "images: random horizontal flips and translations by up to "
-                     "2 pixels of the training batches (the CIFAR-10 recipe)"),
-    "max_nonfinite": Field(20, _INT, "stop after this many consecutive non-finite steps", *_POS),
-    "grad_sync": Field("auto", _STR, "torchrun runs: how gradients are averaged over processes "
-                       "(auto = ddp: DistributedDataParallel; allreduce: one flat all-reduce)",
-                       _choice(("auto", "ddp", "allreduce")), "auto|ddp|allreduce"),
-    # -- bookkeeping -------------------------------------------------------------------------
-    "eval_every": Field(500, _INT, "validate (EMA weights) every N iterations", *_POS),
-    "checkpoint_every": Field(500, _INT, "write checkpoints/last.pt every N iterations", *_POS),
-    "log_every": Field(50, _INT, "log training metrics every N iterations", *_POS),
-    "num_samples": Field(64, _INT, "samples drawn for samples.png at the end", *_POS),
-    "progress": Field(True, _BOOL, "show a tqdm progress bar"),
-    "tensorboard": Field(True, _BOOL, "write TensorBoard events"),
-}
-
-DEFAULTS: dict[str, Any] = {k: f.default for k, f in FIELDS.items()}
-
-#: Keys that may change when a run is resumed (they do not change the model or the maths).
-RESUMABLE_KEYS = frozenset({
-    "epochs", "max_iters", "max_minutes", "eval_every", "checkpoint_every", "log_every", "num_samples",
-    "progress", "tensorboard", "device", "data_dir", "download", "max_nonfinite", "num_threads",
-    "description", "grad_sync"})
-
-
-#: Old key names still read (one release) and what they are now.
-RENAMED_KEYS = {"parameterisation": "parameterization"}
-
-
-def _unknown_key(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, FIELDS, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"unknown config key {key!r}{hint} (see `ebflow configs --keys`)")
-
-
-def _coerce(key: str, value: Any) -> Any:
-    f = FIELDS[key]
-    if value is None:
-        if f.nullable:
-            return None
-        raise ConfigError(f"config key {key!r} may not be null")
-    if isinstance(value, bool) and bool not in f.types:
-        raise ConfigError(f"config key {key!r} must be {_type_names(f)}, got a boolean {value!r}")
-    if isinstance(value, str) and (f.types == _FLOAT or f.types == _INT or float in f.types):
-        value = _number_from_text(value)  # YAML 1.1 reads "1e-4" as a string
-    if f.types == _FLOAT and isinstance(value, int):
-        value = float(value)
-    if f.types == _INT and isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not isinstance(value, f.types):
-        raise ConfigError(
-            f"config key {key!r} must be {_type_names(f)}, got {type(value).__name__} {value!r}"
-        )
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"config key {key!r} must be finite, got {value!r}")
-    if isinstance(value, int) and not -2**63 <= value < 2**63:
-        raise ConfigError(f"config key {key!r} is out of range ({f.rule or 'a 64-bit integer'}), got {value}")
-    if f.check is not None:
-        try:
-            ok = f.check(value)
-        except TypeError:
-            ok = False
-        if not ok:
-            raise ConfigError(f"config key {key!r} must be {f.rule}, got {value!r}")
-    return dict(value) if isinstance(value, Mapping) else value
-
-
-def _number_from_text(text: str) -> Any:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            continue
-    return text
-
-
-def _type_names(f: Field) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "a mapping"}
-    out = " or ".join(dict.fromkeys(names[t] for t in f.types))
-    return out + (" or null" if f.nullable else "")
-
-
-def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Check every key and value; return a complete config (missing keys take their default)."""
-    if not isinstance(config, Mapping):
-        raise ConfigError(f"a config must be a mapping of keys to values, got {type(config).__name__}")
-    out = dict(DEFAULTS)
-    config = {RENAMED_KEYS.get(str(k), k): v for k, v in config.items()}
-    for key, value in config.items():
-        if key not in FIELDS:
-            raise _unknown_key(str(key))
-        out[key] = _coerce(key, value)
-    if out["data"] == "points" and not out["data_file"]:
-        raise ConfigError("config key 'data_file' must name a .npy file when data is 'points'")
-    if out["per_loss"]:
-        out["per_loss"] = {loss: {k: _coerce(k, v) for k, v in inner.items()}
-                           for loss, inner in out["per_loss"].items()}
-    if (not out["map"] and out["loss"] in ("dsm", "fdssm") and not out["drop_out_of_domain"]
-            and out["data"] in IMAGE_DATASETS):
-        raise ConfigError(
-            f"{out['loss']} without MaP (map=false) perturbs pixels out of the logit's domain (0, 1); "
-            "set drop_out_of_domain=true to drop those examples from the loss (the paper's ablation), "
-            "or train with map=true"
-        )
-    if out["epochs"] is None and out["max_iters"] is None and out["max_minutes"] is None:
-        raise ConfigError("set at least one of the config keys 'epochs', 'max_iters', 'max_minutes'")
-    return out
-
-
-def grad_clip_for(config: Mapping[str, Any]) -> float | None:
-    """The gradient-clipping threshold that applies to this config's loss (None: no clipping)."""
-    clip = config.get("grad_clip")
-    if isinstance(clip, Mapping):
-        clip = clip.get(config["loss"])
-    return None if clip is None else float(clip)
+__all__ = ["DATASETS", "DEFAULTS", "FIELDS", "IMAGE_DATASETS", "LOSSES", "MAX_SEED", "MODELS",
+           "RENAMED_KEYS", "RESUMABLE_KEYS", "Field", "RunConfig", "apply_per_loss", "dump_config",
+           "grad_clip_for", "list_presets", "load_config", "load_preset", "parse_overrides",
+           "resolve_config", "validate_config"]
 
 
 # -- presets and files ---------------------------------------------------------------------------
@@ -356,15 +121,15 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         if key not in FIELDS:
-            raise _unknown_key(key)
+            raise unknown_key(key)
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as err:
             raise ConfigError(f"cannot read the value of config key {key!r}: {raw!r} "
                               f"({getattr(err, 'problem', None) or err})") from err
-        if FIELDS[key].types == _STR and value is not None and not isinstance(value, str):
+        if FIELDS[key].types == (str,) and value is not None and not isinstance(value, str):
             value = raw.strip()  # e.g. data_dir=2024 stays a string
-        out[key] = _coerce(key, value) if value is not None else value
+        out[key] = coerce_value(key, value) if value is not None else value
     return out
 
 
@@ -381,21 +146,22 @@ def apply_per_loss(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None =
         raise ConfigError(f"config key 'per_loss' entry for {out.get('loss')!r} must be a mapping")
     for key, value in entry.items():
         if key not in FIELDS:
-            raise _unknown_key(str(key))
+            raise unknown_key(str(key))
         if key not in (overrides or {}):
             out[key] = value
     return out
 
 
 def resolve_config(name_or_file: str | None = None,
-                   overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                   overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """Defaults, then the preset/file, then its ``per_loss`` entry for the chosen loss, then the
-    overrides; validated."""
+    overrides; validated into a :class:`RunConfig`."""
     raw = load_config(name_or_file) if name_or_file else load_preset("digits-fc")
     return validate_config(apply_per_loss(raw, overrides))
 
 
-def dump_config(config: Mapping[str, Any]) -> str:
-    """YAML text of a config, keys in schema order."""
-    ordered = {k: config[k] for k in FIELDS if k in config}
+def dump_config(config: RunConfig | Mapping[str, Any]) -> str:
+    """YAML text of a config (flat keys, in schema order): what ``config.yaml`` holds."""
+    flat = config.to_dict() if isinstance(config, RunConfig) else config
+    ordered = {k: flat[k] for k in FIELDS if k in flat}
     return yaml.safe_dump(ordered, sort_keys=False, default_flow_style=None)

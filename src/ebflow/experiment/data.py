@@ -14,7 +14,7 @@ import math
 import os
 import pickle
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, EBFlowError, InputError
+from .sections import DataConfig
 
 __all__ = ["DataSplits", "DataUnavailableError", "ToyMixture", "load_data", "check_data",
            "toy2d_base_points", "mm10_sample", "read_idx", "default_data_dir"]
@@ -125,14 +126,14 @@ def _mixture_samples(mix: ToyMixture, n: int, g: torch.Generator) -> Tensor:
                                                        dtype=mix.centres.dtype)
 
 
-def _toy2d(config: Mapping[str, Any]) -> DataSplits:
-    kind = config["data"].split("-", 1)[1]
-    g = torch.Generator().manual_seed(config["data_seed"])
-    mix = ToyMixture(toy2d_base_points(kind, config["toy_points"], g), float(config["toy_noise"]))
-    train = _mixture_samples(mix, config["toy_train_size"], g)
-    val = _mixture_samples(mix, config["toy_eval_size"], g)
-    test = _mixture_samples(mix, config["toy_eval_size"], g)
-    return DataSplits(config["data"], train, val, test, "points", mixture=mix)
+def _toy2d(config: DataConfig) -> DataSplits:
+    kind = config.dataset.split("-", 1)[1]
+    g = torch.Generator().manual_seed(config.data_seed)
+    mix = ToyMixture(toy2d_base_points(kind, config.toy_points, g), float(config.toy_noise))
+    train = _mixture_samples(mix, config.toy_train_size, g)
+    val = _mixture_samples(mix, config.toy_eval_size, g)
+    test = _mixture_samples(mix, config.toy_eval_size, g)
+    return DataSplits(config.dataset, train, val, test, "points", mixture=mix)
 
 
 def mm10_sample(n: int, generator: torch.Generator, map_seed: int = 7) -> Tensor:
@@ -153,11 +154,11 @@ def mm10_sample(n: int, generator: torch.Generator, map_seed: int = 7) -> Tensor
     return transform(torch.randn(n, 10, generator=generator, dtype=torch.float64)) / scale
 
 
-def _mm10(config: Mapping[str, Any]) -> DataSplits:
-    g = torch.Generator().manual_seed(config["data_seed"])
-    train = mm10_sample(config["toy_train_size"], g)
-    val = mm10_sample(config["toy_eval_size"], g)
-    test = mm10_sample(config["toy_eval_size"], g)
+def _mm10(config: DataConfig) -> DataSplits:
+    g = torch.Generator().manual_seed(config.data_seed)
+    train = mm10_sample(config.toy_train_size, g)
+    val = mm10_sample(config.toy_eval_size, g)
+    test = mm10_sample(config.toy_eval_size, g)
     return DataSplits("mm10", train, val, test, "points")
 
 
@@ -171,8 +172,8 @@ def _split_points(x: Tensor, seed: int, name: str) -> DataSplits:
     return DataSplits(name, x[n_val + n_test:], x[:n_val], x[n_val:n_val + n_test], "points")
 
 
-def _points_file(config: Mapping[str, Any]) -> DataSplits:
-    path = Path(config["data_file"]).expanduser()
+def _points_file(config: DataConfig) -> DataSplits:
+    path = Path(config.data_file).expanduser()
     if not path.is_file():
         raise DataUnavailableError(f"data_file {str(path)!r} does not exist")
     try:
@@ -187,14 +188,14 @@ def _points_file(config: Mapping[str, Any]) -> DataSplits:
                          f"with D >= 2 dimensions, got {what}")
     x = torch.from_numpy(arr.astype(np.float64))
     check_data(x, f"data file {str(path)!r}")
-    return _split_points(x, config["data_seed"], "points")
+    return _split_points(x, config.data_seed, "points")
 
 
-def _synthetic_images(config: Mapping[str, Any], shape: tuple[int, ...], name: str) -> DataSplits:
+def _synthetic_images(config: DataConfig, shape: tuple[int, ...], name: str) -> DataSplits:
     """Random smooth blob images with 256 levels: a stand-in with MNIST / CIFAR-10 shapes."""
-    g = torch.Generator().manual_seed(config["data_seed"])
-    n_train = config["max_train"] or 200
-    n_eval = config["max_eval"] or 50
+    g = torch.Generator().manual_seed(config.data_seed)
+    n_train = config.max_train or 200
+    n_eval = config.max_eval or 50
 
     def make(n: int) -> Tensor:
         c, h, w = shape
@@ -209,13 +210,13 @@ def _synthetic_images(config: Mapping[str, Any], shape: tuple[int, ...], name: s
 
 
 # -- scikit-learn digits -----------------------------------------------------------------------------
-def _digits(config: Mapping[str, Any]) -> DataSplits:
+def _digits(config: DataConfig) -> DataSplits:
     from sklearn.datasets import load_digits
 
     images = torch.from_numpy(load_digits().images.astype(np.float32)).unsqueeze(1)  # 0..16
-    perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(config["data_seed"]))
+    perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(config.data_seed))
     images = images[perm]
-    n_test, n_val = 297, config["val_size"] or 300
+    n_test, n_val = 297, config.val_size or 300
     test, val, train = images[:n_test], images[n_test:n_test + n_val], images[n_test + n_val:]
     return DataSplits("digits", train, val, test, "image", num_bins=17)
 
@@ -273,12 +274,12 @@ def _download(name: str, root: Path) -> None:
         cls(str(root), train=train, download=True)
 
 
-def _mnist_like(config: Mapping[str, Any], name: str) -> DataSplits:
-    root = Path(config["data_dir"]).expanduser() if config["data_dir"] else default_data_dir()
+def _mnist_like(config: DataConfig, name: str) -> DataSplits:
+    root = Path(config.data_dir).expanduser() if config.data_dir else default_data_dir()
     paths = {k: _find_file(_mnist_folders(root, name), stem) for k, stem in MNIST_FILES.items()}
     if any(p is None for p in paths.values()):
         missing = [MNIST_FILES[k] + "(.gz)" for k, p in paths.items() if p is None]
-        if not config["download"]:
+        if not config.download:
             raise _missing_error(name, root, missing, "download disabled")
         try:
             _download(name, root)
@@ -292,7 +293,7 @@ def _mnist_like(config: Mapping[str, Any], name: str) -> DataSplits:
     for arr, key in ((train, "train_images"), (test, "test_images")):
         if arr.ndim != 3:
             raise InputError(f"{str(paths[key])!r} must hold images (N, H, W), got shape {arr.shape}")
-    n_val = config["val_size"] or 10000
+    n_val = config.val_size or 10000
     if n_val >= train.shape[0]:
         raise ConfigError(
             f"config key 'val_size' ({n_val}) must be smaller than the {train.shape[0]} training images"
@@ -331,8 +332,8 @@ def _read_cifar_batch(path: Path) -> np.ndarray:
     return data.reshape(-1, 3, 32, 32)
 
 
-def _cifar10(config: Mapping[str, Any]) -> DataSplits:
-    root = Path(config["data_dir"]).expanduser() if config["data_dir"] else default_data_dir()
+def _cifar10(config: DataConfig) -> DataSplits:
+    root = Path(config.data_dir).expanduser() if config.data_dir else default_data_dir()
     folders = [root / "cifar-10-batches-py", root]
 
     def locate() -> Path | None:
@@ -340,7 +341,7 @@ def _cifar10(config: Mapping[str, Any]) -> DataSplits:
 
     folder = locate()
     if folder is None:
-        if not config["download"]:
+        if not config.download:
             raise _missing_error("cifar10", root, CIFAR_FILES, "download disabled")
         try:
             _download("cifar10", root)
@@ -351,7 +352,7 @@ def _cifar10(config: Mapping[str, Any]) -> DataSplits:
             raise _missing_error("cifar10", root, CIFAR_FILES, "not found after download")
     train = np.concatenate([_read_cifar_batch(folder / n) for n in CIFAR_FILES[:5]])
     test = _read_cifar_batch(folder / "test_batch")
-    n_val = config["val_size"] or 5000
+    n_val = config.val_size or 5000
     if n_val >= train.shape[0]:
         raise ConfigError(
             f"config key 'val_size' ({n_val}) must be smaller than the {train.shape[0]} training images"
@@ -362,38 +363,29 @@ def _cifar10(config: Mapping[str, Any]) -> DataSplits:
 
 
 # -- entry point -------------------------------------------------------------------------------------
-def load_data(config: Mapping[str, Any]) -> DataSplits:
-    """Load (or generate) the data set of a validated config, checked for NaN / Inf."""
-    name = config["data"]
-    if name.startswith("toy2d-"):
-        splits = _toy2d(config)
-    elif name == "mm10":
-        splits = _mm10(config)
-    elif name == "points":
-        splits = _points_file(config)
-    elif name == "digits":
-        splits = _digits(config)
-    elif name in ("mnist", "fashion-mnist"):
-        splits = _mnist_like(config, name)
-    elif name == "cifar10":
-        splits = _cifar10(config)
-    elif name == "synthetic-mnist":
-        splits = _synthetic_images(config, (1, 28, 28), name)
-    elif name == "synthetic-cifar10":
-        splits = _synthetic_images(config, (3, 32, 32), name)
-    else:
-        raise ConfigError(f"unknown data set {name!r}")
-    if config.get("max_train"):
-        splits.train = splits.train[: config["max_train"]]
-    if config.get("max_eval"):
-        splits.val = splits.val[: config["max_eval"]]
-        splits.test = splits.test[: config["max_eval"]]
+_LOADERS: dict[str, Callable[[DataConfig], DataSplits]] = {
+    **{name: _toy2d for name in ("toy2d-sine", "toy2d-swirl", "toy2d-checkerboard")},
+    "mm10": _mm10, "points": _points_file, "digits": _digits, "cifar10": _cifar10,
+    "mnist": lambda c: _mnist_like(c, "mnist"), "fashion-mnist": lambda c: _mnist_like(c, "fashion-mnist"),
+    "synthetic-mnist": lambda c: _synthetic_images(c, (1, 28, 28), "synthetic-mnist"),
+    "synthetic-cifar10": lambda c: _synthetic_images(c, (3, 32, 32), "synthetic-cifar10"),
+}
+
+
+def load_data(config: DataConfig, *, num_bins: int | None = None) -> DataSplits:
+    """Load (or generate) the data set of a validated config's data section, checked for NaN /
+    Inf; image pixels must lie below ``num_bins`` (the config's ``num_bins``) when it is given."""
+    name = config.dataset
+    splits = _LOADERS[name](config)
+    if config.max_train:
+        splits.train = splits.train[: config.max_train]
+    if config.max_eval:
+        splits.val = splits.val[: config.max_eval]
+        splits.test = splits.test[: config.max_eval]
     for split in ("train", "val", "test"):
         check_data(splits.split(split), f"{name} {split} data")
-    if splits.kind == "image" and config.get("num_bins"):
+    if splits.kind == "image" and num_bins:
         top = float(max(splits.train.max(), splits.val.max(), splits.test.max()))
-        if top > config["num_bins"] - 1:
-            raise ConfigError(
-                f"config key 'num_bins' is {config['num_bins']} but the {name} pixels reach {top:g}"
-            )
+        if top > num_bins - 1:
+            raise ConfigError(f"config key 'num_bins' is {num_bins} but the {name} pixels reach {top:g}")
     return splits

@@ -101,12 +101,12 @@ def _scatter_plot(run: LoadedRun, x: Tensor, out: Path) -> None:
         ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), s=2, c="white", alpha=0.5, label="samples")
         ax.set_xlim(float(lo[0]), float(hi[0]))
         ax.set_ylim(float(lo[1]), float(hi[1]))
-        ax.set_title(f"{run.config['name']} ({run.config['loss']}): samples over the model density")
+        ax.set_title(f"{run.config.runtime.name} ({run.config.objective.loss}): samples over the model density")
     else:
         ax.scatter(ref[:, 0].numpy(), ref[:, 1].numpy(), s=2, alpha=0.3, label="test data")
         ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), s=2, alpha=0.3, label="samples")
         ax.legend()
-        ax.set_title(f"{run.config['name']}: dimensions 1 and 2")
+        ax.set_title(f"{run.config.runtime.name}: dimensions 1 and 2")
     _save(fig, out)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,7 +19,7 @@ from ..mcmc import refine_samples
 from ..preprocessing import ImagePreprocessing
 from .builders import build_model, build_preprocessing
 from .checkpoint import CheckpointError, first_line, load_checkpoint
-from .config import validate_config
+from .config import RunConfig, validate_config
 from .data import DataSplits, load_data
 from .distributed import resolve_device
 from .evaluation import EVAL_SEED_OFFSET, evaluate_nll
@@ -56,7 +55,7 @@ class LoadedRun:
     model: EBFlow
     preprocessing: ImagePreprocessing | None
     map: bool
-    config: dict[str, Any]
+    config: RunConfig
     run_dir: Path
     checkpoint: Path
     step: int
@@ -72,7 +71,7 @@ class LoadedRun:
 
     def splits(self) -> DataSplits:
         if self._splits is None:
-            self._splits = load_data(self.config)
+            self._splits = load_data(self.config.data, num_bins=self.config.preprocessing.num_bins)
         return self._splits
 
     def data(self, split: str) -> Tensor:
@@ -83,11 +82,11 @@ class LoadedRun:
         """Exact NLL (nats per example, bits/dim); for 2-D toys also KL and Fisher divergence."""
         splits = self.splits()
         x = splits.split(split)
-        out = evaluate_nll(self.model, x, self.preprocessing, self.map,
-                           self.config["eval_batch_size"],
-                           seed=self.config["seed"] + EVAL_SEED_OFFSET)
+        batch_size = self.config.bookkeeping.eval_batch_size
+        out = evaluate_nll(self.model, x, self.preprocessing, self.map, batch_size,
+                           seed=self.config.runtime.seed + EVAL_SEED_OFFSET)
         if splits.mixture is not None:
-            out.update(toy_metrics(self.model, splits.mixture, x, self.config["eval_batch_size"]))
+            out.update(toy_metrics(self.model, splits.mixture, x, batch_size))
         return out
 
 
@@ -111,10 +110,10 @@ def load_run(
         raise CheckpointError(f"checkpoint {str(ckpt)!r} does not record the data's event shape")
     try:
         event_shape = tuple(int(s) for s in state["event_shape"])
-        pre = build_preprocessing(config, state.get("num_bins"))
-        model = build_model(config, event_shape, pre, for_loading=True)
+        pre = build_preprocessing(config.preprocessing, state.get("num_bins"))
+        model = build_model(config.model, event_shape, pre, use_map=config.preprocessing.map, for_loading=True)
         model.load_state_dict(state["model"])
-        ema = EMA(model, config["ema_decay"])
+        ema = EMA(model, config.optim.ema_decay)
         ema.load_state_dict(state["ema"])
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError, ConfigError) as err:
         raise CheckpointError(f"checkpoint {str(ckpt)!r} does not match the model of its own config: "
@@ -122,7 +121,7 @@ def load_run(
     if weights == "ema":
         ema.copy_to_model()
     model.to(dev).eval()
-    return LoadedRun(model, pre, bool(config["map"]) and pre is not None, config,
+    return LoadedRun(model, pre, config.preprocessing.map and pre is not None, config,
                      _run_dir_of(ckpt), ckpt, int(state["step"]), splits)
 
 

@@ -27,7 +27,7 @@ from ..errors import ConfigError, EBFlowError, InputError
 from .batches import EpochShuffleSampler, augment_images, make_loader, model_input, step_seed
 from .builders import build_model, build_objective, build_optimizer, build_preprocessing, build_scheduler
 from .checkpoint import CheckpointError, first_line, save_checkpoint
-from .config import grad_clip_for
+from .config import RunConfig, grad_clip_for
 from .data import DataSplits, load_data
 from .distributed import SINGLE_PROCESS, Distributed, make_gradient_sync
 from .evaluation import EVAL_SEED_OFFSET, evaluate_nll
@@ -118,40 +118,41 @@ class Trainer:
     """Holds the state of one training run (see :func:`ebflow.experiment.training.train`)."""
 
     def __init__(
-        self, config: Mapping[str, Any], run_dir: Path, *, device: torch.device,
+        self, config: RunConfig, run_dir: Path, *, device: torch.device,
         splits: DataSplits | None = None, sampler: Sampler[int] | None = None,
         is_main_process: bool = True, resume_state: Mapping[str, Any] | None = None,
         dist: Distributed = SINGLE_PROCESS,
     ) -> None:
-        self.config = dict(config)
+        self.config = config
         self.run_dir = run_dir
         self.device = device
         self.dist = dist
         self.is_main = is_main_process and dist.is_main
         if splits is None:
             # one download per machine; an error anywhere stops every process
-            splits = dist.local_main_first(lambda: load_data(config))
+            splits = dist.local_main_first(lambda: load_data(config.data, num_bins=config.preprocessing.num_bins))
         self.splits = splits
-        self.pre = build_preprocessing(config, self.splits.num_bins)
-        self.use_map = bool(config["map"]) and self.pre is not None
+        self.pre = build_preprocessing(config.preprocessing, self.splits.num_bins)
+        self.use_map = config.preprocessing.map and self.pre is not None
         # the seed fixes the initial weights without changing the caller's random state
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config["seed"])
-            self.model = build_model(config, self.splits.event_shape, self.pre).to(device)
+            torch.manual_seed(config.runtime.seed)
+            self.model = build_model(config.model, self.splits.event_shape, self.pre,
+                                     use_map=config.preprocessing.map).to(device)
         self.dtype = self.model.dtype
-        self.objective = build_objective(config)
+        self.objective = build_objective(config.objective)
         self.grad_clip = grad_clip_for(config)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(config, self.params)
-        self.scheduler = build_scheduler(config, self.optimizer)
-        self.ema = EMA(self.model, config["ema_decay"], warmup=config["ema_warmup"])
+        self.optimizer = build_optimizer(config.optim, self.params)
+        self.scheduler = build_scheduler(config.optim, self.optimizer)
+        self.ema = EMA(self.model, config.optim.ema_decay, warmup=config.optim.ema_warmup)
         if self.pre is not None:
             _check_pixels(self.splits.train, self.pre.num_bins, "training")
         self.train_data = self.splits.train.to(device)
-        self.global_batch = int(config["batch_size"])
+        self.global_batch = config.training.batch_size
         self.local_batch = self.global_batch // dist.world_size
         self.sampler = sampler if sampler is not None else EpochShuffleSampler(
-            self.train_data.shape[0], config["seed"])
+            self.train_data.shape[0], config.runtime.seed)
         self.loader = make_loader(self.train_data, self.global_batch, self.sampler,
                                   rank=dist.rank, world_size=dist.world_size)
         self.batches_per_epoch = len(self.loader)
@@ -169,14 +170,14 @@ class Trainer:
         else:
             self.initialize()
         # after the (identical) initialisation: DDP broadcasts rank 0's parameters once
-        self.sync = make_gradient_sync(dist, self.model, self.objective, config["grad_sync"])
+        self.sync = make_gradient_sync(dist, self.model, self.objective, config.training.grad_sync)
         self.train_module: nn.Module = self.sync.train_module if self.sync is not None else self.model
 
     # -- state --------------------------------------------------------------------------
     def initialize(self) -> None:
         """Data-dependent initialisation (ActNorm) from up to 500 clean training examples drawn
         by the seed alone, so every process and every objective starts from the same model."""
-        g = torch.Generator().manual_seed(self.config["seed"] + 1)
+        g = torch.Generator().manual_seed(self.config.runtime.seed + 1)
         n = self.train_data.shape[0]
         idx = torch.randperm(n, generator=g)[: max(2, min(500, n))]
         x = self.train_data[idx.to(self.train_data.device)].to(self.dtype).cpu()
@@ -185,7 +186,7 @@ class Trainer:
 
     def state(self) -> dict[str, Any]:
         return {
-            "config": self.config, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+            "config": self.config.to_dict(), "model": self.model.state_dict(), "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "train_seconds": self.train_seconds, "skipped_steps": self.skipped,
@@ -224,11 +225,11 @@ class Trainer:
         whole global batch from a generator seeded by ``(seed, step)`` -- the same numbers on
         every process and in a resumed run -- and each process keeps the rows of its examples.
         """
-        g = self.noise_generator.manual_seed(step_seed(self.config["seed"], self.step))
+        g = self.noise_generator.manual_seed(step_seed(self.config.runtime.seed, self.step))
         shape = (self.global_batch, *xb.shape[1:])
         start, rows = self.dist.rank * self.local_batch, self.local_batch
         x = xb.to(self.dtype)
-        if self.config["augment"] and x.dim() == 4:
+        if self.config.training.augment and x.dim() == 4:
             x = augment_images(x, g, self.global_batch, start)
         if self.pre is not None:
             u = torch.rand(shape, dtype=self.dtype, device=self.device, generator=g)
@@ -274,8 +275,8 @@ class Trainer:
         with self.ema.average_parameters():
             self.model.eval()
             out = evaluate_nll(self.model, self.splits.split(split), self.pre, self.use_map,
-                               self.config["eval_batch_size"],
-                               seed=self.config["seed"] + EVAL_SEED_OFFSET, dist=self.dist)
+                               self.config.bookkeeping.eval_batch_size,
+                               seed=self.config.runtime.seed + EVAL_SEED_OFFSET, dist=self.dist)
             self.model.train()
         return out
 
@@ -307,38 +308,39 @@ class Trainer:
         checkpoint at this step, then :class:`TrainingInterrupted`."""
         if self.batch_in_epoch >= self.batches_per_epoch:
             self._next_epoch()
-        if self.consecutive_bad >= self.config["max_nonfinite"]:
+        every = self.config.bookkeeping
+        if self.consecutive_bad >= self.config.training.max_nonfinite:
             self._diverged(out)
         stop = int(self.dist.broadcast_float(self.stop.signum))  # rank 0's: all stop at this step
         done = self.done()
-        if self.step % self.config["log_every"] == 0:
+        if self.step % every.log_every == 0:
             self._log_window()
-        if self.step % self.config["eval_every"] == 0 or (done and not stop):
+        if self.step % every.eval_every == 0 or (done and not stop):
             self._validate()
-        if self.step % self.config["checkpoint_every"] == 0 or done or stop:
+        if self.step % every.checkpoint_every == 0 or done or stop:
             self.save("last.pt")
         if stop:
             raise TrainingInterrupted(stop, self.run_dir, self.step)
 
     def done(self) -> bool:
-        c = self.config
-        return ((c["max_iters"] is not None and self.step >= c["max_iters"])
-                or (c["epochs"] is not None and self.epoch >= c["epochs"])
-                or (c["max_minutes"] is not None and self.train_seconds >= 60 * c["max_minutes"]))
+        c = self.config.training
+        return ((c.max_iters is not None and self.step >= c.max_iters)
+                or (c.epochs is not None and self.epoch >= c.epochs)
+                or (c.max_minutes is not None and self.train_seconds >= 60 * c.max_minutes))
 
     def _add_time(self, seconds: float) -> None:
-        if self.device.type == "cuda" and self.step % self.config["log_every"] == 0:
+        if self.device.type == "cuda" and self.step % self.config.bookkeeping.log_every == 0:
             torch.cuda.synchronize(self.device)
         self.train_seconds += seconds
         self.window.seconds += seconds
-        if self.dist.is_distributed and self.config["max_minutes"] is not None:
+        if self.dist.is_distributed and self.config.training.max_minutes is not None:
             # the time budget must stop every process at the same step: rank 0's clock
             self.train_seconds = self.dist.broadcast_float(self.train_seconds)
 
     @contextmanager
     def _progress(self) -> Iterator[Any]:
         """The loop's progress bar (None when off); stop requests are polled meanwhile."""
-        bar = self._bar() if self.is_main and self.config["progress"] else None
+        bar = self._bar() if self.is_main and self.config.bookkeeping.progress else None
         self.stop.polling = True
         try:
             yield bar
@@ -350,12 +352,13 @@ class Trainer:
     def _bar(self) -> Any:
         from tqdm.auto import tqdm
 
-        c = self.config
-        totals = [c["max_iters"]] if c["max_iters"] is not None else []
-        if c["epochs"] is not None:
-            totals.append(c["epochs"] * self.batches_per_epoch)
+        c = self.config.training
+        totals = [c.max_iters] if c.max_iters is not None else []
+        if c.epochs is not None:
+            totals.append(c.epochs * self.batches_per_epoch)
+        desc = f"{self.config.runtime.name} {self.config.objective.loss}"
         return tqdm(total=min(totals) if totals else None, initial=self.step, unit="it",
-                    desc=f"{c['name']} {c['loss']}", dynamic_ncols=True, mininterval=0.5)
+                    desc=desc, dynamic_ncols=True, mininterval=0.5)
 
     def _next_epoch(self) -> None:
         self.epoch += 1
@@ -363,15 +366,15 @@ class Trainer:
         self.scheduler.step()
 
     def _log_window(self) -> None:
-        w, c = self.window, self.config
+        w, every = self.window, self.config.bookkeeping.log_every
         # the loss of the global batch: the mean of the processes' losses
         loss = self.dist.mean(w.loss / w.finite_steps) if w.finite_steps else float("nan")
         if self.log is not None:
             self.log.log(self.step, {
                 "epoch": self.epoch, "train_s": round(self.train_seconds, 3), "loss": loss,
                 "grad_norm": w.grad_norm / w.finite_steps if w.finite_steps else float("nan"),
-                "ms_per_iter": 1000 * w.seconds / c["log_every"],
-                "examples_per_s": self.global_batch * c["log_every"] / w.seconds if w.seconds > 0 else float("nan"),
+                "ms_per_iter": 1000 * w.seconds / every,
+                "examples_per_s": self.global_batch * every / w.seconds if w.seconds > 0 else float("nan"),
                 "lr": self.optimizer.param_groups[0]["lr"], "skipped_steps": self.skipped,
                 "dropped_examples": self.objective.dropped_examples,
             })

@@ -20,7 +20,7 @@ from torch.utils.data import Sampler
 from ..errors import ConfigError, EBFlowError
 from .checkpoint import (CheckpointError, OutputError, check_new_run_dir, check_owner, claim_run_dir,
                          load_checkpoint, os_reason, remove_temp_files, resume_command, write_text_atomic)
-from .config import RESUMABLE_KEYS, dump_config, validate_config
+from .config import RESUMABLE_KEYS, RunConfig, dump_config, validate_config
 from .data import DataSplits
 from .distributed import Distributed, resolve_device
 from .distributed import current as current_distributed
@@ -34,7 +34,7 @@ from .trainer import StopRequest, TrainResult, Trainer
 __all__ = ["train", "finish_run"]
 
 
-def _resume_config(saved: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+def _resume_config(saved: Mapping[str, Any], overrides: Mapping[str, Any]) -> RunConfig:
     changed = sorted(k for k, v in overrides.items() if k not in RESUMABLE_KEYS and saved.get(k) != v)
     if changed:
         raise ConfigError(
@@ -96,13 +96,17 @@ def _run_device(requested: str | None, ctx: Distributed) -> torch.device:
 
 
 def train(
-    config: Mapping[str, Any] | None, run_dir: str | Path, *, resume: bool = False,
+    config: RunConfig | Mapping[str, Any] | None, run_dir: str | Path, *, resume: bool = False,
     overrides: Mapping[str, Any] | None = None, device: str | torch.device | None = None,
     sampler: Sampler[int] | None = None, is_main_process: bool = True,
     splits: DataSplits | None = None, final_outputs: bool = True,
     distributed: Distributed | None = None, stop: StopRequest | None = None,
 ) -> TrainResult:
     """Train (or resume) a run in ``run_dir``; returns the final state and test metrics.
+
+    ``config`` is a :class:`~ebflow.experiment.schema.RunConfig` (from
+    :func:`~ebflow.experiment.config.resolve_config`) or a flat mapping of config keys, which is
+    validated here; ``overrides`` (flat keys) are applied and validated too.
 
     With ``resume=True`` the config comes from ``run_dir/checkpoints/last.pt`` and ``overrides``
     may change only the keys in :data:`~ebflow.experiment.config.RESUMABLE_KEYS`. After training, the
@@ -126,11 +130,15 @@ def train(
     else:
         if config is None:
             raise ConfigError("a config is needed to start a new run")
-        config = validate_config({**config, **(overrides or {})})
-    dev = ctx.everywhere(lambda: _run_device(str(device) if device is not None else config["device"], ctx))
+        if not isinstance(config, RunConfig):
+            config = validate_config({**config, **(overrides or {})})
+        elif overrides:
+            config = config.updated(overrides)
+    runtime = config.runtime
+    dev = ctx.everywhere(lambda: _run_device(str(device) if device is not None else runtime.device, ctx))
     threads = torch.get_num_threads()
-    if config["num_threads"] is not None:
-        torch.set_num_threads(config["num_threads"])
+    if runtime.num_threads is not None:
+        torch.set_num_threads(runtime.num_threads)
     try:
         return _train(config, run_dir, resume, state, dev, sampler, is_main_process, splits,
                       final_outputs, ctx, stop or StopRequest())
@@ -139,7 +147,7 @@ def train(
 
 
 def _train(
-    config: dict[str, Any], run_dir: Path, resume: bool, state: Mapping[str, Any] | None,
+    config: RunConfig, run_dir: Path, resume: bool, state: Mapping[str, Any] | None,
     dev: torch.device, sampler: Sampler[int] | None, is_main_process: bool,
     splits: DataSplits | None, final_outputs: bool, ctx: Distributed, stop: StopRequest,
 ) -> TrainResult:
@@ -158,7 +166,7 @@ def _train(
         if is_main_process:
             ctx.from_main(lambda: _prepare_run_dir(trainer, resume))
         if is_main:
-            log = MetricsLog(run_dir, trainer.step if resume else None, config["tensorboard"])
+            log = MetricsLog(run_dir, trainer.step if resume else None, config.bookkeeping.tensorboard)
         trainer.run(log)
         result = TrainResult(run_dir, trainer.step, trainer.epoch, trainer.train_seconds,
                              trainer.skipped, trainer.best_val, world_size=ctx.world_size,
@@ -201,19 +209,19 @@ def finish_run(trainer: Trainer, log: MetricsLog | None) -> dict[str, float]:
     if run is None:  # the other processes evaluate rank 0's weights
         model.load_state_dict(weights)
         model.eval()
-    test = evaluate_nll(model, trainer.splits.split("test"), trainer.pre, trainer.use_map,
-                        trainer.config["eval_batch_size"],
-                        seed=trainer.config["seed"] + EVAL_SEED_OFFSET, dist=ctx)
+    batch_size = trainer.config.bookkeeping.eval_batch_size
+    seed = trainer.config.runtime.seed + EVAL_SEED_OFFSET
+    test = evaluate_nll(model, trainer.splits.split("test"), trainer.pre, trainer.use_map, batch_size,
+                        seed=seed, dist=ctx)
     if not trainer.is_main or run is None:
         return test
     # the same checkpoint with the optimiser's own (not averaged) weights, for comparison
     raw = load_run(ckpt, device=trainer.device, splits=trainer.splits, weights="raw")
     raw_test = evaluate_nll(raw.model, trainer.splits.split("test"), trainer.pre, trainer.use_map,
-                            trainer.config["eval_batch_size"], seed=trainer.config["seed"] + EVAL_SEED_OFFSET)
+                            batch_size, seed=seed)
     test.update(raw_nll=raw_test["nll"], raw_bpd=raw_test["bpd"])
     if trainer.splits.mixture is not None:
-        test.update(toy_metrics(run.model, trainer.splits.mixture, trainer.splits.split("test"),
-                                trainer.config["eval_batch_size"]))
+        test.update(toy_metrics(run.model, trainer.splits.mixture, trainer.splits.split("test"), batch_size))
     _write_results(trainer, run, test, log)
     return test
 
@@ -223,9 +231,9 @@ def _write_results(trainer: Trainer, run: Any, test: dict[str, float], log: Metr
         log.log(trainer.step, {"epoch": trainer.epoch, "train_s": round(trainer.train_seconds, 3),
                                **{f"test_{k}": v for k, v in test.items() if k in ("nll", "bpd")},
                                **{k: v for k, v in test.items() if k in ("kl", "fisher")}})
-    world = trainer.dist.world_size
+    world, config = trainer.dist.world_size, trainer.config
     results = {
-        "config": trainer.config["name"], "loss": trainer.config["loss"],
+        "config": config.runtime.name, "loss": config.objective.loss,
         "checkpoint": run.checkpoint.name, "checkpoint_step": run.step, "iterations": trainer.step,
         "epochs": trainer.epoch, "train_seconds": trainer.train_seconds,
         "ms_per_iter": 1000 * trainer.train_seconds / max(trainer.step, 1),
@@ -237,15 +245,15 @@ def _write_results(trainer: Trainer, run: Any, test: dict[str, float], log: Metr
         "dropped_examples": trainer.objective.dropped_examples,
         "dropped_fraction": (trainer.objective.dropped_examples / trainer.objective.seen_examples
                              if trainer.objective.seen_examples else 0.0),
-        "ema_decay": trainer.config["ema_decay"], "ema_warmup": trainer.config["ema_warmup"],
-        "map": trainer.config["map"], "threads": torch.get_num_threads(),
+        "ema_decay": config.optim.ema_decay, "ema_warmup": config.optim.ema_warmup,
+        "map": config.preprocessing.map, "threads": torch.get_num_threads(),
         "device": str(trainer.device),
         **{f"test_{k}": v for k, v in test.items()},
     }
     write_text_atomic(trainer.run_dir / "results.json", json.dumps(results, indent=2), "results")
     try:
-        save_samples(run, trainer.run_dir / "samples.png", trainer.config["num_samples"],
-                     seed=trainer.config["seed"])
+        save_samples(run, trainer.run_dir / "samples.png", config.bookkeeping.num_samples,
+                     seed=config.runtime.seed)
         if run.event_shape == (2,):
             save_density_plot(run, trainer.run_dir / "density.png")
     except OutputError:
