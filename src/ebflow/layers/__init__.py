@@ -11,12 +11,13 @@ from .generic import GenericLinear, LinearMap
 from .generic_conv import CircularConv2d, DepthwiseConv2d, DilatedConv2d, GroupedConv2d
 from .orthogonal import DCT
 from .reshape import Flatten, Reshape, Squeeze, Unsqueeze
+from .silu import SiLU
 from .split import on_first_part
 
 __all__ = [
     "ActNorm", "AffineCoupling", "Conv1x1", "Conv2d", "Dense", "FixedAffine", "Flatten",
     "FlowLayer", "LeakyReLU", "LinearFlowLayer", "Logit", "ParameterCache", "Reshape", "ResidualSmoothLeakyReLU",
-    "Sigmoid", "SmoothLeakyReLU", "Squeeze", "Unsqueeze", "cnn_conditioner",
+    "Sigmoid", "SiLU", "SmoothLeakyReLU", "Squeeze", "Unsqueeze", "cnn_conditioner",
     "convolution_matrix", "mlp_conditioner", "on_first_part", "random_orthogonal",
     # generic linear layers from a map, and layers built on them
     "CircularConv2d", "DCT", "DepthwiseConv2d", "DilatedConv2d", "GenericLinear", "GroupedConv2d",

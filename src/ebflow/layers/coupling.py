@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError, InputError
 from ..utils import sum_except_batch
 from .base import FlowLayer, Shape
+from .silu import SiLU
 
 __all__ = ["AffineCoupling", "mlp_conditioner", "cnn_conditioner"]
 
@@ -22,9 +23,11 @@ def _zero_last(layer: nn.Module) -> nn.Module:
 
 def mlp_conditioner(
     in_features: int, out_features: int, hidden: int = 64, depth: int = 2,
-    activation: Callable[[], nn.Module] = nn.SiLU,
+    activation: Callable[[], nn.Module] = SiLU,
 ) -> nn.Sequential:
-    """An MLP with ``depth`` hidden layers of width ``hidden``; the last layer starts at zero."""
+    """An MLP with ``depth`` hidden layers of width ``hidden``; the last layer starts at zero.
+    The activation (default: :class:`~ebflow.layers.SiLU`, ``torch.nn.SiLU``'s values with
+    closed-form higher derivatives) is any module factory."""
     layers: list[nn.Module] = []
     width = in_features
     for _ in range(depth):
@@ -36,9 +39,10 @@ def mlp_conditioner(
 
 def cnn_conditioner(
     in_channels: int, out_channels: int, hidden: int = 64,
-    activation: Callable[[], nn.Module] = nn.SiLU,
+    activation: Callable[[], nn.Module] = SiLU,
 ) -> nn.Sequential:
-    """Conv3x3 -> act -> Conv1x1 -> act -> Conv3x3 (zero-initialised), size-preserving."""
+    """Conv3x3 -> act -> Conv1x1 -> act -> Conv3x3 (zero-initialised), size-preserving; the
+    activation as in :func:`mlp_conditioner`."""
     return nn.Sequential(
         nn.Conv2d(in_channels, hidden, 3, padding=1), activation(),
         nn.Conv2d(hidden, hidden, 1), activation(),
