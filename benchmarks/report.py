@@ -82,6 +82,11 @@ def _value(row: Row | None, attr: str = "value") -> float:
     return math.nan if row is None else float(getattr(row, attr))
 
 
+#: Bounds on the time of a score-matching step / the plain step (issue 11).
+CNN_BOUNDS = {"ssm": 3.0, "dsm": 2.0, "fdssm": 2.0}
+GLOW_BOUNDS = {"ssm": 4.0, "dsm": 2.5}
+
+
 def check_targets(rows: Sequence[Row], device: str = "cpu") -> list[Target]:
     """The issue's targets, evaluated on whatever rows were measured (NaN when missing)."""
     it = lambda model, m: _find(rows, "iteration", model, m)  # noqa: E731
@@ -93,6 +98,17 @@ def check_targets(rows: Sequence[Row], device: str = "cpu") -> list[Target]:
         Target("cifar-fc ML / DSM", _value(it("cifar-fc", "ml")) / _value(it("cifar-fc", "dsm")),
                ">=", 6.0),
     ]
+    # convolutional and Glow models (issue 11): SSM, DSM and FDSSM against the plain step
+    for model, bounds in (("mnist-cnn", CNN_BOUNDS), ("cifar-cnn", CNN_BOUNDS), ("mnist-glow", GLOW_BOUNDS)):
+        for m, bound in bounds.items():
+            targets.append(Target(f"{model} {m.upper()} / plain step", _value(it(model, m), "vs_plain"),
+                                  "<=", bound))
+    # the README's quick-tour loop (plain .backward()) against the tuned step, worst case
+    user = [r for r in rows if r.section == "iteration" and r.user_loop and not math.isnan(r.vs_tuned)]
+    worst = max(user, key=lambda r: r.vs_tuned, default=None)
+    targets.append(Target(
+        "user loop / tuned step, worst" + (f" ({worst.model} {worst.method})" if worst else ""),
+        _value(worst, "vs_tuned"), "<=", 1.05))
     for m in SCORE_MATCHING:
         exp = next((r for r in rows if r.section == "scaling" and r.method == m
                     and r.metric.startswith("exponent")), None)

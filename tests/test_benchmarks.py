@@ -314,3 +314,22 @@ def test_runs_as_a_module_from_the_repository_root():
                           "--sections", "iteration", "--out", "/nonexistent-never-written"],
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown model" in bad.stderr
+
+
+def test_cnn_glow_and_user_loop_targets():
+    def it(model, method, value, plain=100.0, **extra):
+        return Row("iteration", model, 784, method, "time", value, "ms", vs_plain=value / plain, **extra)
+
+    rows = [it("mnist-cnn", "ssm", 290.0), it("mnist-cnn", "dsm", 210.0), it("mnist-cnn", "fdssm", 190.0),
+            it("mnist-glow", "ssm", 410.0), it("mnist-glow", "dsm", 250.0),
+            it("mnist-cnn", "dsm", 214.0, user_loop=True, vs_tuned=214.0 / 210.0),
+            it("mnist-cnn", "ssm", 310.0, user_loop=True, vs_tuned=310.0 / 290.0)]
+    status = {t.name: (t.status, t.measured) for t in check_targets(rows, "cpu")}
+    assert status["mnist-cnn SSM / plain step"][0] == "met"  # 2.9 <= 3
+    assert status["mnist-cnn DSM / plain step"][0] == "MISSED"  # 2.1 > 2
+    assert status["mnist-cnn FDSSM / plain step"][0] == "met"
+    assert status["mnist-glow SSM / plain step"][0] == "MISSED"  # 4.1 > 4
+    assert status["mnist-glow DSM / plain step"][0] == "met"  # 2.5 <= 2.5
+    assert status["cifar-cnn SSM / plain step"][0] == "not measured"
+    # the worst user loop is named, and 1.069 > 1.05 misses
+    assert status["user loop / tuned step, worst (mnist-cnn ssm)"] == ("MISSED", pytest.approx(310 / 290))
