@@ -214,3 +214,14 @@ def test_random_orthogonal_is_orthogonal_and_reproducible():
     reference = torch.randn(5, 5, dtype=torch.float64)  # QR of a float64 Gaussian matrix, signs fixed
     qr, r = torch.linalg.qr(reference)
     torch.testing.assert_close(a, (qr * torch.sign(r.diagonal())).float(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("layer", [SmoothLeakyReLU(0.3), ResidualSmoothLeakyReLU(0.2)])
+def test_smooth_leaky_relu_forward_matches_the_function_its_inverse_solves(layer):
+    """The forward pass is written in few element-wise passes; it must be exactly f and
+    log f' (the functions the Newton inverse uses), and invert."""
+    x = torch.randn(5, 7, dtype=torch.float64) * 8
+    y, logdet = layer(x)
+    torch.testing.assert_close(y, layer._f(x), rtol=1e-15, atol=1e-13)
+    torch.testing.assert_close(logdet, torch.log(layer._df(x)).sum(1), rtol=1e-15, atol=1e-13)
+    torch.testing.assert_close(layer.inverse(y), x, rtol=1e-12, atol=1e-12)
