@@ -162,6 +162,21 @@ def test_no_map_dsm_run_reports_dropped_examples(tmp_path):
     assert results["map"] is False
 
 
+@pytest.mark.parametrize("sigma, everything", [(0.02, False), (50.0, True)])
+def test_train_command_says_how_many_examples_were_dropped(sigma, everything, tmp_path, capsys):
+    from ebflow.cli import main
+    sets = dict(QUIET, sigma=sigma, map="false", drop_out_of_domain="true", max_iters=4, epochs="null",
+                eval_every=2, checkpoint_every=2, num_samples=4, tensorboard="false", progress="false")
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    assert main(["train", "--config", "digits-fc", "--loss", "dsm", "--out", str(tmp_path / "run"), *args]) == 0
+    out = capsys.readouterr().out
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    seen, dropped = 4 * resolve_config("digits-fc").training.batch_size, results["dropped_examples"]
+    assert 0 < dropped <= seen and f"{dropped} of {seen} training examples" in out
+    assert (dropped == seen) is everything
+    assert ("every training example was dropped" in out) is everything
+
+
 # -- initialisation and augmentation ----------------------------------------------------------------
 def test_negative_identity_initialisation():
     dense = Dense(6, init="negative_identity")

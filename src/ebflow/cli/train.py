@@ -100,6 +100,8 @@ def _train(args: argparse.Namespace) -> int:
     say(f"finished: {result.step} iterations, {result.epoch} epochs, "
         f"{result.train_seconds:.1f} s of training ({result.ms_per_iter:.1f} ms/iteration, "
         f"{result.examples_per_second:.0f} examples/s), {result.skipped_steps} skipped steps")
+    if result.dropped_examples:
+        say(_dropped_line(result.dropped_examples, result.seen_examples))
     if test:
         say(format_metrics("test", test))
     say(f"run directory: {run_dir}")
@@ -127,6 +129,16 @@ def _stop_on_signals(stop: StopRequest, run_dir: Path) -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def _dropped_line(dropped: int, seen: int) -> str:
+    text = (f"{dropped} of {seen} training examples ({100 * dropped / max(seen, 1):.1f} %) were "
+            f"outside the model's domain and dropped from the loss (drop_out_of_domain)")
+    if dropped >= seen:
+        text += ("\nwarning: every training example was dropped, so the objective never gave a "
+                 "gradient: the parameters changed only through weight decay, if any. Use MaP "
+                 "preprocessing (map=true) or a smaller sigma / eps")
+    return text
 
 
 def _batch_line(world_size: int, global_batch: int, lr: float | None) -> str:

@@ -75,6 +75,8 @@ class TrainResult:
     test: dict[str, float] = field(default_factory=dict)
     world_size: int = 1
     global_batch: int = 0
+    dropped_examples: int = 0  # outside the model's domain (drop_out_of_domain), of seen_examples
+    seen_examples: int = 0
 
     @property
     def ms_per_iter(self) -> float:

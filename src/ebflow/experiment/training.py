@@ -170,7 +170,9 @@ def _train(
         trainer.run(log)
         result = TrainResult(run_dir, trainer.step, trainer.epoch, trainer.train_seconds,
                              trainer.skipped, trainer.best_val, world_size=ctx.world_size,
-                             global_batch=trainer.global_batch)
+                             global_batch=trainer.global_batch,
+                             dropped_examples=trainer.objective.dropped_examples,
+                             seen_examples=trainer.objective.seen_examples)
         if final_outputs and (is_main or ctx.is_distributed):
             result.test = finish_run(trainer, log)
     except (OSError, OutputError) as err:
