@@ -9,7 +9,7 @@ import pytest
 
 from ebflow.cli import main
 from ebflow.errors import ConfigError
-from ebflow.experiment.reproduce import TABLES, cells_of, collect, render_report
+from ebflow.experiment.reproduce import TABLES, _claims, cells_of, collect, render_report
 
 TINY = ["--set", "data=synthetic-mnist", "--set", "max_train=200", "--set", "max_eval=100",
         "--set", "eval_every=5", "--set", "checkpoint_every=5", "--set", "log_every=5",
@@ -87,6 +87,18 @@ def test_report_marks_cells_not_run_and_checks_the_claims(tmp_path):
     text = render_report("mnist-fc", fake, "test machine")
     assert "Within 1 % of the paper: 4 of 5" in text
     assert "Our order (best first): ML 1093.0 < SML 1094.0 < SSM 1095.0 < DSM 1100.0 < FDSSM 1200.0" in text
+
+
+@pytest.mark.parametrize("dropped, claim", [(0.5, "EMA helps, MaP helps."),
+                                             (1.0, "dropped every example")])
+def test_ablation_claims_skip_cells_that_dropped_every_example(dropped, claim):
+    records = []
+    for cell, ours in zip(cells_of("ablation", only=["cnn-dsm-*"]), (3000.0, 2900.0, 1200.0)):
+        share = dropped if "nomap" in cell.name else 0.0
+        records.append({"cell": cell.name, "loss": cell.loss, "paper": cell.paper, "status": "finished",
+                        "ours": ours, "results": {"dropped_fraction": share}})
+    line = next(t for t in _claims("ablation", records) if t.startswith("- CNN DSM"))
+    assert claim in line and ("helps" in line) is (dropped < 1)
 
 
 def test_reproduce_refuses_bad_options(capsys):

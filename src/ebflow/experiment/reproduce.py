@@ -278,9 +278,14 @@ def _claims(table: str, records: Sequence[dict[str, Any]]) -> list[str]:
                 vals = [done.get(f"{prefix}-{loss}-{s}") for s in ("noema-nomap", "ema-nomap", "ema-map")]
                 if all(v is not None for v in vals):
                     a, b, c = (v["ours"] for v in vals)  # type: ignore[index]
-                    out.append(f"- {prefix.upper()} {loss.upper()}: no EMA/no MaP {a:.1f} → EMA {b:.1f} → "
-                               f"EMA + MaP {c:.1f}: EMA {'helps' if b < a else 'does not help'}, "
-                               f"MaP {'helps' if c < b else 'does not help'}.")
+                    line = f"- {prefix.upper()} {loss.upper()}: no EMA/no MaP {a:.1f} → EMA {b:.1f} → EMA + MaP {c:.1f}: "
+                    if any(v["results"].get("dropped_fraction", 0) >= 1 for v in vals):  # type: ignore[index]
+                        line += ("the no-MaP cells dropped every example, so the objective never trained "
+                                 "them (only weight decay, if any, moved them): no comparison.")
+                    else:
+                        line += (f"EMA {'helps' if b < a else 'does not help'}, "
+                                 f"MaP {'helps' if c < b else 'does not help'}.")
+                    out.append(line)
     return out
 
 
