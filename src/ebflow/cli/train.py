@@ -16,7 +16,7 @@ from ..experiment.checkpoint import check_new_run_dir
 from ..experiment.config import LOSSES, parse_overrides, resolve_config
 from ..experiment.distributed import init_from_env, shutdown
 from ..experiment.trainer import StopRequest, TrainingInterrupted
-from ..experiment.training import train
+from ..experiment.training import TrainResult, train
 from ..runtime import reuse_large_allocations
 from .common import format_metrics
 
@@ -101,7 +101,7 @@ def _train(args: argparse.Namespace) -> int:
         f"{result.train_seconds:.1f} s of training ({result.ms_per_iter:.1f} ms/iteration, "
         f"{result.examples_per_second:.0f} examples/s), {result.skipped_steps} skipped steps")
     if result.dropped_examples:
-        say(_dropped_line(result.dropped_examples, result.seen_examples))
+        say(_dropped_line(result))
     if test:
         say(format_metrics("test", test))
     say(f"run directory: {run_dir}")
@@ -131,10 +131,11 @@ def _stop_on_signals(stop: StopRequest, run_dir: Path) -> Iterator[None]:
             signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
-def _dropped_line(dropped: int, seen: int) -> str:
-    text = (f"{dropped} of {seen} training examples ({100 * dropped / max(seen, 1):.1f} %) were "
-            f"outside the model's domain and dropped from the loss (drop_out_of_domain)")
-    if dropped >= seen:
+def _dropped_line(result: TrainResult) -> str:
+    text = (f"{result.dropped_examples} of {result.seen_examples} training examples "
+            f"({100 * result.dropped_fraction:.1f} %) were outside the model's domain and dropped "
+            f"from the loss (drop_out_of_domain)")
+    if result.dropped_fraction >= 1:
         text += ("\nwarning: every training example was dropped, so the objective never gave a "
                  "gradient: the parameters changed only through weight decay, if any. Use MaP "
                  "preprocessing (map=true) or a smaller sigma / eps")

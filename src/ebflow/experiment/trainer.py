@@ -14,7 +14,7 @@ import signal
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from .evaluation import EVAL_SEED_OFFSET, evaluate_nll
 from .records import MetricsLog
 from .step import StepOutcome, optimization_step
 
-__all__ = ["TrainingDivergedError", "TrainingInterrupted", "StopRequest", "TrainResult", "Trainer"]
+__all__ = ["TrainingDivergedError", "TrainingInterrupted", "StopRequest", "Trainer"]
 
 
 class TrainingDivergedError(EBFlowError):
@@ -62,34 +62,6 @@ class StopRequest:
 
     signum: int = 0
     polling: bool = False
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    step: int
-    epoch: int
-    train_seconds: float
-    skipped_steps: int
-    best_val_nll: float
-    test: dict[str, float] = field(default_factory=dict)
-    world_size: int = 1
-    global_batch: int = 0
-    dropped_examples: int = 0  # outside the model's domain (drop_out_of_domain), of seen_examples
-    seen_examples: int = 0
-
-    @property
-    def ms_per_iter(self) -> float:
-        return 1000 * self.train_seconds / max(self.step, 1)
-
-    @property
-    def batch_per_process(self) -> int:
-        return self.global_batch // self.world_size
-
-    @property
-    def examples_per_second(self) -> float:
-        """Training throughput of the whole run: global examples per second of training."""
-        return self.step * self.global_batch / self.train_seconds if self.train_seconds > 0 else math.nan
 
 
 @dataclass

@@ -9,7 +9,9 @@ and that the last checkpoint is intact and how to resume."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +31,43 @@ from .plots import save_density_plot, save_samples
 from .records import MetricsLog
 from .runs import load_run
 from .toy_metrics import toy_metrics
-from .trainer import StopRequest, TrainResult, Trainer
+from .trainer import StopRequest, Trainer
 
-__all__ = ["train", "finish_run"]
+__all__ = ["TrainResult", "train", "finish_run"]
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the run's counters and its test metrics."""
+
+    run_dir: Path
+    step: int
+    epoch: int
+    train_seconds: float
+    skipped_steps: int
+    best_val_nll: float
+    test: dict[str, float] = field(default_factory=dict)
+    world_size: int = 1
+    global_batch: int = 0
+    dropped_examples: int = 0  # outside the model's domain (drop_out_of_domain), of seen_examples
+    seen_examples: int = 0
+
+    @property
+    def dropped_fraction(self) -> float:
+        return self.dropped_examples / self.seen_examples if self.seen_examples else 0.0
+
+    @property
+    def ms_per_iter(self) -> float:
+        return 1000 * self.train_seconds / max(self.step, 1)
+
+    @property
+    def batch_per_process(self) -> int:
+        return self.global_batch // self.world_size
+
+    @property
+    def examples_per_second(self) -> float:
+        """Training throughput of the whole run: global examples per second of training."""
+        return self.step * self.global_batch / self.train_seconds if self.train_seconds > 0 else math.nan
 
 
 def _resume_config(saved: Mapping[str, Any], overrides: Mapping[str, Any]) -> RunConfig:
