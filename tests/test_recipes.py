@@ -179,14 +179,24 @@ def test_train_command_says_how_many_examples_were_dropped(sigma, everything, tm
 
 # -- initialisation and augmentation ----------------------------------------------------------------
 def test_negative_identity_initialisation():
+    # the reference's FC recipe: W = -I and every bias exactly +1 (the bias is not negated)
     dense = Dense(6, init="negative_identity")
-    assert torch.equal(dense.weight.detach(), -torch.eye(6)) and float(dense.bias.detach().abs().max()) > 0
+    assert torch.equal(dense.weight.detach(), -torch.eye(6)) and torch.equal(dense.bias.detach(), torch.ones(6))
     conv = Conv2d(2, 3, init="negative_identity")
     w = conv.weight.detach()
     assert torch.equal(w[:, :, 1, 1], -torch.eye(2)) and float(w.abs().sum()) == 2.0
+    # conv bias: std of the reference's Xavier-normal kernel noise of gain 0.01, 0.01 / (k sqrt C)
+    torch.manual_seed(0)
+    for channels, k in ((1, 7), (16, 7), (4, 3)):
+        biases = torch.cat([Conv2d(channels, k, init="negative_identity").bias.detach() for _ in range(4000 // channels)])
+        expected = 0.01 / (k * channels ** 0.5)
+        assert abs(float(biases.std()) / expected - 1) < 0.08 and abs(float(biases.mean())) < 0.2 * expected
     config = resolve_config("mnist-fc")
     model = build_model(config.model, (1, 28, 28), ImagePreprocessing(0.5, 1e-6, 256), use_map=True)
-    assert all(torch.equal(l.weight.detach(), -torch.eye(784)) for l in model.layers if isinstance(l, Dense))
+    dense_layers = [l for l in model.layers if isinstance(l, Dense)]
+    assert len(dense_layers) == 2
+    assert all(torch.equal(l.weight.detach(), -torch.eye(784)) for l in dense_layers)
+    assert all(torch.equal(l.bias.detach(), torch.ones(784)) for l in dense_layers)
     with pytest.raises(ConfigError, match="initialisation"):
         Dense(3, init="zeros")
 

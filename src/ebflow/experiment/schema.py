@@ -126,8 +126,8 @@ FIELDS: dict[str, Field] = {
     "parameterization": Field("full", _STR, "dense: weight parameterization",
                               _choice(("full", "tril", "triu", "lu")), "full|tril|triu|lu"),
     "weight_init": Field("default", _STR, "dense/conv: initial weights (default: orthogonal dense, "
-                         "identity kernel + noise; negative_identity: exactly -I, bias ~ N(0, 0.01^2), "
-                         "the paper's recipe)", _choice(("default", "negative_identity")),
+                         "identity kernel + noise; negative_identity: exactly -I, the reference's recipe: "
+                         "dense bias = 1, conv bias ~ N(0, (0.01 / (k sqrt C))^2))", _choice(("default", "negative_identity")),
                          "default|negative_identity"),
     "actnorm": Field(False, _BOOL, "dense: ActNorm after each non-linearity"),
     "alpha": Field(0.3, _FLOAT, "slope parameter of the smooth leaky ReLU", lambda v: 0 < v < 1, "in (0, 1)"),

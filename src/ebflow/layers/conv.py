@@ -100,6 +100,8 @@ class _SamePaddingConv2d(torch.autograd.Function):
 #: convolution (:func:`same_padding_conv2d`); above it oneDNN's own kernel is as fast, and the
 #: custom function's unconditional weight gradient would cost more than it saves.
 _FEW_CHANNELS = 4
+#: the reference initialises a -I kernel's bias with the std of Xavier-normal noise of this gain
+NEGATIVE_IDENTITY_BIAS_GAIN = 0.01
 
 
 def same_padding_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -114,7 +116,9 @@ class Conv2d(LinearFlowLayer):
     :math:`y = M x + b` of the flattened image; :math:`\log|\det M|` and :math:`M^{-1}` come from
     an LU factorisation of :math:`M` (cached). Initialised at the identity kernel plus small
     noise (``init_noise``), or with ``init="negative_identity"`` at exactly :math:`-I` with a
-    bias :math:`\sim N(0, 0.01^2)` (the paper's recipe).
+    bias :math:`\sim N(0, s^2)`, :math:`s = 0.01 \sqrt{2 / (2 C k^2)} = 0.01 / (k \sqrt{C})`: the
+    std of the reference's Xavier-normal kernel noise of gain 0.01, which sets its bias's std
+    (0.0014 for 1 channel and 7x7 kernels, 0.0004 for 16 channels).
 
     **Spectral normalisation** (``spectral_norm=True``, the reference's CIFAR-CNN recipe for ML,
     SSM and DSM): ``weight`` becomes :func:`torch.nn.utils.parametrizations.spectral_norm` of a
@@ -160,7 +164,7 @@ class Conv2d(LinearFlowLayer):
             start_bias = torch.zeros(channels)
         else:
             weight[:, :, centre, centre] = -torch.eye(channels)
-            start_bias = 0.01 * torch.randn(channels)
+            start_bias = NEGATIVE_IDENTITY_BIAS_GAIN / (kernel_size * channels ** 0.5) * torch.randn(channels)
         if not isinstance(spectral_norm, bool):
             raise ConfigError(f"Conv2d spectral_norm must be True or False, got {spectral_norm!r}")
         self.weight = nn.Parameter(weight)

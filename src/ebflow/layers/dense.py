@@ -45,7 +45,8 @@ class Dense(LinearFlowLayer):
       :math:`L` and upper-triangular :math:`U`; :math:`\log|\det W| = \sum_i \log|U_{ii}|`.
 
     ``init``: ``"orthogonal"`` (default for full and LU), ``"identity"`` (default for triangular),
-    or ``"negative_identity"`` (:math:`W = -I`, bias :math:`\sim N(0, 0.01^2)`: the paper's recipe).
+    or ``"negative_identity"`` (:math:`W = -I` and bias :math:`b = \mathbf{1}`: the reference code's
+    FC recipe, so the first layer starts at :math:`y = 1 - x`).
     """
 
     def __init__(
@@ -98,8 +99,8 @@ class Dense(LinearFlowLayer):
             self.register_buffer("lower_mask", torch.tril(torch.ones(d, d), -1), persistent=False)
             self.register_buffer("upper_mask", torch.triu(torch.ones(d, d)), persistent=False)
             self.register_buffer("eye", torch.eye(d), persistent=False)
-        # the paper's recipe (-I) breaks the symmetry with a small random bias
-        start_bias = 0.01 * torch.randn(d) if init == "negative_identity" else torch.zeros(d)
+        # the reference's FC recipe: W = -I with every bias at +1 (not negated with the weight)
+        start_bias = torch.ones(d) if init == "negative_identity" else torch.zeros(d)
         self.bias = nn.Parameter(start_bias) if bias else None
 
     @property
