@@ -9,7 +9,7 @@ import pytest
 
 from ebflow.cli import main
 from ebflow.errors import ConfigError
-from ebflow.experiment.reproduce import TABLES, _claims, cells_of, collect, render_report
+from ebflow.experiment.reproduce import TABLES, _claims, cells_of, collect, render_report, zoom_limits
 
 TINY = ["--set", "data=synthetic-mnist", "--set", "max_train=200", "--set", "max_eval=100",
         "--set", "eval_every=5", "--set", "checkpoint_every=5", "--set", "log_every=5",
@@ -82,11 +82,22 @@ def test_report_marks_cells_not_run_and_checks_the_claims(tmp_path):
     for r, ours in zip(records, (1093.0, 1094.0, 1095.0, 1100.0, 1200.0)):
         fake.append({**r, "status": "finished", "ours": ours, "diff": ours - r["paper"],
                      "rel_diff": (ours - r["paper"]) / r["paper"],
-                     "results": {"test_nll": ours, "iterations": 10, "train_seconds": 60.0,
+                     "results": {"test_nll": ours, "iterations": 10, "checkpoint_step": 8, "train_seconds": 60.0,
                                  "ms_per_iter": 6.0, "test_bpd": 2.0, "device": "cpu", "threads": 1}})
     text = render_report("mnist-fc", fake, "test machine")
     assert "Within 1 % of the paper: 4 of 5" in text
+    assert "iterations (evaluated / trained)" in text and text.count("| 8 / 10 |") == 5
     assert "Our order (best first): ML 1093.0 < SML 1094.0 < SSM 1095.0 < DSM 1100.0 < FDSSM 1200.0" in text
+
+
+def test_zoomed_plot_range_shows_the_paper_and_the_end_of_each_curve_not_its_start():
+    records = [{"curve": [(0.0, 5000.0), (60.0, 1300.0), (120.0, 1110.0), (180.0, 1112.0)],
+                "paper": 1092.4, "metric": "nll"},
+               {"curve": [(0.0, 4000.0), (60.0, 1150.0)], "paper": 1104.1, "metric": "nll"}]
+    lo, hi = zoom_limits(records)
+    assert lo < 1092.4 and hi > 1150.0  # the paper's lines, every best and last value
+    assert hi < 1300.0  # the early values (1,300 .. 5,000 nats) are outside the zoom
+    assert zoom_limits([{"curve": [], "paper": None, "metric": "nll"}]) is None
 
 
 @pytest.mark.parametrize("dropped, claim", [(0.5, "EMA helps, MaP helps."),

@@ -28,7 +28,7 @@ from typing import Any
 from ..errors import ConfigError
 
 __all__ = ["Cell", "TABLES", "cells_of", "cell_done", "train_cell", "collect", "render_report",
-           "write_report"]
+           "write_report", "plot_curves", "zoom_limits"]
 
 SM_LOSSES = ("ml", "sml", "ssm", "dsm", "fdssm")
 
@@ -231,15 +231,15 @@ def render_report(table: str, records: Sequence[dict[str, Any]], machine: str) -
     iterations and time, then the checks of the paper's claims that the table allows."""
     kl = any(r["metric"] == "kl" for r in records)
     head = ("| cell | objective | paper | ours (EMA) | diff | diff % | raw weights | bits/dim | "
-            "budget (min) | iterations | train min | ms/iter | dropped | device, threads |")
+            "budget (min) | iterations (evaluated / trained) | train min | ms/iter | dropped | device, threads |")
     if kl:
         head = ("| cell | objective | KL(data‖model) | Fisher divergence | test NLL | budget (min) | "
-                "iterations | train min | ms/iter | device, threads |")
+                "iterations (evaluated / trained) | train min | ms/iter | device, threads |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
         res = r.get("results", {})
         where = f"{res.get('device', '–')}, {res.get('threads', '–')}" if res else "–"
-        common = [_fmt(r.get("budget_minutes"), 1), _fmt(res.get("iterations")),
+        common = [_fmt(r.get("budget_minutes"), 1), _iterations(res),
                   _fmt(res.get("train_seconds", math.nan) / 60 if res else None, 1),
                   _fmt(res.get("ms_per_iter"), 1)]
         if r["status"] != "finished":
@@ -259,6 +259,14 @@ def render_report(table: str, records: Sequence[dict[str, Any]], machine: str) -
             f"{100 * dropped:.1f} %" if dropped else "0", where]) + " |")
     lines += ["", *_claims(table, records), "", f"Machine: {machine}."]
     return "\n".join(lines) + "\n"
+
+
+def _iterations(res: dict[str, Any]) -> str:
+    """``evaluated / trained``: the step of the checkpoint the test metrics come from (the best
+    validation) and the steps trained."""
+    if not res:
+        return "–"
+    return f"{_fmt(res.get('checkpoint_step'))} / {_fmt(res.get('iterations'))}"
 
 
 def _claims(table: str, records: Sequence[dict[str, Any]]) -> list[str]:
@@ -289,9 +297,27 @@ def _claims(table: str, records: Sequence[dict[str, Any]]) -> list[str]:
     return out
 
 
+def zoom_limits(records: Sequence[dict[str, Any]]) -> tuple[float, float] | None:
+    """The y range of the zoomed panel: the paper's values and every curve's best and last
+    value, with a margin; the early, far larger values of a curve fall outside it."""
+    points = []
+    for r in records:
+        finite = [v for _, v in r.get("curve", ()) if math.isfinite(v)]
+        if finite:
+            points += [min(finite), finite[-1]]
+        if r["paper"] is not None and r["metric"] == "nll":
+            points.append(float(r["paper"]))
+    if not points:
+        return None
+    lo, hi = min(points), max(points)
+    span = max(hi - lo, 1e-3 * max(abs(hi), 1.0))
+    return lo - 0.15 * span, hi + 0.35 * span
+
+
 def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str) -> Path | None:
-    """Validation NLL (EMA weights) against training time, one line per cell."""
-    curves = [r for r in records if r["curve"]]
+    """Validation NLL (EMA weights) against training time, one line per cell: the whole curve
+    on a log axis (left) and a zoom on the region of the paper's values (right)."""
+    curves = [r for r in records if r.get("curve")]
     if not curves:
         return None
     import matplotlib
@@ -299,20 +325,25 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str) -> Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in curves:
-        t, v = zip(*r["curve"])
-        ax.plot([s / 60 for s in t], v, label=r["cell"])
-        if r["paper"] is not None and r["metric"] == "nll":
-            ax.axhline(r["paper"], color=ax.lines[-1].get_color(), ls=":", lw=0.8)
-    finite = [v for r in curves for _, v in r["curve"] if math.isfinite(v)]
-    if finite:
-        lo = min(finite + [r["paper"] for r in curves if r["paper"] is not None])
-        ax.set_ylim(lo - 0.01 * abs(lo), sorted(finite)[int(0.9 * (len(finite) - 1))] * 1.02)
-    ax.set_xlabel("training time (min, optimisation steps only)")
-    ax.set_ylabel("validation NLL (nats, EMA weights)")
-    ax.set_title(title + " (dotted: the paper's test NLL)")
-    ax.legend(fontsize=7, ncol=2)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax in axes:
+        for r in curves:
+            t, v = zip(*r["curve"])
+            ax.plot([s / 60 for s in t], v, label=r["cell"])
+            if r["paper"] is not None and r["metric"] == "nll":
+                ax.axhline(r["paper"], color=ax.lines[-1].get_color(), ls=":", lw=0.8)
+        ax.set_xlabel("training time (min, optimisation steps only)")
+    full, zoom = axes
+    if all(v > 0 for r in curves for _, v in r["curve"] if math.isfinite(v)):
+        full.set_yscale("log")
+    full.set_ylabel("validation NLL (nats, EMA weights)")
+    full.set_title("whole run" + (" (log scale)" if full.get_yscale() == "log" else ""))
+    limits = zoom_limits(curves)
+    if limits is not None:
+        zoom.set_ylim(*limits)
+    zoom.set_title("zoom: the paper's values (dotted) and our best and last")
+    zoom.legend(fontsize=7, ncol=2)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
