@@ -74,6 +74,26 @@ def test_reproduce_trains_resumes_and_reports(tmp_path, capsys):
     assert after > before
 
 
+def test_reproduce_continues_finished_cells_to_more_epochs(tmp_path, capsys):
+    """``--set epochs=N`` reaches resumed cells: a cell that stopped at 1 epoch continues to 2
+    (4 steps of batch 50 per epoch); a non-resumable key (lr) shapes new cells only."""
+    out = tmp_path / "rep"
+    base = ["reproduce", "mnist-fc", "--objectives", "dsm", "--out", str(out), *TINY,
+            "--set", "max_iters=null"]
+    assert main([*base, "--set", "epochs=1"]) == 0, capsys.readouterr().err
+    run = out / "mnist-fc" / "dsm"
+    first = json.loads((run / "results.json").read_text())
+    assert (first["iterations"], first["epochs"]) == (4, 1)
+    assert main([*base, "--set", "epochs=1"]) == 0  # same stopping rule: nothing to do
+    assert "finished at this budget; skipped" in capsys.readouterr().out
+    assert main([*base, "--set", "epochs=2", "--set", "lr=0.5"]) == 0, capsys.readouterr().err
+    second = json.loads((run / "results.json").read_text())
+    assert (second["iterations"], second["epochs"]) == (8, 2)
+    log = (out / "mnist-fc" / "dsm.log").read_text().splitlines()
+    resumed = [line for line in log if "--resume" in line]
+    assert resumed and "epochs=2" in resumed[-1] and "lr=0.5" not in resumed[-1]
+
+
 def test_report_marks_cells_not_run_and_checks_the_claims(tmp_path):
     cells = cells_of("mnist-fc")
     records = collect("mnist-fc", cells, tmp_path)

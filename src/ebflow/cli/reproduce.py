@@ -39,7 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the presets' auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra config override for every new cell")
+                   help="extra config override for every new cell; the stopping and bookkeeping "
+                        "keys (epochs, max_iters, eval_every, ...) also apply to resumed cells, "
+                        "e.g. --set epochs=200 continues finished cells to 200 epochs")
     p.add_argument("--report-only", action="store_true", help="do not train; rebuild the report")
 
 
@@ -60,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     failed = []
     if not args.report_only:
-        todo = [c for c in cells if not cell_done(out_dir / args.table / c.name, args.budget_minutes)]
+        todo = [c for c in cells
+                if not cell_done(out_dir / args.table / c.name, args.budget_minutes, args.overrides)]
         for c in cells:
             if c not in todo:
                 print(f"[{c.name}] finished at this budget; skipped", flush=True)

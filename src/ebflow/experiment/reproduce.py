@@ -27,7 +27,7 @@ from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["Cell", "TABLES", "cells_of", "cell_done", "train_cell", "collect", "render_report",
+__all__ = ["Cell", "TABLES", "cells_of", "cell_done", "resumable_overrides", "train_cell", "collect", "render_report",
            "write_report", "plot_curves", "zoom_limits"]
 
 SM_LOSSES = ("ml", "sml", "ssm", "dsm", "fdssm")
@@ -113,11 +113,29 @@ def cells_of(table: str, objectives: Sequence[str] | None = None,
 
 
 # -- running ---------------------------------------------------------------------------------------
-def cell_done(run_dir: Path, budget: float | None) -> bool:
+def resumable_overrides(overrides: Sequence[str]) -> dict[str, str]:
+    """The ``KEY=VALUE`` overrides that also apply to a resumed cell: the stopping rule and
+    bookkeeping keys a checkpoint may change (``epochs``, ``max_iters``, ``eval_every``, ...;
+    :data:`ebflow.experiment.schema.RESUMABLE_KEYS`). The others shape a new cell only."""
+    from .schema import RESUMABLE_KEYS
+
+    out = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() in RESUMABLE_KEYS:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def cell_done(run_dir: Path, budget: float | None, overrides: Sequence[str] = ()) -> bool:
+    """Finished at this budget and with these resumable overrides (a larger budget, or e.g. a
+    larger ``epochs=``, continues the cell)."""
     marker = run_dir / "cell.json"
     if not marker.exists() or not (run_dir / "results.json").exists():
         return False
     done = json.loads(marker.read_text())
+    if resumable_overrides(overrides) != done.get("resumable_overrides", {}):
+        return False
     return budget is None or (done.get("budget_minutes") or 0) >= budget
 
 
@@ -141,6 +159,7 @@ def train_command(cell: Cell, run_dir: Path, args: argparse.Namespace) -> list[s
         if args.data_dir:
             sets += [f"data_dir={args.data_dir}"]
         cmd = ["train", "--resume", str(run_dir)]
+        sets += [f"{k}={v}" for k, v in resumable_overrides(args.overrides).items()]
     if args.device:
         cmd += ["--device", args.device]
     return [sys.executable, "-m", "ebflow", *cmd, *[a for s in sets for a in ("--set", s)]]
@@ -168,7 +187,9 @@ def train_cell(cell: Cell, run_dir: Path, args: argparse.Namespace) -> int:
     if code == 0 and (run_dir / "results.json").exists():
         (run_dir / "cell.json").write_text(json.dumps({
             "cell": cell.name, "preset": cell.preset, "loss": cell.loss,
-            "budget_minutes": args.budget_minutes, "wall_seconds_last_call": time.time() - t0}))
+            "budget_minutes": args.budget_minutes,
+            "resumable_overrides": resumable_overrides(args.overrides),
+            "wall_seconds_last_call": time.time() - t0}))
     print(f"[{cell.name}] exit {code} after {time.time() - t0:.0f} s", flush=True)
     return code
 
