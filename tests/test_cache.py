@@ -73,13 +73,14 @@ def brute_force_log_partition(model: EBFlow) -> torch.Tensor:
 
 
 class Calls:
-    """Counts the calls of ``_log_abs_det`` and ``_factorize`` of every linear layer class of a
-    model (monkeypatched on the classes)."""
+    """Counts the log-determinant computations (``_compute_log_abs_det``, where the gradient-vs-cache
+    decision is made) and the ``_factorize`` calls of every linear layer class of a model
+    (monkeypatched on the classes)."""
 
     def __init__(self, monkeypatch, model: EBFlow) -> None:
         self.count = 0
         for cls in {type(layer) for layer in model.layers if isinstance(layer, LinearFlowLayer)}:
-            for name in ("_log_abs_det", "_factorize"):
+            for name in ("_compute_log_abs_det", "_factorize"):
                 monkeypatch.setattr(cls, name, self._counted(getattr(cls, name)))
 
     def _counted(self, original):

@@ -10,21 +10,7 @@ import torch
 from conftest import image_model_1ch, image_model_2ch, initialised, perturb, vector_model
 from ebflow import EBFlow, coupling_flow, glow_flow
 from ebflow.layers import Conv2d, Dense, LinearFlowLayer
-
-
-def brute_force_log_prob(model: EBFlow, x: torch.Tensor) -> torch.Tensor:
-    """log p_u(g(x)) + log|det dg/dx| with the full Jacobian from autograd and slogdet."""
-    out = []
-    for xi in x:
-        flat = xi.reshape(-1)
-
-        def g(v: torch.Tensor) -> torch.Tensor:
-            return model(v.reshape(1, *model.event_shape)).reshape(-1)
-
-        jac = torch.autograd.functional.jacobian(g, flat)
-        z = g(flat).reshape(1, *model.latent_shape)
-        out.append(model.prior.log_prob(z)[0] + torch.linalg.slogdet(jac)[1])
-    return torch.stack(out)
+from helpers import brute_force_log_prob
 
 
 def glow_split_model() -> EBFlow:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError
-from .base import LinearFlowLayer, Shape
+from .base import Example, LinearFlowLayer, Shape, example_inputs, perturbed
 
 __all__ = ["ActNorm", "FixedAffine"]
 
@@ -32,6 +32,8 @@ class ActNorm(LinearFlowLayer):
     using the layer (``transform``, ``forward``, ``inverse``, ``log_abs_det``) raises
     :class:`~ebflow.errors.ConfigError`; a state dict saved after initialisation restores the
     flag with the parameters.
+
+    Cost: ``transform`` and inverse :math:`O(B D)`; ``log|det|`` :math:`O(C)`.
     """
 
     #: a Python copy of a True ``initialized`` buffer (class default for pickled older modules)
@@ -47,6 +49,16 @@ class ActNorm(LinearFlowLayer):
         self.log_scale = nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(False))
         self._known_initialized = False
+
+    @classmethod
+    def examples(cls) -> list[Example]:
+        examples = []
+        for shape in ((3,), (2, 3, 3)):
+            x = example_inputs(6, *shape)
+            layer = cls(shape[0]).double()
+            layer.initialize(x)
+            examples.append((perturbed(layer), x))
+        return examples
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}"
@@ -139,7 +151,9 @@ class ActNorm(LinearFlowLayer):
 
 
 class FixedAffine(LinearFlowLayer):
-    r"""Fixed element-wise map :math:`y = a x + b` (no parameters); :math:`\log|\det| = D \log|a|`."""
+    r"""Fixed element-wise map :math:`y = a x + b` (no parameters); :math:`\log|\det| = D \log|a|`.
+
+    Cost: ``transform`` and inverse :math:`O(B D)`; ``log|det|`` :math:`O(1)`."""
 
     def __init__(self, scale: float, shift: float = 0.0) -> None:
         super().__init__()
@@ -147,6 +161,10 @@ class FixedAffine(LinearFlowLayer):
             raise ConfigError(f"FixedAffine needs a finite non-zero scale, got scale={scale}, shift={shift}")
         self.scale = float(scale)
         self.shift = float(shift)
+
+    @classmethod
+    def examples(cls) -> list[Example]:
+        return [(cls(-2.5, 0.5), example_inputs(5, 3)), (cls(0.25), example_inputs(5, 1, 2, 2))]
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}, shift={self.shift}"

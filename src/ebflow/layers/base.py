@@ -21,9 +21,29 @@ from torch import Tensor, nn
 from ..errors import InputError, SingularLayerError
 from .cache import ParameterCache, needs_grad
 
-__all__ = ["FlowLayer", "LinearFlowLayer", "Shape", "lu_solve", "checked_lu_factor", "check_pivots"]
+__all__ = ["FlowLayer", "LinearFlowLayer", "Shape", "Example", "lu_solve", "checked_lu_factor",
+           "check_pivots", "example_inputs", "perturbed"]
 
 Shape = tuple[int, ...]
+#: A layer and a batch of inputs in its domain (see :meth:`FlowLayer.examples`).
+Example = tuple["FlowLayer", Tensor]
+
+
+def example_inputs(*shape: int, seed: int = 0) -> Tensor:
+    """A float64 batch of standard normal inputs of shape ``shape`` (a fixed seed)."""
+    return torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def perturbed(layer: nn.Module, scale: float = 0.1, seed: int = 0) -> nn.Module:
+    """``layer`` in float64 with ``scale * N(0, 1)`` added to every floating parameter, so that
+    no parameter sits at its (often identity-like or zero) initial value."""
+    g = torch.Generator().manual_seed(seed)
+    layer.double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.is_floating_point():
+                p.add_(scale * torch.randn(p.shape, dtype=p.dtype, generator=g))
+    return layer
 
 
 class FlowLayer(nn.Module):
@@ -40,6 +60,17 @@ class FlowLayer(nn.Module):
 
     def inverse(self, y: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @classmethod
+    def examples(cls) -> list[Example]:
+        """Small float64 instances of this layer, each with a batch of inputs in its domain, and
+        parameters away from their initial values. The layer contract test
+        (``tests/test_layer_contract.py``) checks every exported layer on them -- exact
+        log-determinant, inverse, cache refresh, no determinant work in score matching, dtypes
+        -- so a new layer is covered by giving it this method. Every concrete layer overrides it."""
+        raise NotImplementedError(
+            f"{cls.__name__} has no examples(): give it one so that the layer contract test covers it"
+        )
 
     def initialize(self, x: Tensor) -> None:
         """Data-dependent initialisation from ``x``, a batch of this layer's inputs (e.g.
@@ -108,16 +139,26 @@ class LinearFlowLayer(FlowLayer):
     """A layer with constant Jacobian: ``y = A x + b``.
 
     Subclasses implement :meth:`transform` (``y`` without any determinant),
-    :meth:`_log_abs_det` (differentiable ``log|det A|`` for an input event shape) and
-    :meth:`_inverse_with` (the inverse given a factorisation from :meth:`_factorize`).
+    :meth:`_log_abs_det` (differentiable ``log|det A|`` for an input event shape),
+    :meth:`_factorize` (whatever the inverse needs, e.g. an LU factorisation; ``None`` if
+    nothing) and :meth:`_inverse_with` (the inverse given those factors).
 
     The log-determinant and the factorisation are cached and reused until a parameter or
     buffer of the layer (or of a sub-module) changes; a computation that must carry gradients
     is never served from the cache. The policy and its key are those of
-    :class:`~ebflow.layers.cache.ParameterCache`; :meth:`clear_cache` empties it.
+    :class:`~ebflow.layers.cache.ParameterCache`; :meth:`clear_cache` empties it. **This class
+    makes the gradient-vs-cache decision** (:meth:`log_abs_det`): with gradients needed it calls
+    :meth:`_log_abs_det`; without, and with :attr:`logdet_from_factors`, it reads the
+    determinant off the cached factors that :meth:`inverse` uses (one factorisation serves
+    ``log Z`` and sampling); otherwise it caches :meth:`_log_abs_det` computed under ``no_grad``.
     """
 
     constant_jacobian = True
+    #: Read ``log|det A|`` (without gradients) off the cached factors of :meth:`_factorize`,
+    #: through :meth:`_log_abs_det_of_factors`. For layers whose factorisation is the costly
+    #: part (a dense or block LU); closed-form determinants (triangular, diagonal, permutation)
+    #: leave it False.
+    logdet_from_factors: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -147,11 +188,19 @@ class LinearFlowLayer(FlowLayer):
         """``compute()`` through this layer's :class:`~ebflow.layers.cache.ParameterCache`."""
         return self._cache.get(name, event_shape, compute, self)
 
-    def _log_abs_det_from_factors(self, event_shape: Shape) -> Tensor:
-        """``sum log|U_ii|`` of the cached float64 LU factorisation that :meth:`inverse` uses,
-        so that ``log Z`` and sampling share one factorisation (no gradient)."""
-        lu, _ = self._cached("factors", event_shape, lambda: self._factorize(event_shape))
-        return torch.log(lu.diagonal().abs()).sum()
+    def _log_abs_det_of_factors(self, factors: Any, event_shape: Shape) -> Tensor:
+        r""":math:`\sum_i \log|U_{ii}|` of the LU factorisation ``factors[0]`` (batched LUs: summed
+        over the batch too); override when the factors describe a block repeated in the map."""
+        lu = factors[0]
+        return torch.log(lu.diagonal(dim1=-2, dim2=-1).abs()).sum()
+
+    def _compute_log_abs_det(self, event_shape: Shape) -> Tensor:
+        """The one gradient-vs-cache decision: differentiable :meth:`_log_abs_det` when gradients
+        are needed, else (with :attr:`logdet_from_factors`) the cached factors' determinant."""
+        if self.logdet_from_factors and not self._needs_grad():
+            factors = self._cached("factors", event_shape, lambda: self._factorize(event_shape))
+            return self._log_abs_det_of_factors(factors, event_shape)
+        return self._log_abs_det(event_shape)
 
     def clear_cache(self) -> None:
         """Forget the cached log-determinant and factorisation."""
@@ -160,7 +209,7 @@ class LinearFlowLayer(FlowLayer):
     # -- public API -----------------------------------------------------------------------
     def log_abs_det(self, event_shape: Shape) -> Tensor:
         """``log|det A|`` (a scalar) for inputs of event shape ``event_shape``; cached."""
-        value = self._cached("logdet", event_shape, lambda: self._log_abs_det(tuple(event_shape)))
+        value = self._cached("logdet", event_shape, lambda: self._compute_log_abs_det(tuple(event_shape)))
         if not bool(torch.isfinite(value)):
             raise SingularLayerError(
                 f"{type(self).__name__}: weight matrix is singular (log|det| = {float(value.detach())})"

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError
-from .base import LinearFlowLayer, Shape, checked_lu_factor, lu_solve
+from .base import Example, LinearFlowLayer, Shape, checked_lu_factor, example_inputs, lu_solve, perturbed
 from .dense import random_orthogonal
 
 __all__ = ["Conv2d", "Conv1x1", "convolution_matrix", "same_padding_conv2d"]
@@ -120,6 +120,11 @@ class Conv2d(LinearFlowLayer):
     std of the reference's Xavier-normal kernel noise of gain 0.01, which sets its bias's std
     (0.0014 for 1 channel and 7x7 kernels, 0.0004 for 16 channels).
 
+    Cost (``D = C H W``): ``transform`` :math:`O(B C^2 k^2 H W)`; ``log|det|`` and the inverse
+    through the ``D x D`` convolution matrix: an LU, :math:`O(D^3)`, once per parameter state
+    (cached, shared by ``log Z`` and sampling) or, with gradients (maximum likelihood), a
+    ``slogdet`` at every call; inverse :math:`O(B D^2)` per call.
+
     **Spectral normalisation** (``spectral_norm=True``, the reference's CIFAR-CNN recipe for ML,
     SSM and DSM): ``weight`` becomes :func:`torch.nn.utils.parametrizations.spectral_norm` of a
     free parameter (``parametrizations.weight.original``): the kernel reshaped to a
@@ -173,6 +178,12 @@ class Conv2d(LinearFlowLayer):
         if spectral_norm:
             nn.utils.parametrizations.spectral_norm(self, "weight")
 
+    @classmethod
+    def examples(cls) -> list[Example]:
+        return [(perturbed(cls(2, 3)), example_inputs(5, 2, 4, 4)),
+                (perturbed(cls(1, 5, init="negative_identity")), example_inputs(5, 1, 5, 5)),
+                (perturbed(cls(2, 3, spectral_norm=True)).eval(), example_inputs(5, 2, 4, 4))]
+
     def extra_repr(self) -> str:
         sn = ", spectral_norm=True" if self.spectral_norm else ""
         return f"channels={self.channels}, kernel_size={self.kernel_size}, bias={self.bias is not None}{sn}"
@@ -201,10 +212,10 @@ class Conv2d(LinearFlowLayer):
         weight that :meth:`transform` uses (the normalised one with ``spectral_norm``)."""
         return convolution_matrix(self.weight.double(), tuple(image_shape))
 
+    logdet_from_factors = True
+
     def _log_abs_det(self, event_shape: Shape) -> Tensor:
-        if self._needs_grad():
-            return torch.linalg.slogdet(self.matrix(event_shape))[1]
-        return self._log_abs_det_from_factors(event_shape)
+        return torch.linalg.slogdet(self.matrix(event_shape))[1]
 
     def _factorize(self, event_shape: Shape) -> tuple[Tensor, Tensor]:
         return checked_lu_factor(self.matrix(event_shape), f"Conv2d(k={self.kernel_size})")
@@ -222,6 +233,9 @@ class Conv1x1(LinearFlowLayer):
 
     :math:`\log|\det| = H W \log|\det W|`; the inverse solves with :math:`W` at every pixel.
     Orthogonal initialisation.
+
+    Cost: ``transform`` :math:`O(B C^2 H W)`; ``log|det|`` :math:`O(C^3)` (cached without
+    gradients); inverse :math:`O(C^3)` once (cached LU) plus :math:`O(B C^2 H W)` per call.
     """
 
     def __init__(self, channels: int, *, bias: bool = False) -> None:
@@ -231,6 +245,11 @@ class Conv1x1(LinearFlowLayer):
         self.channels = channels
         self.weight = nn.Parameter(random_orthogonal(channels))
         self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+
+    @classmethod
+    def examples(cls) -> list[Example]:
+        return [(perturbed(cls(3)), example_inputs(5, 3, 2, 2)),
+                (perturbed(cls(2, bias=True)), example_inputs(5, 2, 3, 3))]
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, bias={self.bias is not None}"
@@ -251,11 +270,15 @@ class Conv1x1(LinearFlowLayer):
             )
         return F.conv2d(x, self.weight[:, :, None, None], self.bias)
 
+    logdet_from_factors = True
+
     def _log_abs_det(self, event_shape: Shape) -> Tensor:
         _, h, w = event_shape
-        if self._needs_grad():
-            return h * w * torch.linalg.slogdet(self.weight)[1]
-        return h * w * self._log_abs_det_from_factors(event_shape)
+        return h * w * torch.linalg.slogdet(self.weight)[1]
+
+    def _log_abs_det_of_factors(self, factors: tuple[Tensor, Tensor], event_shape: Shape) -> Tensor:
+        _, h, w = event_shape  # the C x C factors describe the map at each of the H W pixels
+        return h * w * super()._log_abs_det_of_factors(factors, event_shape)
 
     def _factorize(self, event_shape: Shape) -> tuple[Tensor, Tensor]:
         return checked_lu_factor(self.weight.double(), f"Conv1x1({self.channels})")

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, InputError
 from ..utils import sum_except_batch
-from .base import FlowLayer
+from .base import Example, FlowLayer, example_inputs
 
 __all__ = [
     "SmoothLeakyReLU",
@@ -74,6 +74,10 @@ class SmoothLeakyReLU(FlowLayer):
             raise ConfigError(f"SmoothLeakyReLU needs 0 < alpha < 1, got alpha={alpha}")
         self.alpha = float(alpha)
 
+    @classmethod
+    def examples(cls) -> list[Example]:
+        return [(cls(0.3), example_inputs(5, 4)), (cls(0.6), example_inputs(5, 1, 2, 2))]
+
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}"
 
@@ -105,6 +109,10 @@ class ResidualSmoothLeakyReLU(SmoothLeakyReLU):
     :math:`y' = 1 + \alpha + (1 - \alpha)\sigma(x) \in (1 + \alpha, 2)`.
     """
 
+    @classmethod
+    def examples(cls) -> list[Example]:
+        return [(cls(0.3), example_inputs(5, 4)), (cls(0.6), example_inputs(5, 1, 2, 2))]
+
     def _linear_slope(self) -> float:
         return 1 + self.alpha
 
@@ -132,6 +140,10 @@ class LeakyReLU(FlowLayer):
         if not alpha > 0.0:
             raise ConfigError(f"LeakyReLU needs alpha > 0 to be invertible, got alpha={alpha}")
         self.alpha = float(alpha)
+
+    @classmethod
+    def examples(cls) -> list[Example]:
+        return [(cls(0.2), example_inputs(5, 4)), (cls(2.0), example_inputs(5, 1, 2, 2))]
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}"
@@ -162,6 +174,10 @@ class Logit(FlowLayer):
     :class:`~ebflow.errors.InputError`.
     """
 
+    @classmethod
+    def examples(cls) -> list[Example]:
+        return [(cls(), torch.sigmoid(example_inputs(5, 4)))]
+
     def in_domain(self, x: Tensor) -> Tensor:
         """Examples whose every entry lies in ``(0, 1)``."""
         return ((x > 0) & (x < 1)).reshape(x.shape[0], -1).all(dim=1)
@@ -180,6 +196,10 @@ class Sigmoid(FlowLayer):
 
     :math:`\log|\det| = \sum_i [\log\sigma(x_i) + \log\sigma(-x_i)]`.
     """
+
+    @classmethod
+    def examples(cls) -> list[Example]:
+        return [(cls(), example_inputs(5, 4))]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return torch.sigmoid(x), sum_except_batch(F.logsigmoid(x) + F.logsigmoid(-x))

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError
-from .base import LinearFlowLayer, Shape, checked_lu_factor, lu_solve
+from .base import Example, LinearFlowLayer, Shape, checked_lu_factor, example_inputs, lu_solve, perturbed
 
 __all__ = ["DEFAULT_MAX_DIM", "GenericLinear", "LinearMap"]
 
@@ -72,6 +72,11 @@ class GenericLinear(LinearFlowLayer, metaclass=_ChecksAfterInit):
     Subclasses implement :meth:`transform` (affine in ``x``, examples independent, output shape
     = input shape, reading its tensors from the module's parameters and buffers, including
     sub-modules'); :math:`A`, :math:`b`, :math:`\log|\det A|` and the inverse are derived.
+
+    Cost of the dense path: ``transform`` is the subclass's; :meth:`matrix` evaluates the map on
+    the ``D`` basis events (in chunks); ``log|det|`` an LU of :math:`A`, :math:`O(D^3)`, once per
+    parameter state (cached) or a ``slogdet`` at every call with gradients; inverse
+    :math:`O(B D^2)` per call with the cached LU.
 
     Args:
         event_shape: shape of one input (and output) event; ``D`` is its size.
@@ -249,10 +254,15 @@ class GenericLinear(LinearFlowLayer, metaclass=_ChecksAfterInit):
         return self.output_shape(output_event_shape)
 
     # -- LinearFlowLayer hooks (the dense path) ----------------------------------------------------
+    @property
+    def logdet_from_factors(self) -> bool:  # type: ignore[override]
+        """The dense path reads ``log|det A|`` off the cached LU of :meth:`matrix`; a subclass with
+        ``dense = False`` supplies its own :meth:`_log_abs_det` (set the attribute to True if its
+        :meth:`_factorize` returns an LU whose pivots give the determinant)."""
+        return type(self).dense
+
     def _log_abs_det(self, event_shape: Shape) -> Tensor:
-        if self._needs_grad():
-            return self.dense_log_abs_det()
-        return self._log_abs_det_from_factors(event_shape)
+        return self.dense_log_abs_det()
 
     def _factorize(self, event_shape: Shape) -> tuple[Tensor, Tensor]:
         return checked_lu_factor(self.matrix(), type(self).__name__)
@@ -293,6 +303,12 @@ class LinearMap(GenericLinear):
             raise ConfigError(f"LinearMap needs a callable or a torch module, got {type(fn).__name__}")
         self.fn = fn
         self.bias = nn.Parameter(torch.zeros(self.event_shape)) if bias else None
+
+    @classmethod
+    def examples(cls) -> list[Example]:
+        conv = nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")
+        return [(perturbed(cls(conv, (2, 4, 4), bias=True)), example_inputs(4, 2, 4, 4)),
+                (cls(lambda x: 2.0 * x.flip(-1) - x, (3,)).double(), example_inputs(4, 3))]
 
     def extra_repr(self) -> str:
         fn = "" if isinstance(self.fn, nn.Module) else f", fn={getattr(self.fn, '__name__', self.fn)!s}"

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError
-from .base import Shape, checked_lu_factor, lu_solve
+from .base import Example, Shape, checked_lu_factor, example_inputs, lu_solve, perturbed
 from .generic import GenericLinear
 
 __all__ = ["GroupedConv2d", "DepthwiseConv2d", "DilatedConv2d", "CircularConv2d", "circular_conv2d"]
@@ -82,6 +82,10 @@ class GroupedConv2d(GenericLinear):
         self.weight = nn.Parameter(_identity_kernel(c, c // groups, kernel_size, init_noise))
         self.bias = nn.Parameter(torch.zeros(c)) if bias else None
 
+    @classmethod
+    def examples(cls) -> list[Example]:
+        return [(perturbed(cls((4, 3, 3), 3, groups=2)), example_inputs(4, 4, 3, 3))]
+
     def extra_repr(self) -> str:
         return (f"event_shape={self.event_shape}, kernel_size={self.kernel_size}, "
                 f"groups={self.groups}, dilation={self.dilation}, bias={self.bias is not None}")
@@ -98,12 +102,22 @@ class DepthwiseConv2d(GroupedConv2d):
     def __init__(self, event_shape: Sequence[int], kernel_size: int = 3, **options: Any) -> None:
         super().__init__(event_shape, kernel_size, groups=_image_shape(event_shape, "DepthwiseConv2d")[0], **options)
 
+    @classmethod
+    def examples(cls) -> list[Example]:
+        return [(perturbed(cls((2, 4, 4), 3)), example_inputs(4, 2, 4, 4))]
+
+
 
 class DilatedConv2d(GroupedConv2d):
     """:class:`GroupedConv2d` with taps ``dilation`` pixels apart (default 2)."""
 
     def __init__(self, event_shape: Sequence[int], kernel_size: int = 3, *, dilation: int = 2, **options: Any) -> None:
         super().__init__(event_shape, kernel_size, dilation=dilation, **options)
+
+    @classmethod
+    def examples(cls) -> list[Example]:
+        return [(perturbed(cls((2, 5, 5), 3, dilation=2)), example_inputs(4, 2, 5, 5))]
+
 
 
 class _CircularConv2dFunction(torch.autograd.Function):
@@ -196,6 +210,12 @@ class CircularConv2d(GenericLinear):
         self.weight = nn.Parameter(_identity_kernel(c, c, kernel_size, init_noise))
         self.bias = nn.Parameter(torch.zeros(c)) if bias else None
 
+    @classmethod
+    def examples(cls) -> list[Example]:
+        return [(perturbed(cls((2, 4, 4), 3)), example_inputs(4, 2, 4, 4)),
+                (perturbed(cls((2, 6, 6), 5, method="fft")), example_inputs(4, 2, 6, 6)),
+                (perturbed(cls((1, 5, 5), 3, dilation=2, bias=False)), example_inputs(4, 1, 5, 5))]
+
     def extra_repr(self) -> str:
         return (f"event_shape={self.event_shape}, kernel_size={self.kernel_size}, "
                 f"dilation={self.dilation}, bias={self.bias is not None}, method={self.method}")
@@ -229,11 +249,10 @@ class CircularConv2d(GenericLinear):
         kernel on the torus; differentiable. Cost :math:`O(C^2 HW \log HW)`."""
         return torch.fft.fft2(self._torus(self.weight.double())).permute(2, 3, 0, 1)
 
+    logdet_from_factors = True  # the HW complex C x C LUs of the spectrum
+
     def _log_abs_det(self, event_shape: Shape) -> Tensor:
-        if self._needs_grad():
-            return torch.linalg.slogdet(self.spectrum())[1].sum()
-        lu, _ = self._cached("factors", event_shape, lambda: self._factorize(event_shape))
-        return torch.log(lu.diagonal(dim1=-2, dim2=-1).abs()).sum()
+        return torch.linalg.slogdet(self.spectrum())[1].sum()
 
     def _factorize(self, event_shape: Shape) -> tuple[Tensor, Tensor]:
         return checked_lu_factor(self.spectrum(), f"CircularConv2d(k={self.kernel_size})")

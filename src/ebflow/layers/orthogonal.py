@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import Shape
+from .base import Example, Shape, example_inputs
 from .generic import GenericLinear
 
 __all__ = ["DCT", "dct_matrix"]
@@ -57,6 +57,10 @@ class DCT(GenericLinear):
             raise ConfigError(f"DCT acts on vectors (D,) or images (C, H, W), got event shape {event_shape!r}")
         super().__init__(shape, **options)
         self._sizes = (shape[0], shape[0]) if len(shape) == 1 else shape[1:]
+
+    @classmethod
+    def examples(cls) -> list[Example]:
+        return [(cls((5,)).double(), example_inputs(4, 5)), (cls((2, 3, 4)).double(), example_inputs(4, 2, 3, 4))]
 
     def _matrices(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """The DCT matrices along the mixed axes, float64-exact, in ``like``'s dtype and device."""
