@@ -76,7 +76,8 @@ MODELS: dict[str, ModelSpec] = {
     "mnist-cnn": ModelSpec("mnist-cnn", lambda: conv_flow(MNIST), MNIST, 0.75, _noise(0.1)),
     # same values as the preset cifar-cnn
     "cifar-cnn": ModelSpec("cifar-cnn", lambda: conv_flow(CIFAR), CIFAR, 0.75, _noise(0.1)),
-    # same values as the preset mnist-glow (levels 2, steps 16, hidden 64 included)
+    # same model as the preset mnist-glow-small (levels 2, steps 16, hidden 64, SiLU), not the
+    # paper's 512-wide Glow of the preset mnist-glow
     "mnist-glow": ModelSpec(
         "mnist-glow", lambda: glow_flow(MNIST, levels=2, steps=16, hidden=64), MNIST, 1.0,
         _noise(0.1)),

@@ -18,7 +18,8 @@ TINY = ["max_iters=4", "epochs=null", "eval_every=100", "checkpoint_every=2", "l
         "toy_train_size=200", "toy_eval_size=50", "toy_points=50", "tensorboard=false",
         "progress=false", "num_threads=1"]
 SHRINK = {  # keep the architecture family, cut the cost (log-det of 3072x3072 convolutions)
-    "mnist-glow": ["steps=2"],
+    "mnist-glow": ["steps=1", "hidden=16"],  # the paper's layer types, not its 512-wide conditioners
+    "mnist-glow-small": ["steps=2"],
     "cifar-cnn": ["kernel_size=3", "blocks=2"],
     "mnist-cnn": ["kernel_size=3"],
 }
@@ -39,7 +40,7 @@ def test_configs_lists_every_preset_with_one_line(capsys):
     assert main(["configs"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in lines] == list(list_presets())
-    assert len(lines) == 13
+    assert len(lines) == 14
     assert main(["configs", "--keys"]) == 0 and "sigma" in capsys.readouterr().out
     assert main(["configs", "--show", "mnist-fc"]) == 0 and "lr: 0.0001" in capsys.readouterr().out
 

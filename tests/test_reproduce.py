@@ -158,7 +158,7 @@ def test_cifar_rows_run_end_to_end_on_cifar_format_files(tmp_path, table, capsys
     results = json.loads((out / table / "dsm" / "results.json").read_text())
     assert results["iterations"] > 0
     config = (out / table / "dsm" / "config.yaml").read_text()
-    assert "augment: true" in config and "data: cifar10" in config and "energy_reg: 0.001" in config
+    assert "augment: true" in config and "data: cifar10" in config and "energy_reg: 1.024" in config
     assert ("spectral_norm: true" in config) == (table == "cifar-cnn")  # the CIFAR-CNN DSM recipe
     assert "| dsm | dsm |" in (out / table / "report.md").read_text()
     assert data.exists()

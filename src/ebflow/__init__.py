@@ -21,12 +21,12 @@ from .objectives import (
     ssm_loss,
 )
 from .preprocessing import ImagePreprocessing
-from .prior import StandardNormal
+from .prior import Laplace, StandardNormal
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "EBFlow", "EMA", "ImagePreprocessing", "Objective", "StandardNormal", "layers",
+    "EBFlow", "EMA", "ImagePreprocessing", "Laplace", "Objective", "StandardNormal", "layers",
     "make_objective", "ml_loss", "sml_loss", "ssm_loss", "dsm_loss", "fdssm_loss", "esm_loss",
     "coupling_flow", "dense_flow", "conv_flow", "glow_flow",
     "EBFlowError", "InputError", "SingularLayerError", "ConfigError",

@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import torch
+from torch import nn
+
 from .errors import ConfigError
 from .flow import EBFlow
 from .layers import (
@@ -17,29 +20,58 @@ from .layers import (
     FlowLayer,
     Reshape,
     ResidualSmoothLeakyReLU,
+    ShiftScaleCoupling,
     SmoothLeakyReLU,
     Squeeze,
     on_first_part,
 )
 from .utils import renamed_keyword
+from .layers.coupling import CONDITIONER_ACTIVATIONS, cnn_conditioner
 
-__all__ = ["coupling_flow", "dense_flow", "conv_flow", "glow_flow"]
+__all__ = ["coupling_flow", "dense_flow", "conv_flow", "glow_flow", "CONDITIONERS"]
+
+#: Coupling conditioners of :func:`coupling_flow`.
+CONDITIONERS: tuple[str, ...] = ("joint", "separate")
 
 
 def coupling_flow(
-    dim: int = 2, *, blocks: int = 10, hidden: int = 64, depth: int = 2, scale_bound: float = 2.0
+    dim: int = 2, *, blocks: int = 10, hidden: int = 64, depth: int = 2, scale_bound: float = 2.0,
+    conditioner: str = "joint", shift_activation: str = "swish", weight_norm: bool = False,
+    prior: nn.Module | None = None,
 ) -> EBFlow:
     """``blocks`` x [dense D x D, affine coupling (MLP), ActNorm] + a final dense layer (toy2d).
-    Call :meth:`EBFlow.initialize` with a batch of data before use (ActNorm)."""
+    Call :meth:`EBFlow.initialize` with a batch of data before use (ActNorm).
+
+    ``conditioner="joint"``: :class:`AffineCoupling`, one MLP of ``depth`` hidden layers giving
+    a tanh-bounded log-scale and the shift. ``"separate"``: the reference code's toy model,
+    :class:`ShiftScaleCoupling` (separate scale and shift networks, ``y_b = (x_b - t) e^{-s}``,
+    learnable-beta Swish, the shift network's activation ``shift_activation``, orthogonal
+    weights) and dense layers initialised as ``torch.nn.Linear`` there (orthogonal weight,
+    bias ``U(-1/sqrt(D), 1/sqrt(D))``). ``weight_norm`` reparameterises every dense weight as
+    ``W = g V / ||V||`` per row. ``prior``: the latent distribution (default standard normal)."""
+    if conditioner not in CONDITIONERS:
+        raise ConfigError(f"unknown coupling conditioner {conditioner!r}; choose {' or '.join(CONDITIONERS)}")
+
+    def dense() -> Dense:
+        layer = Dense(dim)
+        if conditioner == "separate":
+            bound = 1 / math.sqrt(dim)
+            nn.init.uniform_(layer.bias, -bound, bound)
+        if weight_norm:
+            nn.utils.parametrizations.weight_norm(layer, "weight", dim=0)
+        return layer
+
     layers: list[FlowLayer] = []
     for i in range(blocks):
-        layers += [
-            Dense(dim),
-            AffineCoupling((dim,), hidden=hidden, depth=depth, swap=bool(i % 2), scale_bound=scale_bound),
-            ActNorm(dim),
-        ]
-    layers.append(Dense(dim))
-    return EBFlow(layers, (dim,))
+        if conditioner == "separate":
+            coupling: FlowLayer = ShiftScaleCoupling(dim, condition_on_odd=i % 2 == 0, hidden=hidden,
+                                                     depth=depth, shift_activation=shift_activation)
+        else:
+            coupling = AffineCoupling((dim,), hidden=hidden, depth=depth, swap=bool(i % 2),
+                                      scale_bound=scale_bound)
+        layers += [dense(), coupling, ActNorm(dim)]
+    layers.append(dense())
+    return EBFlow(layers, (dim,), prior)
 
 
 def dense_flow(
@@ -52,6 +84,7 @@ def dense_flow(
     bias: bool = True,
     init: str | None = None,
     parameterisation: str | None = None,
+    prior: nn.Module | None = None,
 ) -> EBFlow:
     """Fully connected EBFlow: [dense, smooth leaky ReLU (, ActNorm)] x (n-1), dense.
 
@@ -60,6 +93,11 @@ def dense_flow(
     orthogonal draw, e.g. when the weights are loaded from a checkpoint right after);
     ``parameterisation`` is a deprecated alias (one release). With ``actnorm``, call
     :meth:`EBFlow.initialize` with a batch of data before use.
+
+    ``parameterization="triangular_pair"`` (the reference code's ``trilu``): each dense layer is
+    two, a lower-triangular one (initialised by ``init``) then an upper-triangular one starting
+    at all ones, both with free diagonals (``W = U L``). ``prior``: the latent distribution
+    (default standard normal).
     """
     parameterization = renamed_keyword(parameterisation, parameterization, old="parameterisation",
                                        new="parameterization", owner="dense_flow")
@@ -69,14 +107,27 @@ def dense_flow(
     d = math.prod(event_shape)
     layers: list[FlowLayer] = [] if len(event_shape) == 1 else [Flatten(event_shape)]
     for i in range(num_layers):
-        layers.append(Dense(d, parameterization=parameterization, bias=bias, init=init))
+        if parameterization == "triangular_pair":
+            layers += _triangular_pair(d, bias=bias, init=init)
+        else:
+            layers.append(Dense(d, parameterization=parameterization, bias=bias, init=init))
         if i < num_layers - 1:
             layers.append(SmoothLeakyReLU(alpha))
             if actnorm:
                 layers.append(ActNorm(d))
     if len(event_shape) != 1:
         layers.append(Reshape((d,), event_shape))
-    return EBFlow(layers, event_shape)
+    return EBFlow(layers, event_shape, prior)
+
+
+def _triangular_pair(d: int, *, bias: bool, init: str | None) -> list[FlowLayer]:
+    """``x -> U (L x)``: lower-triangular ``L`` (``init``), upper-triangular ``U`` = all ones
+    at the start (the reference's ``x @ U_ref @ L_ref`` in the ``W x`` convention)."""
+    lower = Dense(d, parameterization="tril", bias=bias, init=init)
+    upper = Dense(d, parameterization="triu", bias=bias, init="identity")
+    with torch.no_grad():
+        upper.weight.copy_(torch.triu(torch.ones(d, d)))
+    return [lower, upper]
 
 
 def conv_flow(
@@ -110,18 +161,53 @@ def conv_flow(
     return EBFlow(layers, tuple(event_shape))
 
 
+def _conditioner_activation(name: str) -> Callable[[], nn.Module]:
+    """The activation factory of a name of :data:`~ebflow.layers.CONDITIONER_ACTIVATIONS`."""
+    if name not in CONDITIONER_ACTIVATIONS:
+        raise ConfigError(f"unknown conditioner activation {name!r}; "
+                          f"choose one of {', '.join(CONDITIONER_ACTIVATIONS)}")
+    return CONDITIONER_ACTIVATIONS[name]
+
+
+def _glow_coupling(
+    shape: tuple[int, int, int], *, hidden: int, activation: str, output_scale: bool, swap: bool,
+) -> AffineCoupling:
+    """An affine coupling on ``(C, H, W)`` whose CNN conditioner maps the conditioning half
+    (the first ``C // 2`` channels, the last ones when ``swap``) to a log-scale and a shift."""
+    c = shape[0]
+    n_cond = c - c // 2 if swap else c // 2
+    conditioner = cnn_conditioner(n_cond, 2 * (c - n_cond), hidden, _conditioner_activation(activation),
+                                  output_scale=output_scale)
+    return AffineCoupling(shape, swap=swap, conditioner=conditioner)
+
+
 def glow_flow(
     event_shape: Sequence[int], *, levels: int = 2, steps: int = 16, hidden: int = 64,
-    split_prior: bool = True,
+    split_prior: bool = True, activation: str = "silu", split_activation: str | None = None,
+    output_scale: bool = False, alternate: bool = True, train_actnorm: bool = True,
 ) -> EBFlow:
     r"""Glow-style multi-scale flow: per level a squeeze and ``steps`` x [ActNorm, 1x1 conv,
     affine coupling]. With ``split_prior``, every level but the last ends with a split prior --
     an affine coupling that Gaussianises the second half of the channels given the first, i.e.
     :math:`z_b \sim N(\mu(z_a), \sigma(z_a)^2)` -- and the later levels act on the first half
     only (the event is flattened there; the latent is a vector). Call :meth:`EBFlow.initialize`
-    with a batch of data before use (ActNorm)."""
+    with a batch of data before use (ActNorm).
+
+    Couplings: :math:`y_b = x_b e^{s} + t`, :math:`s = 2\tanh(\tilde s / 2)`, with conditioners
+    Conv3x3 -> act -> Conv1x1 -> act -> zero Conv3x3 of width ``hidden``. ``activation``: a name
+    of :data:`~ebflow.layers.CONDITIONER_ACTIVATIONS` (``split_activation``, default the same,
+    for the split priors'); ``output_scale``: a learnable per-channel scale :math:`e^{3 s_c}`
+    after the last convolution (:class:`~ebflow.layers.ChannelScale`); ``alternate``: swap the
+    conditioning half at every other step (False: always the first half); ``train_actnorm=False``
+    freezes ActNorm after its data-dependent initialisation. The paper's reference Glow is
+    ``hidden=512, activation="leaky_relu", split_activation="relu", output_scale=True,
+    alternate=False, train_actnorm=False``.
+    """
     c, h, w = event_shape
     total = c * h * w
+    split_activation = activation if split_activation is None else split_activation
+    for name in (activation, split_activation):
+        _conditioner_activation(name)  # a bad name fails before any layer is built
     layers: list[FlowLayer] = []
     part: tuple[int, int, int] | None = None  # shape of the part still transformed, once flat
 
@@ -133,12 +219,16 @@ def glow_flow(
         add(squeeze, (c, h, w))
         c, h, w = 4 * c, h // 2, w // 2
         for s in range(steps):
-            for layer in (ActNorm(c), Conv1x1(c), AffineCoupling((c, h, w), hidden=hidden, swap=bool(s % 2))):
+            actnorm, conv = ActNorm(c).requires_grad_(train_actnorm), Conv1x1(c)
+            coupling = _glow_coupling((c, h, w), hidden=hidden, activation=activation,
+                                      output_scale=output_scale, swap=alternate and bool(s % 2))
+            for layer in (actnorm, conv, coupling):
                 add(layer, (c, h, w))
         if split_prior and level < levels - 1:
             if c < 2:
                 raise ConfigError(f"cannot split {c} channel(s) at level {level + 1}")
-            add(AffineCoupling((c, h, w), hidden=hidden, swap=False), (c, h, w))
+            add(_glow_coupling((c, h, w), hidden=hidden, activation=split_activation,
+                               output_scale=output_scale, swap=False), (c, h, w))
             if part is None:
                 layers.append(Flatten((c, h, w)))
             c = c // 2  # the first half goes on; the second half is factored out

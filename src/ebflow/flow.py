@@ -23,15 +23,10 @@ from torch import Tensor, nn
 from .errors import ConfigError, InputError
 from .layers.base import FlowLayer, LinearFlowLayer, Shape
 from .prior import StandardNormal
+from .utils import grad_ready
 from .validation import check_batch, check_count, check_generator
 
 __all__ = ["EBFlow"]
-
-
-def _with_grad(h: Tensor) -> Tensor:
-    """``h`` itself when it requires grad, else a detached leaf copy that does (so that autograd
-    can differentiate with respect to it even when no parameter before it requires grad)."""
-    return h if h.requires_grad else h.detach().requires_grad_(True)
 
 
 class EBFlow(nn.Module):
@@ -93,9 +88,12 @@ class EBFlow(nn.Module):
     def linear_layers(self) -> list[LinearFlowLayer]:
         return [l for l in self.layers if isinstance(l, LinearFlowLayer)]
 
-    def _check(self, x: Tensor, what: str, shape: Shape | None = None) -> Tensor:
+    def check_input(self, x: Tensor, what: str = "input x", shape: Shape | None = None) -> Tensor:
         """Every public entry point's input check (:func:`~ebflow.validation.check_batch`: type,
-        floating dtype = the model's, device, shape, finiteness); skipped with ``validate=False``."""
+        floating dtype = the model's, device, shape -- ``event_shape`` unless ``shape`` is given
+        -- and finiteness; :class:`~ebflow.errors.InputError` naming ``what``); skipped with
+        ``validate=False``. Returns ``x``. An objective checks its batch once with it, then calls
+        the model's methods with ``check=False``."""
         if self.validate:
             check_batch(
                 x, self.event_shape if shape is None else shape,
@@ -118,7 +116,7 @@ class EBFlow(nn.Module):
         were initialised before. Call it once, before training or evaluating, with a batch of
         clean data (at least two examples); every objective then starts from the same model.
         Returns the model."""
-        h = self._check(x, "initialization batch x")
+        h = self.check_input(x, "initialization batch x")
         with_init = [i for i, layer in enumerate(self.layers)
                      if type(layer).initialize is not FlowLayer.initialize]
         for layer in self.layers[: max(with_init, default=-1) + 1]:
@@ -127,9 +125,11 @@ class EBFlow(nn.Module):
         return self
 
     # -- energy and score ---------------------------------------------------------------------
-    def energy(self, x: Tensor) -> Tensor:
-        r"""Energy :math:`E(x) = -\log p_u(g(x)) - \sum_{S_{nl}} \log|\det J|`, shape ``(batch,)``."""
-        return self._energy_from(0, self._check(x, "input x"))
+    def energy(self, x: Tensor, *, check: bool = True) -> Tensor:
+        r"""Energy :math:`E(x) = -\log p_u(g(x)) - \sum_{S_{nl}} \log|\det J|`, shape ``(batch,)``.
+        ``check=False`` skips the input check (for a batch already checked by
+        :meth:`check_input`)."""
+        return self._energy_from(0, self.check_input(x, "input x") if check else x)
 
     def _energy_from(self, start: int, h: Tensor) -> Tensor:
         """The energy of the input of layer ``start`` given its value ``h`` there (layers before
@@ -149,7 +149,7 @@ class EBFlow(nn.Module):
         i.e. every layer with a restricted domain (e.g. a :class:`~ebflow.layers.Logit` inside
         a model trained without MaP) accepts its input. Runs the layers up to the last such
         layer, on the rows still in the domain."""
-        h = self._check(x, "input x")
+        h = self.check_input(x, "input x")
         keep = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
         restricted = [i for i, layer in enumerate(self.layers)
                       if type(layer).in_domain is not FlowLayer.in_domain]
@@ -173,15 +173,17 @@ class EBFlow(nn.Module):
                 return i
         return len(self.layers)
 
-    def linear_prefix(self, x: Tensor, direction: Tensor) -> tuple[Tensor, Tensor]:
+    def linear_prefix(self, x: Tensor, direction: Tensor, *, check: bool = True) -> tuple[Tensor, Tensor]:
         r"""Push ``x`` and a direction ``v`` through the leading linear layers, an affine map
         :math:`P(x) = A x + c`: returns :math:`(P(x), A v)` with :math:`A v = P(v) - P(0)`
         (the shift cancels, so gradients reach :math:`A` only). The prefix adds nothing to the
         energy, so :math:`E(x \pm v) = ` :meth:`tail_energy` :math:`(h \pm A v)` and
         :math:`v^\top \nabla_x^2 E\, v = (Av)^\top \nabla_h^2 E\, (Av)`: directional
         objectives run the first (often the largest) layers on ``x`` and ``v`` instead of on
-        every perturbed copy of ``x``."""
-        h = self._check(x, "input x")
+        every perturbed copy of ``x``. ``check=False`` skips the input checks."""
+        if not check:
+            return self._linear_prefix(x, direction)
+        h = self.check_input(x, "input x")
         if self.validate:
             check_batch(direction, None, dtype=self.dtype, device=self.device, what="direction")
         if tuple(direction.shape) != tuple(h.shape):
@@ -209,12 +211,14 @@ class EBFlow(nn.Module):
             rows = layer.transform(rows)
         return rows[:b], rows[b:-1] - rows[-1:]
 
-    def tail_energy(self, h: Tensor) -> Tensor:
+    def tail_energy(self, h: Tensor, *, check: bool = True) -> Tensor:
         """:math:`E(x)` from ``h``, the output of :meth:`linear_prefix` (same value as
-        :meth:`energy` of ``x``), shape ``(batch,)``."""
-        start = self.linear_prefix_length
-        shape = self.layer_input_shapes[start] if start < len(self.layers) else self.latent_shape
-        return self._tail_energy(self._check(h, "prefix output h", shape))
+        :meth:`energy` of ``x``), shape ``(batch,)``. ``check=False`` skips the input check."""
+        if check:
+            start = self.linear_prefix_length
+            shape = self.layer_input_shapes[start] if start < len(self.layers) else self.latent_shape
+            self.check_input(h, "prefix output h", shape)
+        return self._tail_energy(h)
 
     def _tail_energy(self, h: Tensor) -> Tensor:
         """:meth:`tail_energy` without the input check."""
@@ -227,7 +231,7 @@ class EBFlow(nn.Module):
         when ``x`` requires grad). For an ``x`` that does not require grad, its graph then reaches
         the parameters only (:meth:`energy_and_grad`), so a plain ``.backward()`` of a loss
         built on it computes nothing but their gradients."""
-        x = self._check(x, "input x")
+        x = self.check_input(x, "input x")
         if create_graph and not x.requires_grad:
             return -self._energy_and_grad(x)[1]
         with torch.enable_grad():
@@ -237,7 +241,7 @@ class EBFlow(nn.Module):
             (grad,) = torch.autograd.grad(e, x, create_graph=create_graph)
         return -grad
 
-    def energy_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def energy_and_grad(self, x: Tensor, *, check: bool = True) -> tuple[Tensor, Tensor]:
         r"""``(E(x), \nabla_x E(x))``, both differentiable in the parameters (score matching):
         the values of ``torch.autograd.grad(E(x).sum(), x, create_graph=True)`` on a leaf copy of
         ``x``, but ``x`` never becomes an autograd leaf, so the graph reaches the parameters only
@@ -249,8 +253,8 @@ class EBFlow(nn.Module):
         differentiated by autograd with respect to :math:`h`, a non-leaf that depends on the
         parameters only (``torch.func``'s per-op dispatch cost stays off the many small ops of
         coupling layers). A model without a linear prefix is differentiated by
-        :func:`torch.func.grad` alone."""
-        return self._energy_and_grad(self._check(x, "input x"))
+        :func:`torch.func.grad` alone. ``check=False`` skips the input check."""
+        return self._energy_and_grad(self.check_input(x, "input x") if check else x)
 
     def _energy_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`energy_and_grad` without the input check."""
@@ -264,7 +268,7 @@ class EBFlow(nn.Module):
                 g, e = torch.func.grad(energy_sum, has_aux=True)(x)
                 return e, g
             h, to_x = torch.func.vjp(self._through_prefix, x)
-            h = _with_grad(h)
+            h = grad_ready(h)
             e = self._tail_energy(h)
             (g_h,) = torch.autograd.grad(e.sum(), h, create_graph=True)
             return e, to_x(g_h)[0]
@@ -296,7 +300,7 @@ class EBFlow(nn.Module):
     @torch.nn.utils.parametrize.cached()  # one value per parametrized weight (spectral norm)
     def forward_with_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(z, sum of every layer's log|det J|)``: plain change of variables (for checks)."""
-        h = self._check(x, "input x")
+        h = self.check_input(x, "input x")
         total = torch.zeros(h.shape[0], dtype=h.dtype, device=h.device)
         for layer in self.layers:
             h, ld = layer(h)
@@ -306,14 +310,14 @@ class EBFlow(nn.Module):
     # -- mapping and sampling -----------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         """Latent ``z = g(x)``."""
-        h = self._check(x, "input x")
+        h = self.check_input(x, "input x")
         for layer in self.layers:
             h = layer.transform(h) if isinstance(layer, LinearFlowLayer) else layer(h)[0]
         return h
 
     def inverse(self, z: Tensor) -> Tensor:
         """Data ``x = g^{-1}(z)`` by exact inversion of every layer."""
-        h = self._check(z, "latent z", self.latent_shape)
+        h = self.check_input(z, "latent z", self.latent_shape)
         for layer in reversed(self.layers):
             h = layer.inverse(h)
         return h

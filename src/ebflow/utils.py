@@ -7,7 +7,7 @@ from typing import TypeVar
 
 from torch import Tensor
 
-__all__ = ["renamed_keyword", "sum_except_batch"]
+__all__ = ["grad_ready", "renamed_keyword", "sum_except_batch"]
 
 T = TypeVar("T")
 
@@ -18,6 +18,13 @@ def sum_except_batch(t: Tensor) -> Tensor:
     One helper for the per-example sums of layers, priors and objectives (PyTorch has no public
     equivalent; this replaces four private copies)."""
     return t.reshape(t.shape[0], -1).sum(dim=1)
+
+
+def grad_ready(h: Tensor) -> Tensor:
+    """``h`` itself when it requires grad, else a detached leaf copy that does, so that autograd
+    can differentiate with respect to ``h`` even when nothing before it requires grad (e.g. the
+    output of a model's linear prefix when no parameter is trained)."""
+    return h if h.requires_grad else h.detach().requires_grad_(True)
 
 
 def renamed_keyword(old_value: T | None, new_value: T, *, old: str, new: str, owner: str) -> T:

@@ -22,6 +22,7 @@ from ..errors import ConfigError
 from ..flow import EBFlow
 from ..objectives import OBJECTIVES, Objective, make_objective
 from ..preprocessing import ImagePreprocessing
+from ..prior import PRIORS
 from .sections import ModelConfig, ObjectiveConfig, OptimConfig, PreprocessingConfig
 
 __all__ = [
@@ -43,8 +44,13 @@ def build_preprocessing(config: PreprocessingConfig, num_bins: int | None) -> Im
     return ImagePreprocessing(config.logit_smoothness, config.logit_shift, config.num_bins or num_bins)
 
 
-_DENSE_INIT = {"default": None, "negative_identity": "negative_identity"}
+_DENSE_INIT = {"default": None, "negative_identity": "negative_identity", "orthogonal": "orthogonal"}
 _CONV_INIT = {"default": "identity", "negative_identity": "negative_identity"}
+
+
+def _prior(c: ModelConfig) -> nn.Module:
+    """The latent distribution named by the config's ``prior``."""
+    return PRIORS[c.prior]()
 
 
 @dataclass(frozen=True)
@@ -58,22 +64,30 @@ class ModelFamily:
 
 
 def _coupling(c: ModelConfig, shape: tuple[int, ...], for_loading: bool) -> EBFlow:
-    return coupling_flow(shape[0], blocks=c.blocks, hidden=c.hidden, depth=c.depth)
+    return coupling_flow(shape[0], blocks=c.blocks, hidden=c.hidden, depth=c.depth,
+                         conditioner=c.conditioner, shift_activation=c.shift_activation,
+                         weight_norm=c.weight_norm, prior=_prior(c))
 
 
 def _dense(c: ModelConfig, shape: tuple[int, ...], for_loading: bool) -> EBFlow:
     # for_loading: skip the orthogonal draw of weights that a checkpoint overwrites right after
     return dense_flow(shape, num_layers=c.num_layers, alpha=c.alpha, parameterization=c.parameterization,
-                      actnorm=c.actnorm, init="identity" if for_loading else _DENSE_INIT[c.weight_init])
+                      actnorm=c.actnorm, init="identity" if for_loading else _DENSE_INIT[c.weight_init],
+                      bias=c.bias, prior=_prior(c))
 
 
 def _conv(c: ModelConfig, shape: tuple[int, ...], for_loading: bool) -> EBFlow:
+    if c.weight_init not in _CONV_INIT:
+        raise ConfigError(f"weight_init {c.weight_init!r} is for dense layers; conv models take "
+                          f"{' or '.join(_CONV_INIT)}")
     return conv_flow(shape, blocks=c.blocks, convs_per_block=c.convs_per_block, kernel_size=c.kernel_size,
                      alpha=c.alpha, init=_CONV_INIT[c.weight_init], spectral_norm=c.spectral_norm)
 
 
 def _glow(c: ModelConfig, shape: tuple[int, ...], for_loading: bool) -> EBFlow:
-    return glow_flow(shape, levels=c.levels, steps=c.steps, hidden=c.hidden)
+    return glow_flow(shape, levels=c.levels, steps=c.steps, hidden=c.hidden, activation=c.glow_activation,
+                     split_activation=c.glow_split_activation, output_scale=c.glow_output_scale,
+                     alternate=c.glow_alternate, train_actnorm=c.glow_train_actnorm)
 
 
 #: Model families by config name (``model``).
@@ -98,25 +112,41 @@ def build_model(
     if family.event_rank is not None and len(event_shape) != family.event_rank:
         need = "vector data" if family.event_rank == 1 else "image data (C, H, W)"
         raise ConfigError(f"model {config.family!r} needs {need}, got event shape {event_shape}")
+    if config.prior != "normal" and config.family not in ("dense", "coupling"):
+        raise ConfigError(f"prior {config.prior!r} is available for the dense and coupling models, "
+                          f"not {config.family!r}")
     model = family.build(config, event_shape, for_loading)
     if preprocessing is not None and not use_map:
-        model = EBFlow([*preprocessing.as_layers(), *model.layers], event_shape)
+        model = EBFlow([*preprocessing.as_layers(), *model.layers], event_shape, model.prior)
     return model.to(getattr(torch, config.dtype))
+
+
+#: Config keys of objective options whose name differs from the option's.
+OPTION_KEYS: dict[str, str] = {"num_samples": "sml_samples"}
+
+
+def option_key(option: str) -> str:
+    """The config key (an :class:`ObjectiveConfig` attribute) that sets an objective option."""
+    return OPTION_KEYS.get(option, option)
 
 
 def build_objective(config: ObjectiveConfig) -> Objective:
     """The objective of an objective section with its options (σ, ε, slices, λ, ...): every
-    option of the objective's registry entry is read from the attribute of the same name
-    (``num_samples`` from ``sml_samples``)."""
-    keys = {"num_samples": "sml_samples"}
-    options = {opt: getattr(config, keys.get(opt, opt)) for opt in OBJECTIVES[config.loss].defaults
-               if hasattr(config, keys.get(opt, opt))}
+    option of the objective's registry entry is read from its config key (:func:`option_key`);
+    an option without one is a :class:`~ebflow.errors.ConfigError` (never a silent default)."""
+    options = {}
+    for opt in OBJECTIVES[config.loss].defaults:
+        if not hasattr(config, option_key(opt)):
+            raise ConfigError(f"objective {config.loss!r} has an option {opt!r} that no config key sets; "
+                              f"add the key {option_key(opt)!r} to the config schema")
+        options[opt] = getattr(config, option_key(opt))
     return make_objective(config.loss, energy_reg=config.energy_reg, **options)
 
 
 #: Optimizers by config name (``optimizer``); each takes ``lr`` and ``weight_decay``.
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam, "sgd": torch.optim.SGD,
+    "adamw": torch.optim.AdamW,
 }
 
 

@@ -67,6 +67,9 @@ class DataSplits:
     kind: str  # "image" or "points"
     num_bins: int | None = None
     mixture: ToyMixture | None = None
+    #: std of fresh Gaussian noise to add to every training batch (2-D toys: ``train`` holds the
+    #: clean base points and the smoothing is drawn anew each step, as in the reference code)
+    train_noise: float | None = None
 
     @property
     def event_shape(self) -> tuple[int, ...]:
@@ -101,57 +104,69 @@ def default_data_dir() -> Path:
 
 # -- generated data --------------------------------------------------------------------------------
 def toy2d_base_points(name: str, n: int, generator: torch.Generator) -> Tensor:
-    """The ``n`` base points of a 2-D toy (float64): ``sine``, ``swirl`` or ``checkerboard``."""
+    r"""The ``n`` clean base points of a 2-D toy (float64), the reference code's generators:
+
+    * ``sine``: :math:`u \sim U[-2, 2]`, :math:`(4u,\ 4\sin 3u + \mathcal N(0, 1))`;
+    * ``swirl``: :math:`n = 3\pi\sqrt{v}`, :math:`v \sim U[0, 1]`,
+      :math:`\tfrac56(n\cos n + 1 - a/2,\ 2 - n\sin n - b/2)`, :math:`a, b \sim U[0, 1]`;
+    * ``checkerboard``: :math:`x_1 \sim U[-2, 2]`, :math:`x_2 = u - 2k + (\lfloor x_1 \rfloor
+      \bmod 2)`, :math:`u \sim U[0, 1]`, :math:`k \in \{0, 1\}`, times 3: 8 squares of side 3
+      on :math:`[-6, 6]^2`."""
     g = generator
+
+    def uniform(*shape: int) -> Tensor:
+        return torch.rand(*shape, generator=g, dtype=torch.float64)
+
     if name == "sine":
-        x = torch.rand(n, generator=g, dtype=torch.float64) * 8 - 4
-        return torch.stack([x, 2 * torch.sin(1.5 * x)], dim=1)
+        u = uniform(n) * 4 - 2
+        y = torch.sin(3 * u) + 0.25 * torch.randn(n, generator=g, dtype=torch.float64)
+        return 4.0 * torch.stack([u, y], dim=1)
     if name == "swirl":
-        t = torch.rand(n, generator=g, dtype=torch.float64).sqrt()
-        angle = 3 * math.pi * t
-        radius = 4 * t
-        return torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)
+        t = uniform(n).sqrt() * 3 * math.pi  # 540 degrees
+        dx = -torch.cos(t) * t + uniform(n) * 0.5 - 1.0
+        dy = torch.sin(t) * t + uniform(n) * 0.5 - 2.0
+        return -2.5 / 3 * torch.stack([dx, dy], dim=1)
     if name == "checkerboard":
-        # Uniform over the dark squares of a 4x4 board of 2x2 squares on [-4, 4]^2.
-        col = torch.randint(0, 4, (n,), generator=g)
-        row = torch.randint(0, 2, (n,), generator=g) * 2 + (col % 2)
-        u = torch.rand(n, 2, generator=g, dtype=torch.float64) * 2
-        return torch.stack([col * 2 - 4 + u[:, 0], row * 2 - 4 + u[:, 1]], dim=1)
+        x1 = uniform(n) * 4 - 2
+        k = torch.randint(0, 2, (n,), generator=g).to(torch.float64)
+        x2 = uniform(n) - 2 * k + torch.remainder(torch.floor(x1), 2)
+        return 3.0 * torch.stack([x1, x2], dim=1)
     raise ConfigError(f"unknown 2-D toy {name!r}; choose sine, swirl or checkerboard")
 
 
 def _mixture_samples(mix: ToyMixture, n: int, g: torch.Generator) -> Tensor:
-    idx = torch.randint(0, mix.centres.shape[0], (n,), generator=g)
+    """``n`` samples of the mixture: every centre once when ``n`` equals their number (the
+    reference's test points), else centres drawn uniformly; plus fresh smoothing noise."""
+    m = mix.centres.shape[0]
+    idx = torch.arange(n) if n == m else torch.randint(0, m, (n,), generator=g)
     return mix.centres[idx] + mix.noise * torch.randn(n, mix.centres.shape[1], generator=g,
                                                        dtype=mix.centres.dtype)
 
 
 def _toy2d(config: DataConfig) -> DataSplits:
+    """Clean training base points (``toy_train_size``; smoothing noise is added afresh every
+    training step); the evaluation density is the smoothing of a separate set of
+    ``toy_points`` base points, and validation / test are independent samples of it."""
     kind = config.dataset.split("-", 1)[1]
     g = torch.Generator().manual_seed(config.data_seed)
+    train = toy2d_base_points(kind, config.toy_train_size, g)
     mix = ToyMixture(toy2d_base_points(kind, config.toy_points, g), float(config.toy_noise))
-    train = _mixture_samples(mix, config.toy_train_size, g)
     val = _mixture_samples(mix, config.toy_eval_size, g)
     test = _mixture_samples(mix, config.toy_eval_size, g)
-    return DataSplits(config.dataset, train, val, test, "points", mixture=mix)
+    return DataSplits(config.dataset, train, val, test, "points", mixture=mix,
+                      train_noise=float(config.toy_noise))
 
 
-def mm10_sample(n: int, generator: torch.Generator, map_seed: int = 7) -> Tensor:
-    r"""10-D multimodal data: :math:`x = W_2\,(h + 2\,\mathrm{sign}(h))`, :math:`h = W_1 z`,
-    :math:`z \sim \mathcal N(0, I)`, with fixed random :math:`W_1, W_2` (seeded by ``map_seed``),
-    scaled to unit average variance. The sign jump splits every direction of :math:`h` in two
-    modes (1024 in all); :math:`W_2` mixes them."""
-    gm = torch.Generator().manual_seed(map_seed)
-    w1 = torch.randn(10, 10, generator=gm, dtype=torch.float64) / math.sqrt(10)
-    w2 = torch.randn(10, 10, generator=gm, dtype=torch.float64) / math.sqrt(10)
-
-    def transform(z: Tensor) -> Tensor:
-        h = z @ w1.T
-        return (h + 2 * torch.sign(h)) @ w2.T
-
-    # A fixed scale (from the map's own generator, not the sample) shared by every split.
-    scale = transform(torch.randn(20000, 10, generator=gm, dtype=torch.float64)).std(dim=0).mean()
-    return transform(torch.randn(n, 10, generator=generator, dtype=torch.float64)) / scale
+def mm10_sample(n: int, generator: torch.Generator) -> Tensor:
+    r"""10-D multimodal data, the reference code's tanh autoregressive process:
+    :math:`y_0 = z_0`, :math:`y_i = \tanh(5 z_i)\,(y_{i-1} + 2^{i+1})` for :math:`i = 1..9`,
+    :math:`z \sim \mathcal N(0, I)` (float64). Each :math:`\tanh(5 z_i)` is near :math:`\pm 1`:
+    two modes per coordinate."""
+    z = torch.randn(n, 10, generator=generator, dtype=torch.float64)
+    cols = [z[:, 0]]
+    for i in range(1, 10):
+        cols.append(torch.tanh(5 * z[:, i]) * (cols[-1] + 2.0 * 2**i))
+    return torch.stack(cols, dim=1)
 
 
 def _mm10(config: DataConfig) -> DataSplits:

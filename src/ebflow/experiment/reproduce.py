@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..objectives import OBJECTIVES
 
 __all__ = ["Cell", "TABLES", "cells_of", "cell_done", "resumable_overrides", "train_cell", "collect", "render_report",
            "write_report", "plot_curves", "zoom_limits"]
@@ -65,7 +66,7 @@ def _ablation() -> list[Cell]:
     for (model, loss), values in paper.items():
         for (label, sets), value in zip(settings, values):
             sets = dict(sets)
-            if not sets.get("map", True) and loss in ("dsm", "fdssm"):
+            if not sets.get("map", True) and OBJECTIVES[loss].perturbs_input:
                 sets["drop_out_of_domain"] = True
             cells.append(Cell(f"{model}-{loss}-{label}", f"mnist-{model}", loss, value, sets,
                               group=f"{model}-{label}"))

@@ -18,6 +18,7 @@ from dataclasses import InitVar, dataclass, fields
 from typing import Any
 
 from ..errors import ConfigError
+from ..layers import CONDITIONER_ACTIVATIONS
 from ..objectives import OBJECTIVES
 from .builders import MODEL_FAMILIES, OPTIMIZERS
 from .distributed import DEVICE_NAME
@@ -45,6 +46,7 @@ TOY_DATASETS = ("toy2d-sine", "toy2d-swirl", "toy2d-checkerboard")
 IMAGE_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "synthetic-mnist", "synthetic-cifar10")
 DATASETS = (*TOY_DATASETS, "mm10", "points", *IMAGE_DATASETS)
 MODELS = tuple(MODEL_FAMILIES)
+GLOW_ACTIVATIONS = tuple(CONDITIONER_ACTIVATIONS)
 MAX_SEED = 2**44 - 1  # the epoch shuffle seeds torch with seed * 1_000_003 + epoch < 2**64
 MAX_TOY_SIZE = 10_000_000  # generated samples per split: 10 dims x float64 = 800 MB
 
@@ -107,9 +109,12 @@ FIELDS: dict[str, Field] = {
     "max_train": Field(None, _INT, "use at most this many training examples (quick runs)", *_POS, nullable=True),
     "max_eval": Field(None, _INT, "use at most this many validation/test examples (quick runs)", *_POS,
                       nullable=True),
-    "toy_points": Field(2000, _INT, "toy data: number of base points of the smoothed mixture", *_POS),
-    "toy_noise": Field(0.375, _FLOAT, "toy data: std of the Gaussian smoothing of the points", *_POS),
-    "toy_train_size": Field(50000, _INT, "toy/mm10 data: training samples", *_TOY_SIZE),
+    "toy_points": Field(2000, _INT, "toy2d: clean base points of the evaluation mixture (the density "
+                        "that KL and Fisher divergence compare with)", *_POS),
+    "toy_noise": Field(0.375, _FLOAT, "toy2d: std of the Gaussian smoothing; training batches get "
+                       "fresh smoothing noise every step", *_POS),
+    "toy_train_size": Field(50000, _INT, "toy2d: clean training base points; mm10: training samples",
+                            *_TOY_SIZE),
     "toy_eval_size": Field(5000, _INT, "toy/mm10 data: validation and test samples each", *_TOY_SIZE),
     "data_seed": Field(1234, _INT, "seed of generated data and of data splits",
                        lambda v: 0 <= v < 2**63, "in [0, 2**63 - 1]"),
@@ -123,17 +128,32 @@ FIELDS: dict[str, Field] = {
     # -- model -------------------------------------------------------------------------------
     "model": Field("dense", _STR, "architecture", _choice(MODELS), "|".join(MODELS)),
     "num_layers": Field(2, _INT, "dense: number of dense layers", lambda v: 0 < v <= 256, "in [1, 256]"),
-    "parameterization": Field("full", _STR, "dense: weight parameterization",
-                              _choice(("full", "tril", "triu", "lu")), "full|tril|triu|lu"),
+    "parameterization": Field("full", _STR, "dense: weight parameterization (triangular_pair: a "
+                              "lower- then an upper-triangular layer, the reference's 'trilu')",
+                              _choice(("full", "tril", "triu", "lu", "triangular_pair")),
+                              "full|tril|triu|lu|triangular_pair"),
+    "bias": Field(True, _BOOL, "dense: dense layers with a bias"),
+    "prior": Field("normal", _STR, "latent distribution of dense/coupling models (laplace: the "
+                   "reference's ML prior)", _choice(("normal", "laplace")), "normal|laplace"),
     "weight_init": Field("default", _STR, "dense/conv: initial weights (default: orthogonal dense, "
                          "identity kernel + noise; negative_identity: exactly -I, the reference's recipe: "
-                         "dense bias = 1, conv bias ~ N(0, (0.01 / (k sqrt C))^2))", _choice(("default", "negative_identity")),
-                         "default|negative_identity"),
+                         "dense bias = 1, conv bias ~ N(0, (0.01 / (k sqrt C))^2); orthogonal: dense only, also for "
+                         "triangular weights, the triangle of an orthogonal matrix)",
+                         _choice(("default", "negative_identity", "orthogonal")),
+                         "default|negative_identity|orthogonal"),
     "actnorm": Field(False, _BOOL, "dense: ActNorm after each non-linearity"),
     "alpha": Field(0.3, _FLOAT, "slope parameter of the smooth leaky ReLU", lambda v: 0 < v < 1, "in (0, 1)"),
     "blocks": Field(10, _INT, "coupling: blocks; conv: blocks of convolutions", lambda v: 0 < v <= 256, "in [1, 256]"),
     "hidden": Field(64, _INT, "coupling/glow: width of the conditioner", lambda v: 0 < v <= 16384, "in [1, 16384]"),
     "depth": Field(2, _INT, "coupling: hidden layers of the conditioner MLP", lambda v: 0 < v <= 64, "in [1, 64]"),
+    "conditioner": Field("joint", _STR, "coupling: one MLP for log-scale and shift (joint) or the "
+                         "reference's separate scale and shift networks (separate)",
+                         _choice(("joint", "separate")), "joint|separate"),
+    "shift_activation": Field("swish", _STR, "coupling, separate conditioner: activation of the "
+                              "shift network (learnable-beta Swish or ELU)",
+                              _choice(("swish", "elu")), "swish|elu"),
+    "weight_norm": Field(False, _BOOL, "coupling: weight normalisation W = g V / |V| (per row) of "
+                         "the dense layers"),
     "convs_per_block": Field(2, _INT, "conv: convolutions per block", lambda v: 0 < v <= 64, "in [1, 64]"),
     "kernel_size": Field(7, _INT, "conv: kernel size (odd)", lambda v: 0 < v <= 63 and v % 2 == 1,
                          "odd, in [1, 63]"),
@@ -141,6 +161,19 @@ FIELDS: dict[str, Field] = {
                            "(the paper's CIFAR-CNN recipe for ML, SSM, DSM)"),
     "levels": Field(2, _INT, "glow: levels", lambda v: 0 < v <= 8, "in [1, 8]"),
     "steps": Field(16, _INT, "glow: steps per level", lambda v: 0 < v <= 256, "in [1, 256]"),
+    "glow_activation": Field("silu", _STR, "glow: activation of the coupling conditioners "
+                             "(leaky_relu: LeakyReLU(0.1), the reference's)",
+                             _choice(GLOW_ACTIVATIONS), "|".join(GLOW_ACTIVATIONS)),
+    "glow_split_activation": Field(None, _STR, "glow: activation of the split priors' conditioners "
+                                   "(null: glow_activation; the reference's: relu)",
+                                   _choice(GLOW_ACTIVATIONS), "|".join(GLOW_ACTIVATIONS), nullable=True),
+    "glow_output_scale": Field(False, _BOOL, "glow: learnable per-channel scale exp(3 s), s = 0 at "
+                               "init, after each conditioner's zero-initialised last convolution "
+                               "(Glow's Conv2dZeros, the reference's)"),
+    "glow_alternate": Field(True, _BOOL, "glow: swap the conditioning half of the channels at every "
+                            "other step (false: always the first half, the reference's)"),
+    "glow_train_actnorm": Field(True, _BOOL, "glow: train ActNorm after its data-dependent "
+                                "initialisation (false: fixed after it, as in the reference)"),
     # -- objective ---------------------------------------------------------------------------
     "loss": Field("ssm", _STR, "training objective", _choice(LOSSES), "|".join(LOSSES)),
     "sigma": Field(0.1, _FLOAT, "DSM noise level", *_POS),
@@ -280,13 +313,18 @@ def validate_config(config: Mapping[str, Any]) -> RunConfig:
     if out["per_loss"]:
         out["per_loss"] = {loss: {k: coerce_value(k, v) for k, v in inner.items()}
                            for loss, inner in out["per_loss"].items()}
-    if (not out["map"] and out["loss"] in ("dsm", "fdssm") and not out["drop_out_of_domain"]
+    if (not out["map"] and OBJECTIVES[out["loss"]].perturbs_input and not out["drop_out_of_domain"]
             and out["data"] in IMAGE_DATASETS):
         raise ConfigError(
             f"{out['loss']} without MaP (map=false) perturbs pixels out of the logit's domain (0, 1); "
             "set drop_out_of_domain=true to drop those examples from the loss (the paper's ablation), "
             "or train with map=true"
         )
+    if out["data"] in TOY_DATASETS and out["loss"] == "dsm" and out["sigma"] > out["toy_noise"]:
+        raise ConfigError(
+            f"dsm on 2-D toy data perturbs the clean training points by sigma ({out['sigma']:g}) "
+            f"and adds the rest of the smoothing noise toy_noise ({out['toy_noise']:g}); sigma "
+            "must not exceed toy_noise (sigma = toy_noise: the reference's exact DSM target)")
     if out["epochs"] is None and out["max_iters"] is None and out["max_minutes"] is None:
         raise ConfigError("set at least one of the config keys 'epochs', 'max_iters', 'max_minutes'")
     sections = {name: cls(**{attr: freeze(out[key]) for key, (where, attr) in KEY_PATHS.items()

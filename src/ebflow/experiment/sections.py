@@ -112,17 +112,27 @@ class ModelConfig:
     dtype: str
     num_layers: int
     parameterization: str
+    bias: bool
+    prior: str
     weight_init: str
     actnorm: bool
     alpha: float
     blocks: int
     hidden: int
     depth: int
+    conditioner: str
+    shift_activation: str
+    weight_norm: bool
     convs_per_block: int
     kernel_size: int
     spectral_norm: bool
     levels: int
     steps: int
+    glow_activation: str
+    glow_split_activation: str | None
+    glow_output_scale: bool
+    glow_alternate: bool
+    glow_train_actnorm: bool
 
 
 @dataclass(frozen=True, kw_only=True)

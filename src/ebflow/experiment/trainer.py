@@ -155,6 +155,8 @@ class Trainer:
         n = self.train_data.shape[0]
         idx = torch.randperm(n, generator=g)[: max(2, min(500, n))]
         x = self.train_data[idx.to(self.train_data.device)].to(self.dtype).cpu()
+        if self.splits.train_noise:  # 2-D toys: ActNorm sees smoothed points, as in training
+            x = x + self.splits.train_noise * torch.randn(x.shape, dtype=x.dtype, generator=g)
         inp, _ = model_input(x, self.pre, self.use_map, generator=g)
         self.model.initialize(inp.to(self.device, self.dtype))
 
@@ -192,6 +194,16 @@ class Trainer:
             save_checkpoint(self.run_dir / "checkpoints" / name, self.state())
 
     # -- one step -------------------------------------------------------------------------
+    def smoothing_std(self) -> float:
+        r"""Std of the fresh smoothing noise added to each training batch (0: none). 2-D toys
+        hold clean base points smoothed by :math:`s` = ``toy_noise``; DSM's own perturbation
+        :math:`\sigma \le s` is part of it, so DSM adds :math:`\sqrt{s^2 - \sigma^2}`
+        (:math:`\sigma = s`: the clean points, and DSM's target is the exact smoothed score)."""
+        s = self.splits.train_noise or 0.0
+        if s and self.config.objective.loss == "dsm":
+            return math.sqrt(max(s * s - self.config.objective.sigma ** 2, 0.0))
+        return s
+
     def _step_inputs(self, xb: Tensor) -> tuple[Tensor, Tensor | None]:
         """This process's model input and objective noise for the current step.
 
@@ -203,6 +215,10 @@ class Trainer:
         shape = (self.global_batch, *xb.shape[1:])
         start, rows = self.dist.rank * self.local_batch, self.local_batch
         x = xb.to(self.dtype)
+        std = self.smoothing_std()
+        if std:
+            smooth = torch.randn(shape, dtype=self.dtype, device=self.device, generator=g)
+            x = x + std * smooth.narrow(0, start, rows)
         if self.config.training.augment and x.dim() == 4:
             x = augment_images(x, g, self.global_batch, start)
         if self.pre is not None:

@@ -9,10 +9,10 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError
 from ..utils import sum_except_batch
-from .base import FlowLayer, Shape
+from .base import Example, FlowLayer, Shape, example_inputs, perturbed
 from .silu import SiLU
 
-__all__ = ["AffineCoupling", "mlp_conditioner", "cnn_conditioner"]
+__all__ = ["AffineCoupling", "CONDITIONER_ACTIVATIONS", "ChannelScale", "mlp_conditioner", "cnn_conditioner"]
 
 
 def _zero_last(layer: nn.Module) -> nn.Module:
@@ -37,17 +37,54 @@ def mlp_conditioner(
     return nn.Sequential(*layers)
 
 
+class ChannelScale(nn.Module):
+    r"""Learnable per-channel output scale :math:`y_c = x_c\, e^{\kappa s_c}`, :math:`s = 0` at
+    init (scale 1), :math:`\kappa` = ``factor``: Glow's zero-initialised last convolution
+    ("Conv2dZeros", :math:`\kappa = 3`) is a zero convolution followed by this."""
+
+    def __init__(self, channels: int, factor: float = 3.0) -> None:
+        super().__init__()
+        if not isinstance(channels, int) or channels < 1:
+            raise ConfigError(f"ChannelScale needs a positive number of channels, got {channels!r}")
+        if not factor > 0:
+            raise ConfigError(f"ChannelScale needs factor > 0, got {factor!r}")
+        self.factor = float(factor)
+        self.log_scale = nn.Parameter(torch.zeros(channels))
+
+    def extra_repr(self) -> str:
+        return f"channels={self.log_scale.numel()}, factor={self.factor}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 2 or x.shape[1] != self.log_scale.numel():
+            raise InputError(f"ChannelScale({self.log_scale.numel()}) expects channels in dimension 1, "
+                             f"got shape {tuple(x.shape)}")
+        scale = torch.exp(self.factor * self.log_scale)
+        return x * scale.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+#: Conditioner activations by name (module factories): ``leaky_relu`` is ``LeakyReLU(0.1)``.
+CONDITIONER_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "silu": SiLU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.1),
+    "relu": nn.ReLU,
+}
+
+
 def cnn_conditioner(
     in_channels: int, out_channels: int, hidden: int = 64,
-    activation: Callable[[], nn.Module] = SiLU,
+    activation: Callable[[], nn.Module] = SiLU, *, output_scale: bool = False,
 ) -> nn.Sequential:
     """Conv3x3 -> act -> Conv1x1 -> act -> Conv3x3 (zero-initialised), size-preserving; the
-    activation as in :func:`mlp_conditioner`."""
-    return nn.Sequential(
+    activation as in :func:`mlp_conditioner`. ``output_scale`` appends a :class:`ChannelScale`
+    (factor 3) after the last convolution, as in Glow's and the paper's reference Glow."""
+    layers: list[nn.Module] = [
         nn.Conv2d(in_channels, hidden, 3, padding=1), activation(),
         nn.Conv2d(hidden, hidden, 1), activation(),
         _zero_last(nn.Conv2d(hidden, out_channels, 3, padding=1)),
-    )
+    ]
+    if output_scale:
+        layers.append(ChannelScale(out_channels))
+    return nn.Sequential(*layers)
 
 
 class AffineCoupling(FlowLayer):
@@ -92,6 +129,16 @@ class AffineCoupling(FlowLayer):
             else:
                 conditioner = cnn_conditioner(n_cond, 2 * n_out, hidden=hidden)
         self.conditioner = conditioner
+
+    @classmethod
+    def examples(cls) -> list[Example]:
+        with torch.random.fork_rng(devices=[]):  # fixed weights, the caller's RNG untouched
+            torch.manual_seed(0)
+            glow_like = cnn_conditioner(2, 4, hidden=6, activation=CONDITIONER_ACTIVATIONS["leaky_relu"],
+                                        output_scale=True)
+            return [(perturbed(cls((4,), hidden=8)), example_inputs(5, 4)),
+                    (perturbed(cls((3, 2, 2), hidden=4, swap=True)), example_inputs(5, 3, 2, 2)),
+                    (perturbed(cls((4, 2, 2), conditioner=glow_like)), example_inputs(5, 4, 2, 2))]
 
     def extra_repr(self) -> str:
         return f"event_shape={self.event_shape}, swap={self.swap}, scale_bound={self.scale_bound}"

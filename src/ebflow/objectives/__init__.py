@@ -16,6 +16,11 @@ The score-matching objectives (``ssm``, ``dsm``, ``fdssm``, ``esm``) only evalua
 (:meth:`EBFlow.energy`, :meth:`EBFlow.energy_and_grad`, or the split :meth:`EBFlow.linear_prefix`
 / :meth:`EBFlow.tail_energy`): never a determinant, inverse or factorisation of a linear layer.
 
+**Writing an objective.** The built-in ones use only public API: the model's methods above
+(with ``check=False`` after one :func:`~ebflow.objectives.toolkit.checked_batch`) and the
+helpers of :mod:`ebflow.objectives.toolkit`; :func:`register_objective` adds one by name.
+``examples/custom_objective.py`` writes and registers one outside the package.
+
 **A plain** ``loss.backward()`` **is the fast path.** The derivatives in the data are taken
 without making the data an autograd leaf (``torch.func`` for the leading linear layers, autograd
 with respect to their output for the rest): the loss's graph reaches the parameters only, so
@@ -46,8 +51,19 @@ replaces their NaN loss by 0) and are counted in :attr:`Objective.dropped_exampl
 they raise :class:`~ebflow.errors.InputError`.
 """
 
-from .losses import LossTerms, dsm_loss, esm_loss, fdssm_loss, ml_loss, sml_loss, ssm_loss
-from .registry import DEFAULTS, NOISE_KINDS, OBJECTIVES, NoiseKind, Objective, ObjectiveSpec, make_objective
+from . import toolkit
+from .losses import dsm_loss, esm_loss, fdssm_loss, ml_loss, sml_loss, ssm_loss
+from .registry import (
+    DEFAULTS,
+    NOISE_KINDS,
+    OBJECTIVES,
+    NoiseKind,
+    Objective,
+    ObjectiveSpec,
+    make_objective,
+    register_objective,
+)
+from .toolkit import LossTerms
 
 __all__ = [
     "DEFAULTS",
@@ -58,6 +74,8 @@ __all__ = [
     "Objective",
     "OBJECTIVES",
     "make_objective",
+    "register_objective",
+    "toolkit",
     "ml_loss",
     "sml_loss",
     "ssm_loss",

@@ -4,77 +4,40 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, InputError
-from ..flow import EBFlow, _with_grad
+from ..errors import ConfigError
+from ..flow import EBFlow
 from ..prior import StandardNormal
-from ..utils import sum_except_batch
-from ..validation import check_batch, check_count, check_number
+from ..validation import check_count, check_number
+from .toolkit import (
+    LossTerms,
+    Projection,
+    checked_batch,
+    checked_noise,
+    checked_noise_tensor,
+    grad_ready,
+    in_domain_of_all,
+    loss_on_rows,
+    on_sphere,
+    projections,
+    sum_except_batch,
+)
 
 __all__ = ["LossTerms", "dsm_loss", "esm_loss", "fdssm_loss", "ml_loss", "sml_loss", "ssm_loss"]
-
-Projection = Literal["rademacher", "gaussian"]
-
-
-class LossTerms(NamedTuple):
-    """What an objective function returns: the per-example ``loss`` (shape ``(batch,)``, 0 for
-    dropped examples), the energy per example that the energy regulariser uses when it was
-    computed on the way (``E(x)``; DSM: ``E(x + sigma eps)``, the reference's choice; else
-    ``None``: the regulariser then computes ``E(x)``), the number of ``dropped`` examples
-    (outside the model's domain) and the mask of the ``kept`` ones (``None``: all)."""
-
-    loss: Tensor
-    energy: Tensor | None
-    dropped: int = 0
-    kept: Tensor | None = None
-
 
 #: Objectives evaluate every parametrized weight once per call (e.g. a spectrally normalised
 #: convolution: one power-iteration step per layer and loss, one map for the whole loss).
 _one_weight_per_loss = torch.nn.utils.parametrize.cached
 
 
-def _checked(model: EBFlow, x: Tensor, what: str = "batch x") -> Tensor:
-    """Every objective's input check: ``model`` is an :class:`EBFlow` (else
-    :class:`~ebflow.errors.ConfigError`) and ``x`` a batch for it (the model's own check:
-    :class:`~ebflow.errors.InputError` naming the problem)."""
-    if not isinstance(model, EBFlow):
-        raise ConfigError(f"objectives take an ebflow.EBFlow as model, got {type(model).__name__}")
-    return model._check(x, what)
-
-
-def _zero_loss(model: EBFlow, batch: int, like: Tensor) -> Tensor:
-    """Per-example zeros that are still connected to the parameters (a batch whose every
-    example was dropped gives a zero gradient, not a backward error)."""
-    anchor = sum((p.sum() * 0 for p in model.parameters() if p.requires_grad), like.new_zeros(()))
-    return like.new_zeros(batch) + anchor
-
-
-def _on_rows(
-    model: EBFlow, keep: Tensor, batch: int, like: Tensor, compute: Callable[[Tensor], LossTerms],
-) -> LossTerms:
-    """Evaluate ``compute`` on the kept rows; dropped rows get loss (and energy) 0."""
-    dropped = int(batch - int(keep.sum()))
-    if dropped == 0:
-        return compute(keep.new_ones(()))  # a 0-d mask: every row
-    if dropped == batch:
-        return LossTerms(_zero_loss(model, batch, like), like.new_zeros(batch), dropped, keep)
-    part = compute(keep)
-    loss = _zero_loss(model, batch, like).index_put((keep,), part.loss)
-    energy = None if part.energy is None else like.new_zeros(batch).index_put((keep,), part.energy)
-    return LossTerms(loss, energy, dropped, keep)
-
-
 @_one_weight_per_loss()
 def ml_loss(model: EBFlow, x: Tensor) -> LossTerms:
     r"""Maximum likelihood: :math:`E(x) + \log Z = -\log p(x)` per example (nats)."""
-    x = _checked(model, x)
-    e = model._energy_from(0, x)
+    x = checked_batch(model, x)
+    e = model.energy(x, check=False)
     return LossTerms(e + model.log_partition().to(e.dtype), e)
 
 
@@ -93,8 +56,8 @@ def sml_loss(
     the row count of ``noise`` (a process's share of a global draw may be smaller than
     ``num_samples``). Without ``noise``, ``num_samples`` (default: the batch size) samples are
     drawn by :meth:`EBFlow.sample` from the global random number generator."""
-    x = _checked(model, x)
-    e = model._energy_from(0, x)
+    x = checked_batch(model, x)
+    e = model.energy(x, check=False)
     if num_samples is not None:
         num_samples = check_count(num_samples, "SML num_samples")
     with torch.no_grad():
@@ -108,7 +71,7 @@ def sml_loss(
 def _latent_noise(model: EBFlow, noise: Tensor, like: Tensor) -> Tensor:
     """SML's latent draws ``noise`` as ``(n, *latent_shape)``, with clear errors."""
     latent = math.prod(model.latent_shape)
-    _check_noise_tensor(noise, "SML noise")
+    checked_noise_tensor(noise, "SML noise")
     to_prior = getattr(model.prior, "from_standard_normal", None)
     if not isinstance(model.prior, StandardNormal) and to_prior is None:
         raise ConfigError(f"SML noise holds standard normal latent draws, but the model's prior "
@@ -126,38 +89,6 @@ def _latent_noise(model: EBFlow, noise: Tensor, like: Tensor) -> Tensor:
     return z if to_prior is None else to_prior(z)
 
 
-def _projections(
-    shape: tuple[int, ...], projection: Projection, *, dtype: torch.dtype, device: torch.device,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    if projection == "rademacher":
-        signs = torch.randint(0, 2, shape, device=device, generator=generator)
-        return signs.to(dtype) * 2 - 1
-    if projection == "gaussian":
-        return torch.randn(shape, dtype=dtype, device=device, generator=generator)
-    raise ConfigError(f"unknown SSM projection {projection!r}; choose 'rademacher' or 'gaussian'")
-
-
-def _check_noise_tensor(noise: object, what: str) -> Tensor:
-    """Type, floating dtype and finiteness of an objective's noise
-    (:func:`~ebflow.validation.check_batch`); a bad one is a :class:`ConfigError` (the noise is
-    normally drawn by :meth:`Objective.draw_noise`)."""
-    try:
-        return check_batch(noise, None, what=what)
-    except InputError as err:
-        raise ConfigError(str(err)) from None
-
-
-def _check_noise(noise: Tensor, shape: tuple[int, ...], what: str, like: Tensor) -> Tensor:
-    _check_noise_tensor(noise, what)
-    if tuple(noise.shape) != tuple(shape):
-        raise ConfigError(f"{what} must have shape {tuple(shape)}, got {tuple(noise.shape)}")
-    if noise.dtype != like.dtype or noise.device != like.device:
-        raise ConfigError(f"{what} must have the batch's dtype and device ({like.dtype}, {like.device}), "
-                          f"got ({noise.dtype}, {noise.device})")
-    return noise
-
-
 @_one_weight_per_loss()
 @torch.enable_grad()
 def ssm_loss(
@@ -167,13 +98,13 @@ def ssm_loss(
     r"""Sliced score matching (variance reduced), per dimension:
     :math:`\frac1D[-v^\top \nabla^2 E\, v + \tfrac12\|\nabla E\|^2]`, averaged over ``slices``
     projections. ``noise`` optionally gives the projections ``v``, shape ``(slices, *x.shape)``."""
-    x = _checked(model, x)
+    x = checked_batch(model, x)
     slices = check_count(slices, "SSM slices")
     shape = (slices, *x.shape)
     if noise is None:
-        v = _projections(shape, projection, dtype=x.dtype, device=x.device)
+        v = projections(shape, projection, dtype=x.dtype, device=x.device)
     else:
-        v = _check_noise(noise, shape, "SSM projections", x)
+        v = checked_noise(noise, shape, "SSM projections", x)
     b = x.shape[0]
     xr = x.detach().repeat(slices, *([1] * (x.dim() - 1)))
     vr = v.reshape(xr.shape)
@@ -185,15 +116,15 @@ def ssm_loss(
     # reaches the parameters only (a plain loss.backward() computes nothing else).
     if model.linear_prefix_length == 0:
         def tail_sum(h: Tensor) -> tuple[Tensor, Tensor]:
-            e = model._tail_energy(h)
+            e = model.tail_energy(h, check=False)
             return e.sum(), e
 
         g, hessian_vjp, e = torch.func.vjp(torch.func.grad(tail_sum, has_aux=True), xr, has_aux=True)
         u, (hu,) = vr, hessian_vjp(vr)
     else:
-        h, to_x, u = torch.func.vjp(lambda z: model._linear_prefix(z, vr), xr, has_aux=True)
-        h = _with_grad(h)
-        e = model._tail_energy(h)
+        h, to_x, u = torch.func.vjp(lambda z: model.linear_prefix(z, vr, check=False), xr, has_aux=True)
+        h = grad_ready(h)
+        e = model.tail_energy(h, check=False)
         (g_h,) = torch.autograd.grad(e.sum(), h, create_graph=True)
         (hu,) = torch.autograd.grad(sum_except_batch(g_h * u).sum(), h, create_graph=True)
         (g,) = to_x(g_h)
@@ -204,13 +135,6 @@ def ssm_loss(
 def _check_flag(drop_out_of_domain: object) -> None:
     if not isinstance(drop_out_of_domain, bool):
         raise ConfigError(f"drop_out_of_domain must be True or False, got {drop_out_of_domain!r}")
-
-
-def _in_domain(model: EBFlow, *inputs: Tensor) -> Tensor:
-    keep = model.in_domain(inputs[0])
-    for t in inputs[1:]:
-        keep = keep & model.in_domain(t)
-    return keep
 
 
 @_one_weight_per_loss()
@@ -224,20 +148,20 @@ def dsm_loss(
     :math:`\tilde x = x + \sigma\epsilon`; ``noise`` optionally gives :math:`\epsilon`
     (shape of ``x``). No energy at ``x`` is computed: the energy returned (for the energy
     regulariser) is :math:`E(\tilde x)`, as in the reference implementation."""
-    x = _checked(model, x)
+    x = checked_batch(model, x)
     sigma = check_number(sigma, "DSM noise level sigma", positive=True)
     _check_flag(drop_out_of_domain)
-    eps = torch.randn_like(x) if noise is None else _check_noise(noise, tuple(x.shape), "DSM noise", x)
+    eps = torch.randn_like(x) if noise is None else checked_noise(noise, tuple(x.shape), "DSM noise", x)
     d = x[0].numel()
 
     def compute(rows: Tensor) -> LossTerms:
         xs, es = (x, eps) if rows.dim() == 0 else (x[rows], eps[rows])
-        e, g = model._energy_and_grad(xs + sigma * es)
+        e, g = model.energy_and_grad(xs + sigma * es, check=False)
         return LossTerms(0.5 * sum_except_batch((g - es / sigma).pow(2)) / d, e)
 
     if not drop_out_of_domain:
         return compute(x.new_ones((), dtype=torch.bool))
-    return _on_rows(model, _in_domain(model, x + sigma * eps), x.shape[0], x, compute)
+    return loss_on_rows(model, in_domain_of_all(model, x + sigma * eps), x.shape[0], x, compute)
 
 
 def _fdssm_per_example(model: EBFlow, x: Tensor, v: Tensor) -> LossTerms:
@@ -246,17 +170,11 @@ def _fdssm_per_example(model: EBFlow, x: Tensor, v: Tensor) -> LossTerms:
     b = x.shape[0]
     # E(x +- v) = tail(h +- A v) after the leading linear layers h = A x + c: those layers run
     # on x and v (2 batches) instead of x, x + v, x - v (3 batches).
-    h, u = model._linear_prefix(x, v)
-    e_all = model._tail_energy(torch.cat([h, h + u, h - u]))
+    h, u = model.linear_prefix(x, v, check=False)
+    e_all = model.tail_energy(torch.cat([h, h + u, h - u]), check=False)
     e, e_plus, e_minus = e_all[:b], e_all[b : 2 * b], e_all[2 * b :]
     terms = (e_plus - e_minus).pow(2) / 8 + 2 * e - e_plus - e_minus
     return LossTerms(terms / sum_except_batch(v.pow(2)), e)
-
-
-def _sphere(v: Tensor, radius: float) -> Tensor:
-    """Scale each example of ``v`` to norm ``radius`` (Gaussian ``v``: uniform on the sphere)."""
-    norm = v.reshape(v.shape[0], -1).norm(dim=1).clamp_min(torch.finfo(v.dtype).tiny)
-    return v * (radius / norm).view(-1, *([1] * (v.dim() - 1)))
 
 
 @_one_weight_per_loss()
@@ -269,15 +187,15 @@ def fdssm_loss(
     :math:`v` uniform on the sphere of radius :math:`\varepsilon` (an estimate of the
     per-dimension SSM objective). ``noise`` optionally gives Gaussian draws (shape of ``x``)
     that are scaled to that sphere. Three energy evaluations, one backward."""
-    x = _checked(model, x)
+    x = checked_batch(model, x)
     eps = check_number(eps, "FDSSM step eps", positive=True)
     _check_flag(drop_out_of_domain)
-    raw = torch.randn_like(x) if noise is None else _check_noise(noise, tuple(x.shape), "FDSSM noise", x)
-    v = _sphere(raw, eps)
+    raw = torch.randn_like(x) if noise is None else checked_noise(noise, tuple(x.shape), "FDSSM noise", x)
+    v = on_sphere(raw, eps)
     if not drop_out_of_domain:
         return _fdssm_per_example(model, x, v)
-    keep = _in_domain(model, x, x + v, x - v)
-    return _on_rows(model, keep, x.shape[0], x,
+    keep = in_domain_of_all(model, x, x + v, x - v)
+    return loss_on_rows(model, keep, x.shape[0], x,
                     lambda rows: _fdssm_per_example(model, x, v) if rows.dim() == 0
                     else _fdssm_per_example(model, x[rows], v[rows]))
 
@@ -298,11 +216,11 @@ def esm_loss(model: EBFlow, x: Tensor) -> LossTerms:
     the parameters). Cost: ``D`` Hessian-vector products on the batch, in chunks of about
     ``2**24`` entries. Every layer must run under ``torch.func`` (a custom
     ``torch.autograd.Function`` needs ``setup_context`` and a vmap rule, as ebflow's have)."""
-    x = _checked(model, x).detach()
+    x = checked_batch(model, x).detach()
     b, d = x.shape[0], x[0].numel()
 
     def energy_sum(v: Tensor) -> tuple[Tensor, Tensor]:
-        e = model._energy_from(0, v)
+        e = model.energy(v, check=False)
         return e.sum(), e
 
     def grad_and_energy(v: Tensor) -> tuple[Tensor, Tensor]:

@@ -14,9 +14,11 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..flow import EBFlow
 from ..validation import check_count, check_generator, check_number
-from .losses import LossTerms, _projections, dsm_loss, esm_loss, fdssm_loss, ml_loss, sml_loss, ssm_loss
+from .losses import dsm_loss, esm_loss, fdssm_loss, ml_loss, sml_loss, ssm_loss
+from .toolkit import LossTerms, projections
 
-__all__ = ["DEFAULTS", "NOISE_KINDS", "OBJECTIVES", "NoiseKind", "Objective", "ObjectiveSpec", "make_objective"]
+__all__ = ["DEFAULTS", "NOISE_KINDS", "OBJECTIVES", "NoiseKind", "Objective", "ObjectiveSpec", "make_objective",
+           "register_objective"]
 
 
 # -- option checks -------------------------------------------------------------------------------
@@ -52,7 +54,7 @@ def _boolean(name: str) -> Callable[[Any], None]:
 
 
 def _draw_projections(batch_shape: tuple[int, ...], options: dict, **kw: Any) -> Tensor:
-    return _projections((options.get("slices", 1), *batch_shape), options.get("projection", "rademacher"), **kw)
+    return projections((options.get("slices", 1), *batch_shape), options.get("projection", "rademacher"), **kw)
 
 
 def _draw_gaussian(batch_shape: tuple[int, ...], options: dict, **kw: Any) -> Tensor:
@@ -88,8 +90,9 @@ NOISE_KINDS: dict[str, NoiseKind] = {
 @dataclass(frozen=True)
 class ObjectiveSpec:
     """One objective: its function, its options (defaults and checks), the kind of random
-    numbers it draws per batch (a key of :data:`NOISE_KINDS`, or None), and whether it needs
-    linear log-determinants."""
+    numbers it draws per batch (a key of :data:`NOISE_KINDS`, or None), whether it needs
+    linear log-determinants, and whether it evaluates the energy away from the data
+    (``perturbs_input``: such inputs can leave a model's domain, e.g. a logit without MaP)."""
 
     fn: Callable[..., LossTerms]
     defaults: dict[str, Any]
@@ -99,7 +102,18 @@ class ObjectiveSpec:
     needs_log_det: bool = False
     #: the objective draws model samples by inverting the flow (its noise: the latent draws)
     samples_model: bool = False
+    #: the energy is evaluated at perturbed inputs (DSM's x + sigma eps, FDSSM's x +- v)
+    perturbs_input: bool = False
     help: str = ""
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise ConfigError(f"an objective's fn must be callable, got {type(self.fn).__name__}")
+        if set(self.checks) != set(self.defaults):
+            raise ConfigError(f"an objective needs one check per option: options {sorted(self.defaults)}, "
+                              f"checks {sorted(self.checks)}")
+        if self.noise is not None and self.noise not in NOISE_KINDS:
+            raise ConfigError(f"unknown noise kind {self.noise!r}; choose one of {', '.join(NOISE_KINDS)}")
 
 
 _DROP = {"drop_out_of_domain": _boolean("drop_out_of_domain")}
@@ -115,14 +129,29 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
                          noise="projections", help="sliced score matching"),
     "dsm": ObjectiveSpec(dsm_loss, {"sigma": 0.1, "drop_out_of_domain": False},
                          {"sigma": _positive("sigma"), **_DROP}, noise="gaussian",
-                         help="denoising score matching"),
+                         perturbs_input=True, help="denoising score matching"),
     "fdssm": ObjectiveSpec(fdssm_loss, {"eps": 0.1, "drop_out_of_domain": False},
                            {"eps": _positive("eps"), **_DROP}, noise="gaussian",
-                           help="finite-difference sliced score matching"),
+                           perturbs_input=True, help="finite-difference sliced score matching"),
     "esm": ObjectiveSpec(esm_loss, {}, {}, help="exact score matching (small D only)"),
 }
 #: Default options of each objective (derived from :data:`OBJECTIVES`).
 DEFAULTS: dict[str, dict] = {name: dict(spec.defaults) for name, spec in OBJECTIVES.items()}
+
+
+def register_objective(name: str, spec: ObjectiveSpec, *, replace: bool = False) -> None:
+    """Add an objective to :data:`OBJECTIVES` under ``name`` so that :func:`make_objective`
+    builds it (and :meth:`Objective.draw_noise` draws its noise). The library's command line
+    only offers the objectives whose options are config keys. A taken name raises
+    :class:`~ebflow.errors.ConfigError` unless ``replace``."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConfigError(f"an objective's name must be an identifier, got {name!r}")
+    if not isinstance(spec, ObjectiveSpec):
+        raise ConfigError(f"register_objective takes an ObjectiveSpec, got {type(spec).__name__}")
+    if name in OBJECTIVES and not replace:
+        raise ConfigError(f"an objective named {name!r} exists; pass replace=True to replace it")
+    OBJECTIVES[name] = spec
+    DEFAULTS[name] = dict(spec.defaults)
 
 
 @dataclass
