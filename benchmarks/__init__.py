@@ -94,6 +94,9 @@ def _check_config(config: BenchConfig) -> torch.device:
         raise ConfigError(f"unknown device {config.device!r}: {err}") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {config.device} was asked for, but this machine has "
+                          f"{torch.cuda.device_count()} GPU(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"the benchmark runs on cpu or cuda, not {device}")
     bad = [s for s in config.sections if s not in SECTIONS]

@@ -17,7 +17,7 @@ def install(step: int) -> None:
 
     def after_step(self, out):  # type: ignore[no-untyped-def]
         real_after_step(self, out)
-        if self.step == step:
+        if self.counters.step == step:
             os.kill(os.getpid(), signal.SIGKILL)
 
     Trainer.after_step = after_step  # type: ignore[method-assign]

@@ -6,7 +6,6 @@ import pytest
 
 from ebflow.experiment.config import (
     FIELDS,
-    grad_clip_for,
     list_presets,
     load_preset,
     parse_overrides,
@@ -43,8 +42,8 @@ def test_recipes_follow_the_design():
     assert fc.preprocessing.logit_smoothness == 0.5 and cnn.preprocessing.logit_smoothness == 0.75
     assert cifar.objective.energy_reg == 1.024 and fc.objective.energy_reg == 0.0
     assert fc.data.val_size == 10000 and fc.preprocessing.map is True
-    assert grad_clip_for(resolve_config("mnist-fc", {"loss": "fdssm"})) == 5.0
-    assert grad_clip_for(resolve_config("mnist-fc", {"loss": "ssm"})) is None
+    assert resolve_config("mnist-fc", {"loss": "fdssm"}).optim.grad_clip == 5.0
+    assert resolve_config("mnist-fc", {"loss": "ssm"}).optim.grad_clip is None
     assert resolve_config("toy2d-sine").model.dtype == "float64"
     assert resolve_config("digits-fc").preprocessing.num_bins == 17
 

@@ -181,7 +181,7 @@ def _capture_trainer_state() -> None:
         finally:
             _LAST_STATE["state"] = {"model": {k: v.clone() for k, v in self.model.state_dict().items()},
                                     "ema": {k: v.clone() for k, v in self.ema.shadow.items()},
-                                    "step": self.step, "skipped": self.skipped,
+                                    "step": self.counters.step, "skipped": self.counters.skipped_steps,
                                     "ema_updates": self.ema.num_updates}
 
     training.Trainer.run = run

@@ -9,6 +9,7 @@ import torch
 
 from conftest import perturb
 from ebflow import EBFlow, dense_flow, glow_flow
+from ebflow.architectures import DENSE_FLOW_PARAMETERIZATIONS
 from ebflow.errors import ConfigError, InputError
 from ebflow.layers import (
     ActNorm,
@@ -68,13 +69,6 @@ def test_actnorm_loaded_from_a_state_dict_needs_no_initialisation():
     trained.load_state_dict(ActNorm(2).state_dict())
     with pytest.raises(ConfigError, match="not initialized"):
         trained.transform(x)
-
-
-def test_actnorm_initialize_from_is_a_deprecated_alias():
-    layer = ActNorm(2)
-    with pytest.warns(DeprecationWarning, match="initialize"):
-        layer.initialize_from(torch.randn(8, 2))
-    assert not layer.requires_initialization
 
 
 def test_model_initialize_runs_every_layer_on_its_own_input_in_order():
@@ -190,14 +184,12 @@ def test_layers_follow_the_model_to_float64():
     assert math.isfinite(float(model.log_partition().detach()))
 
 
-def test_old_parameterisation_keyword_still_works_with_a_deprecation_warning():
-    with pytest.warns(DeprecationWarning, match="parameterization"):
-        layer = Dense(3, parameterisation="lu")
-    assert layer.parameterization == "lu" and layer.parameterisation == "lu"
-    with pytest.warns(DeprecationWarning, match="parameterization"):
-        model = dense_flow((3,), parameterisation="tril")
-    assert model.layers[0].parameterization == "tril"
-    assert dense_flow((3,), parameterization="triu").layers[0].parameterization == "triu"
+def test_dense_flow_takes_exactly_its_parameterizations():
+    for p in DENSE_FLOW_PARAMETERIZATIONS:
+        first = dense_flow((3,), parameterization=p).layers[0]
+        assert first.parameterization == ("tril" if p == "triangular_pair" else p)
+    with pytest.raises(ConfigError, match="triangular_pair"):
+        dense_flow((3,), parameterization="trilu")
 
 
 def test_random_orthogonal_is_orthogonal_and_reproducible():

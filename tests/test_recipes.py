@@ -17,7 +17,7 @@ from ebflow.objectives import dsm_loss, fdssm_loss, ssm_loss
 from ebflow.preprocessing import ImagePreprocessing
 from ebflow.experiment.batches import augment_images
 from ebflow.experiment.builders import build_model
-from ebflow.experiment.step import optimization_step as optimisation_step
+from ebflow.experiment.step import optimization_step
 from ebflow.experiment.training import train
 
 QUIET = dict(tensorboard=False, progress=False, num_threads=1)
@@ -41,7 +41,7 @@ def test_clipped_step_moves_the_parameters_by_exactly_the_threshold(clip):
     x = 5 * torch.randn(64, 5, dtype=torch.float64)
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    out = optimisation_step(model, make_objective("ml"), optimizer, x, grad_clip=clip)
+    out = optimization_step(model, make_objective("ml"), optimizer, x, grad_clip=clip)
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert out.finite and out.grad_norm > clip
     assert float((after - before).norm()) == pytest.approx(clip, rel=1e-6)  # torch adds 1e-6 to the norm
@@ -52,7 +52,7 @@ def test_unclipped_step_is_the_plain_gradient_step():
     x = torch.randn(64, 5, dtype=torch.float64)
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    out = optimisation_step(model, make_objective("ml"), optimizer, x, grad_clip=1e9)
+    out = optimization_step(model, make_objective("ml"), optimizer, x, grad_clip=1e9)
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert float((after - before).norm()) == pytest.approx(out.grad_norm, rel=1e-9)
 

@@ -84,7 +84,7 @@ def test_fresh_smoothing_noise_every_step(tmp_path):
     t = _trainer(tmp_path, "toy2d-sine", loss="ssm")
     xb = t.train_data[:64]
     first, _ = t._step_inputs(xb)
-    t.step += 1
+    t.counters.step += 1
     second, _ = t._step_inputs(xb)
     assert not torch.equal(first, second)
     noise = torch.cat([first - xb, second - xb])
@@ -267,11 +267,9 @@ TOY_RECIPES = {
 
 @pytest.mark.parametrize("preset", sorted(TOY_RECIPES))
 def test_toy_presets_follow_the_reference_configs(preset):
-    from ebflow.experiment.config import grad_clip_for
-
     for loss, expected in TOY_RECIPES[preset].items():
         c = resolve_config(preset, {"loss": loss})
-        got = (c.optim.optimizer, c.optim.lr, grad_clip_for(c), c.model.shift_activation, c.model.prior,
+        got = (c.optim.optimizer, c.optim.lr, c.optim.grad_clip, c.model.shift_activation, c.model.prior,
                c.model.weight_norm)
         assert got == expected, (preset, loss)
         assert (c.model.family, c.model.conditioner, c.model.blocks, c.model.hidden, c.model.depth,

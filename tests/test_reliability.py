@@ -205,7 +205,7 @@ def test_one_device_check_for_every_command(command, device, digits_run, tmp_pat
 
 
 def test_cuda_devices_are_checked_against_the_gpu_count(monkeypatch):
-    from ebflow.experiment.distributed import resolve_device
+    from ebflow.experiment.devices import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

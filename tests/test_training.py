@@ -189,14 +189,6 @@ def test_epoch_sampler_depends_only_on_seed_and_epoch():
     assert list(s) == first
 
 
-def test_injected_sampler_and_non_main_process_write_nothing(tmp_path):
-    config = _tiny(max_iters=4)
-    sampler = torch.utils.data.SequentialSampler(range(1200))
-    sampler.set_epoch = lambda epoch: None  # the interface of DistributedSampler
-    result = train(config, tmp_path / "r", sampler=sampler, is_main_process=False)
-    assert result.step == 4 and not (tmp_path / "r").exists()
-
-
 def test_load_run_gives_the_ema_model_and_raw_data(tmp_path):
     train(_tiny(), tmp_path / "r")
     for path in (tmp_path / "r", tmp_path / "r" / "checkpoints" / "last.pt"):

@@ -25,13 +25,17 @@ from .layers import (
     Squeeze,
     on_first_part,
 )
-from .utils import renamed_keyword
 from .layers.coupling import CONDITIONER_ACTIVATIONS, cnn_conditioner
+from .layers.dense import PARAMETERIZATIONS
 
-__all__ = ["coupling_flow", "dense_flow", "conv_flow", "glow_flow", "CONDITIONERS"]
+__all__ = ["coupling_flow", "dense_flow", "conv_flow", "glow_flow", "CONDITIONERS",
+           "DENSE_FLOW_PARAMETERIZATIONS"]
 
 #: Coupling conditioners of :func:`coupling_flow`.
 CONDITIONERS: tuple[str, ...] = ("joint", "separate")
+#: The ``parameterization`` values of :func:`dense_flow`: :class:`Dense`'s, and
+#: ``"triangular_pair"`` (a lower- then an upper-triangular layer).
+DENSE_FLOW_PARAMETERIZATIONS: tuple[str, ...] = (*PARAMETERIZATIONS, "triangular_pair")
 
 
 def coupling_flow(
@@ -83,15 +87,14 @@ def dense_flow(
     actnorm: bool = False,
     bias: bool = True,
     init: str | None = None,
-    parameterisation: str | None = None,
     prior: nn.Module | None = None,
 ) -> EBFlow:
     """Fully connected EBFlow: [dense, smooth leaky ReLU (, ActNorm)] x (n-1), dense.
 
     Image events are flattened first. ``num_layers=2``, ``alpha=0.3`` is the paper's FC model.
     ``parameterization`` and ``init`` are passed to :class:`Dense` (``"identity"`` skips the
-    orthogonal draw, e.g. when the weights are loaded from a checkpoint right after);
-    ``parameterisation`` is a deprecated alias (one release). With ``actnorm``, call
+    orthogonal draw, e.g. when the weights are loaded from a checkpoint right after).
+    With ``actnorm``, call
     :meth:`EBFlow.initialize` with a batch of data before use.
 
     ``parameterization="triangular_pair"`` (the reference code's ``trilu``): each dense layer is
@@ -99,8 +102,9 @@ def dense_flow(
     at all ones, both with free diagonals (``W = U L``). ``prior``: the latent distribution
     (default standard normal).
     """
-    parameterization = renamed_keyword(parameterisation, parameterization, old="parameterisation",
-                                       new="parameterization", owner="dense_flow")
+    if parameterization not in DENSE_FLOW_PARAMETERIZATIONS:
+        raise ConfigError(f"unknown dense parameterization {parameterization!r}; "
+                          f"choose one of {', '.join(DENSE_FLOW_PARAMETERIZATIONS)}")
     if num_layers < 1:
         raise ConfigError(f"num_layers must be >= 1, got {num_layers}")
     event_shape = tuple(event_shape)

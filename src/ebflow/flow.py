@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .errors import ConfigError, InputError
 from .layers.base import FlowLayer, LinearFlowLayer, Shape
 from .prior import StandardNormal
+from .runtime import full_precision
 from .utils import grad_ready
 from .validation import check_batch, check_count, check_generator
 
@@ -291,12 +292,15 @@ class EBFlow(nn.Module):
                 total = total - layer.log_abs_det(shape).to(device=self.device, dtype=torch.float64)
         return total
 
+    @full_precision()
     @torch.nn.utils.parametrize.cached()  # one value per parametrized weight (spectral norm)
     def log_prob(self, x: Tensor) -> Tensor:
-        r"""Exact log-density :math:`\log p(x) = -E(x) - \log Z`, shape ``(batch,)``."""
+        r"""Exact log-density :math:`\log p(x) = -E(x) - \log Z`, shape ``(batch,)`` (TF32 off:
+        :func:`~ebflow.runtime.full_precision`)."""
         e = self.energy(x)
         return -e - self.log_partition().to(e.dtype)
 
+    @full_precision()
     @torch.nn.utils.parametrize.cached()  # one value per parametrized weight (spectral norm)
     def forward_with_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(z, sum of every layer's log|det J|)``: plain change of variables (for checks)."""
@@ -315,8 +319,9 @@ class EBFlow(nn.Module):
             h = layer.transform(h) if isinstance(layer, LinearFlowLayer) else layer(h)[0]
         return h
 
+    @full_precision()
     def inverse(self, z: Tensor) -> Tensor:
-        """Data ``x = g^{-1}(z)`` by exact inversion of every layer."""
+        """Data ``x = g^{-1}(z)`` by exact inversion of every layer (TF32 off)."""
         h = self.check_input(z, "latent z", self.latent_shape)
         for layer in reversed(self.layers):
             h = layer.inverse(h)
@@ -326,7 +331,7 @@ class EBFlow(nn.Module):
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """Draw ``n`` exact samples: ``z ~ p_u``, ``x = g^{-1}(z)``. No gradient flows."""
         n = check_count(n, "number of samples n", error=InputError)
-        check_generator(generator)
+        check_generator(generator, device=self.device)
         z = self.prior.sample(
             (n, *self.latent_shape), dtype=self.dtype, device=self.device, generator=generator
         )

@@ -110,7 +110,7 @@ def make_mask(
         raise ConfigError(f"event_shape must be a sequence of sizes, got {event_shape!r}")
     event_shape = tuple(check_count(s, "every size of event_shape") for s in event_shape)
     batch = check_count(batch, "mask batch")
-    check_generator(generator)
+    check_generator(generator, device="cpu", owner="mask (drawn on the CPU, then moved)")
     spec = str(spec)
     if spec.startswith("random:"):
         try:
@@ -210,7 +210,7 @@ def _chain_start(
                 f"images must be pixels in [0, {top}], got range [{float(original.min())}, "
                 f"{float(original.max())}]"
             )
-        noise = torch.rand(original.shape, generator=generator).to(device=device, dtype=dtype) * preprocessing.num_bins
+        noise = torch.rand(original.shape, generator=generator, device=device).to(dtype) * preprocessing.num_bins
         start_cont = torch.where(full_mask, noise, original + 0.5)  # mid-bin for observed pixels
         y0, _ = preprocessing.forward(start_cont)
         start = torch.where(full_mask, noise.floor().clamp(0, top), original)
@@ -218,7 +218,7 @@ def _chain_start(
         return y0, start, target, float(top)
     mean = original.mean(dim=0, keepdim=True)
     spread = original.std(dim=0, keepdim=True).clamp_min(1e-3) if original.shape[0] > 1 else torch.ones_like(mean)
-    noise = mean + spread * torch.randn(original.shape, generator=generator).to(device=device, dtype=dtype)
+    noise = mean + spread * torch.randn(original.shape, generator=generator, device=device).to(dtype)
     y0 = torch.where(full_mask, noise, original)
     span = float(original.max() - original.min())
     return y0, y0.clone(), model, span if span > 0 else 1.0
@@ -265,7 +265,8 @@ def inpaint_images(
             ``average_last`` states (each denoised as above when ``denoise_sigma > 0``): an
             estimate of the posterior mean, which has a lower squared error than one sample but
             looks blurrier. ``0`` returns the last state: one sample of the conditional law.
-        generator: random generator (CPU) for the noise start and the chains.
+        generator: random generator on the model's device, for the noise start and the chains
+            (:class:`~ebflow.errors.InputError` when it is on another device).
     """
     model = check_energy_model(model)
     if preprocessing is not None:
@@ -275,7 +276,7 @@ def inpaint_images(
         step_size = check_number(step_size, "step size", positive=True)
     denoise_sigma = check_number(denoise_sigma, "denoise_sigma", non_negative=True)
     average_last = check_count(average_last, "average_last", minimum=0)
-    check_generator(generator)
+    check_generator(generator, device=getattr(model, "device", torch.device("cpu")))
     if average_last > steps:
         raise ConfigError(f"average_last ({average_last}) cannot exceed the number of steps ({steps})")
     event_shape = tuple(model.event_shape)
@@ -311,7 +312,7 @@ def inpaint_images(
     result = langevin(
         target, y0, steps, step_size, metropolis=metropolis, mask=full_mask, schedule=schedule,
         final_step_size=final_step_size, target_acceptance=adapt, smoothness=smoothness,
-        blur_sigma=blur_sigma, generator=generator if device.type == "cpu" else None, progress=progress,
+        blur_sigma=blur_sigma, generator=generator, progress=progress,
         callback=accumulate if average_last else None,
     )
     y = result.samples

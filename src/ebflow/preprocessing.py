@@ -55,7 +55,7 @@ class ImagePreprocessing:
         r""":math:`\tilde x = x + u`, :math:`u \sim U[0, 1)`; pixels (integer or floating
         tensor, a batch first) must be in ``[0, num_bins)``."""
         check_batch(pixels, what="pixels", integer_ok=True)
-        check_generator(generator)
+        check_generator(generator, device=pixels.device, owner="pixel batch")
         if not pixels.is_floating_point():
             pixels = pixels.to(torch.get_default_dtype())
         if bool((pixels < 0).any()) or bool((pixels > self.num_bins - 1).any()):

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import warnings
-from typing import TypeVar
-
 from torch import Tensor
 
-__all__ = ["grad_ready", "renamed_keyword", "sum_except_batch"]
-
-T = TypeVar("T")
+__all__ = ["grad_ready", "sum_except_batch"]
 
 
 def sum_except_batch(t: Tensor) -> Tensor:
@@ -26,11 +21,3 @@ def grad_ready(h: Tensor) -> Tensor:
     output of a model's linear prefix when no parameter is trained)."""
     return h if h.requires_grad else h.detach().requires_grad_(True)
 
-
-def renamed_keyword(old_value: T | None, new_value: T, *, old: str, new: str, owner: str) -> T:
-    """The value of a keyword renamed from ``old`` to ``new`` (kept one release): ``old_value``,
-    with a :class:`DeprecationWarning`, when the caller used the old name, else ``new_value``."""
-    if old_value is None:
-        return new_value
-    warnings.warn(f"{owner}: the keyword {old!r} is deprecated; use {new!r}", DeprecationWarning, stacklevel=3)
-    return old_value

@@ -20,6 +20,7 @@ __all__ = [
     "check_finite",
     "check_generator",
     "check_number",
+    "same_device",
 ]
 
 
@@ -29,6 +30,22 @@ def check_finite(x: Tensor, what: str = "input") -> None:
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())
         raise InputError(f"{what} contains non-finite values ({n_nan} NaN, {n_inf} Inf)")
+
+
+def _canonical(device: torch.device | str) -> torch.device:
+    """``device`` with the index it denotes: ``cuda`` (no index) is the current CUDA device."""
+    device = torch.device(device)
+    if device.index is None and device.type == "cuda" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if device.index is None and device.type != "cpu":
+        return torch.device(device.type, 0)
+    return device
+
+
+def same_device(a: torch.device | str, b: torch.device | str) -> bool:
+    """True when ``a`` and ``b`` are the same device (type *and* index: ``cuda:0`` is not
+    ``cuda:1``; ``cuda`` is the current CUDA device)."""
+    return _canonical(a) == _canonical(b)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -75,7 +92,7 @@ def check_batch(
             f"{what} has dtype {x.dtype} but the {owner} has dtype {dtype}; "
             f"convert one of them (e.g. x.to({dtype}) or {owner}.to({x.dtype}))"
         )
-    if device is not None and x.device.type != device.type:
+    if device is not None and not same_device(x.device, device):
         raise InputError(
             f"{what} is on device {x.device} but the {owner} is on {device}; move it with x.to({owner}.device)"
         )
@@ -132,8 +149,18 @@ def check_number(
     return number
 
 
-def check_generator(generator: object, what: str = "generator") -> torch.Generator | None:
-    """``generator`` if it is ``None`` or a :class:`torch.Generator`, else :class:`ConfigError`."""
+def check_generator(
+    generator: object, what: str = "generator", *, device: torch.device | str | None = None,
+    owner: str = "model",
+) -> torch.Generator | None:
+    """``generator`` if it is ``None`` or a :class:`torch.Generator` (else :class:`ConfigError`)
+    on ``device`` when given (else :class:`InputError`: torch draws only from a generator of the
+    tensor's device type, and ebflow draws on the model's device)."""
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ConfigError(f"{what} must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and device is not None and not same_device(generator.device, device):
+        raise InputError(
+            f"{what} is on device {generator.device} but the {owner} is on {torch.device(device)}; "
+            f"create it there: torch.Generator(device={str(torch.device(device))!r}).manual_seed(...)"
+        )
     return generator

@@ -7,7 +7,7 @@ import json
 
 from ..errors import ConfigError
 from ..experiment.config import FIELDS, dump_config, list_presets, parse_overrides, resolve_config
-from ..experiment.distributed import resolve_device
+from ..experiment.devices import resolve_device
 from ..experiment.plots import prepare_output, save_samples
 from ..experiment.runs import LoadedRun, load_run
 from .common import format_metrics, seed_argument

@@ -16,7 +16,7 @@ from ..inpainting import inpaint_images, make_mask, save_inpainting_grid
 from ..mcmc import SCHEDULES, check_energy_model
 from ..experiment.config import RunConfig, parse_overrides
 from ..experiment.checkpoint import OutputError, os_reason
-from ..experiment.distributed import resolve_device
+from ..experiment.devices import resolve_device
 from ..experiment.plots import prepare_output
 from ..experiment.runs import load_run
 from .common import seed_argument

@@ -8,11 +8,23 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from queue import Queue
+
+import torch
 
 from ..errors import ConfigError
 from ..experiment.config import MAX_SEED
-from ..experiment.distributed import resolve_device
-from ..experiment.reproduce import SM_LOSSES, TABLES, cell_done, cells_of, train_cell, write_report
+from ..experiment.devices import resolve_device
+from ..experiment.reproduce import (
+    SM_LOSSES,
+    TABLES,
+    Cell,
+    cell_done,
+    cells_of,
+    device_slots,
+    train_cell,
+    write_report,
+)
 
 __all__ = ["add_arguments", "run"]
 
@@ -67,8 +79,19 @@ def run(args: argparse.Namespace) -> int:
         for c in cells:
             if c not in todo:
                 print(f"[{c.name}] finished at this budget; skipped", flush=True)
+        free: Queue[str | None] = Queue()  # one device per concurrent cell (GPUs spread)
+        for slot in device_slots(args.device, args.parallel, torch.cuda.device_count()):
+            free.put(slot)
+
+        def run_cell(cell: Cell) -> int:
+            device = free.get()
+            try:
+                return train_cell(cell, out_dir / args.table / cell.name, args, device)
+            finally:
+                free.put(device)
+
         with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-            codes = list(pool.map(lambda c: train_cell(c, out_dir / args.table / c.name, args), todo))
+            codes = list(pool.map(run_cell, todo))
         failed = [c.name for c, code in zip(todo, codes) if code != 0]
     write_report(args.table, cells, out_dir)
     if failed:

@@ -8,7 +8,7 @@ The library (``ebflow``, ``ebflow.layers``, ...) never imports this package.
 from .config import RunConfig, list_presets, resolve_config, validate_config
 from .runs import LoadedRun, load_run
 from .training import TrainResult, train
-from .trainer import StopRequest, TrainingDivergedError, TrainingInterrupted
+from .trainer import StopRequest, TrainingDivergedError, TrainingInterrupted, TrainState
 
 __all__ = ["train", "load_run", "LoadedRun", "resolve_config", "validate_config", "RunConfig", "list_presets",
-           "TrainResult", "TrainingDivergedError", "TrainingInterrupted", "StopRequest"]
+           "TrainResult", "TrainState", "TrainingDivergedError", "TrainingInterrupted", "StopRequest"]

@@ -29,6 +29,7 @@ __all__ = [
     "ModelFamily",
     "MODEL_FAMILIES",
     "OPTIMIZERS",
+    "WEIGHT_INITS",
     "build_preprocessing",
     "build_model",
     "build_objective",
@@ -46,6 +47,8 @@ def build_preprocessing(config: PreprocessingConfig, num_bins: int | None) -> Im
 
 _DENSE_INIT = {"default": None, "negative_identity": "negative_identity", "orthogonal": "orthogonal"}
 _CONV_INIT = {"default": "identity", "negative_identity": "negative_identity"}
+#: The config's ``weight_init`` values (conv models take the first two).
+WEIGHT_INITS: tuple[str, ...] = tuple(_DENSE_INIT)
 
 
 def _prior(c: ModelConfig) -> nn.Module:

@@ -29,20 +29,17 @@ from .schema import (
     LOSSES,
     MAX_SEED,
     MODELS,
-    RENAMED_KEYS,
     RESUMABLE_KEYS,
     Field,
     RunConfig,
     coerce_value,
-    grad_clip_for,
     unknown_key,
     validate_config,
 )
 
 __all__ = ["DATASETS", "DEFAULTS", "FIELDS", "IMAGE_DATASETS", "LOSSES", "MAX_SEED", "MODELS",
-           "RENAMED_KEYS", "RESUMABLE_KEYS", "Field", "RunConfig", "apply_per_loss", "dump_config",
-           "grad_clip_for", "list_presets", "load_config", "load_preset", "parse_overrides",
-           "resolve_config", "validate_config"]
+           "RESUMABLE_KEYS", "Field", "RunConfig", "apply_per_loss", "dump_config", "list_presets",
+           "load_config", "load_preset", "parse_overrides", "resolve_config", "validate_config"]
 
 
 # -- presets and files ---------------------------------------------------------------------------
@@ -117,7 +114,7 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        key = RENAMED_KEYS.get(key.strip(), key.strip())
+        key = key.strip()
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         if key not in FIELDS:

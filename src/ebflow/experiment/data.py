@@ -26,7 +26,8 @@ from torch import Tensor
 from ..errors import ConfigError, EBFlowError, InputError
 from .sections import DataConfig
 
-__all__ = ["DataSplits", "DataUnavailableError", "ToyMixture", "load_data", "check_data",
+__all__ = ["DataSplits", "DataUnavailableError", "IMAGE_DATASETS", "LOADERS", "TOY2D_DATASETS",
+           "ToyMixture", "load_data", "check_data",
            "toy2d_base_points", "mm10_sample", "read_idx", "default_data_dir"]
 
 MNIST_FILES = {
@@ -378,12 +379,19 @@ def _cifar10(config: DataConfig) -> DataSplits:
 
 
 # -- entry point -------------------------------------------------------------------------------------
-_LOADERS: dict[str, Callable[[DataConfig], DataSplits]] = {
-    **{name: _toy2d for name in ("toy2d-sine", "toy2d-swirl", "toy2d-checkerboard")},
-    "mm10": _mm10, "points": _points_file, "digits": _digits, "cifar10": _cifar10,
-    "mnist": lambda c: _mnist_like(c, "mnist"), "fashion-mnist": lambda c: _mnist_like(c, "fashion-mnist"),
+_IMAGE_LOADERS: dict[str, Callable[[DataConfig], DataSplits]] = {
+    "digits": _digits, "mnist": lambda c: _mnist_like(c, "mnist"),
+    "fashion-mnist": lambda c: _mnist_like(c, "fashion-mnist"), "cifar10": _cifar10,
     "synthetic-mnist": lambda c: _synthetic_images(c, (1, 28, 28), "synthetic-mnist"),
     "synthetic-cifar10": lambda c: _synthetic_images(c, (3, 32, 32), "synthetic-cifar10"),
+}
+#: The 2-D toy data sets (fresh smoothing noise per training batch).
+TOY2D_DATASETS: tuple[str, ...] = ("toy2d-sine", "toy2d-swirl", "toy2d-checkerboard")
+#: The image data sets (pixel levels, dequantisation, logit preprocessing).
+IMAGE_DATASETS: tuple[str, ...] = tuple(_IMAGE_LOADERS)
+#: Data set loaders by config name (``data``): the config's choices are this table's names.
+LOADERS: dict[str, Callable[[DataConfig], DataSplits]] = {
+    **{name: _toy2d for name in TOY2D_DATASETS}, "mm10": _mm10, "points": _points_file, **_IMAGE_LOADERS,
 }
 
 
@@ -391,7 +399,7 @@ def load_data(config: DataConfig, *, num_bins: int | None = None) -> DataSplits:
     """Load (or generate) the data set of a validated config's data section, checked for NaN /
     Inf; image pixels must lie below ``num_bins`` (the config's ``num_bins``) when it is given."""
     name = config.dataset
-    splits = _LOADERS[name](config)
+    splits = LOADERS[name](config)
     if config.max_train:
         splits.train = splits.train[: config.max_train]
     if config.max_eval:

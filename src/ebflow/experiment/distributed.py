@@ -36,7 +36,6 @@ from __future__ import annotations
 import inspect
 import math
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -48,15 +47,15 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, EBFlowError, InputError, SingularLayerError
 from ..layers.base import LinearFlowLayer
+from .devices import local_rank_from_env, process_device
 
-__all__ = ["Distributed", "SINGLE_PROCESS", "GRAD_SYNC_MODES", "DEVICE_NAME", "launched_by_torchrun",
-           "resolve_device", "backend_for", "init_from_env", "current", "shutdown", "ObjectiveModule",
-           "GradientSync", "make_gradient_sync", "poisoned_loss"]
+__all__ = ["Distributed", "SINGLE_PROCESS", "GRAD_SYNC_MODES", "launched_by_torchrun", "backend_for",
+           "init_from_env", "current", "shutdown", "ObjectiveModule", "GradientSync", "make_gradient_sync",
+           "poisoned_loss"]
 
 T = TypeVar("T")
 GRAD_SYNC_MODES = ("auto", "ddp", "allreduce")
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]+)?", re.ASCII)  # what --device accepts
 
 
 @dataclass(frozen=True)
@@ -199,44 +198,6 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def resolve_device(name: str | torch.device | None) -> torch.device:
-    """The device meant by ``name`` on this machine: ``auto`` (or None) -> cuda when available,
-    else cpu; ``cpu``; ``cuda`` or ``cuda:N``. Anything else, or a GPU this machine lacks, is a
-    :class:`~ebflow.errors.ConfigError` (the one device check of every command)."""
-    text = "auto" if name is None else str(name).strip()
-    if DEVICE_NAME.fullmatch(text) is None:
-        raise ConfigError(f"device {text!r} is not one of auto, cpu, cuda, cuda:N (N = 0, 1, ...)")
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if text == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"device {text!r} requested but CUDA is not available; use --device cpu")
-    index = int(text[5:]) if ":" in text else None
-    if index is not None and index >= torch.cuda.device_count():
-        raise ConfigError(f"device {text!r} requested but this machine has {torch.cuda.device_count()} "
-                          f"GPU(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    return torch.device("cuda", index)
-
-
-def _process_device(requested: str | torch.device | None, local_rank: int, world_size: int) -> torch.device:
-    name = "auto" if requested is None else str(requested)
-    device = resolve_device(name)
-    if device.type != "cuda":
-        return device
-    if device.index is not None and world_size > 1 and device.index != local_rank:
-        raise ConfigError(
-            f"device {name!r} was requested, but with torchrun every process uses the GPU of its "
-            f"LOCAL_RANK (cuda:{local_rank} here); pass --device cuda (or auto)"
-        )
-    if local_rank >= torch.cuda.device_count():
-        raise ConfigError(
-            f"LOCAL_RANK {local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
-            "start at most that many processes per node (--nproc_per_node)"
-        )
-    return torch.device("cuda", local_rank)
-
-
 def init_from_env(
     device: str | torch.device | None = "auto", *, timeout: timedelta | None = None
 ) -> Distributed:
@@ -257,9 +218,9 @@ def init_from_env(
     if missing:
         raise ConfigError(f"distributed launch without {', '.join(missing)} in the environment; "
                           "start the run with torchrun")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world_size = int(os.environ["WORLD_SIZE"])
-    dev = _process_device(device, local_rank, world_size)
+    local_rank = local_rank_from_env(int(os.environ["RANK"]), world_size)
+    dev = process_device(device, local_rank, world_size)
     backend = backend_for(dev)
     kwargs: dict[str, Any] = {}
     if timeout is not None:
@@ -278,7 +239,7 @@ def current() -> Distributed:
         return SINGLE_PROCESS
     backend = str(dist.get_backend())
     rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    local_rank = local_rank_from_env(rank, world)
     if "nccl" in backend and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
     else:

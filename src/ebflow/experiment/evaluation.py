@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..flow import EBFlow
 from ..preprocessing import ImagePreprocessing
+from ..runtime import full_precision
 from .batches import model_input, step_seed
 from .distributed import SINGLE_PROCESS, Distributed
 
@@ -19,6 +20,7 @@ EVAL_SEED_OFFSET = 9_999_991
 
 
 @torch.no_grad()
+@full_precision()
 def evaluate_nll(
     model: EBFlow, data: Tensor, preprocessing: ImagePreprocessing | None, use_map: bool,
     batch_size: int = 500, seed: int = 0, *, dist: Distributed | None = None,

@@ -28,7 +28,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..objectives import OBJECTIVES
 
-__all__ = ["Cell", "TABLES", "cells_of", "cell_done", "resumable_overrides", "train_cell", "collect", "render_report",
+__all__ = ["Cell", "TABLES", "cells_of", "cell_done", "device_slots", "resumable_overrides", "train_cell", "collect", "render_report",
            "write_report", "plot_curves", "zoom_limits"]
 
 SM_LOSSES = ("ml", "sml", "ssm", "dsm", "fdssm")
@@ -140,9 +140,19 @@ def cell_done(run_dir: Path, budget: float | None, overrides: Sequence[str] = ()
     return budget is None or (done.get("budget_minutes") or 0) >= budget
 
 
-def train_command(cell: Cell, run_dir: Path, args: argparse.Namespace) -> list[str]:
+def device_slots(device: str | None, parallel: int, gpus: int) -> list[str | None]:
+    """The device of each of ``parallel`` concurrent cells: with ``cuda`` (no index) and several
+    GPUs, the cells spread over them (slot ``i`` on ``cuda:(i mod gpus)``); otherwise every cell
+    gets ``device`` as given."""
+    if device is None or device.strip() != "cuda" or gpus <= 1:
+        return [device] * parallel
+    return [f"cuda:{i % gpus}" for i in range(parallel)]
+
+
+def train_command(cell: Cell, run_dir: Path, args: argparse.Namespace,
+                  device: str | None = None) -> list[str]:
     """The ``ebflow train`` command of a cell: a fresh run, or a resume when the cell's
-    directory holds a checkpoint."""
+    directory holds a checkpoint; ``device`` (default: ``args.device``) is where it trains."""
     sets = ["progress=false"]
     if args.budget_minutes is not None:
         sets.append(f"max_minutes={args.budget_minutes}")
@@ -161,8 +171,9 @@ def train_command(cell: Cell, run_dir: Path, args: argparse.Namespace) -> list[s
             sets += [f"data_dir={args.data_dir}"]
         cmd = ["train", "--resume", str(run_dir)]
         sets += [f"{k}={v}" for k, v in resumable_overrides(args.overrides).items()]
-    if args.device:
-        cmd += ["--device", args.device]
+    device = device if device is not None else args.device
+    if device:
+        cmd += ["--device", device]
     return [sys.executable, "-m", "ebflow", *cmd, *[a for s in sets for a in ("--set", s)]]
 
 
@@ -172,8 +183,8 @@ def _yaml_value(v: Any) -> str:
     return str(v)
 
 
-def train_cell(cell: Cell, run_dir: Path, args: argparse.Namespace) -> int:
-    cmd = train_command(cell, run_dir, args)
+def train_cell(cell: Cell, run_dir: Path, args: argparse.Namespace, device: str | None = None) -> int:
+    cmd = train_command(cell, run_dir, args, device)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     env = os.environ.copy()
     if args.threads is not None:

@@ -21,7 +21,7 @@ from .builders import build_model, build_preprocessing
 from .checkpoint import CheckpointError, first_line, load_checkpoint
 from .config import RunConfig, validate_config
 from .data import DataSplits, load_data
-from .distributed import resolve_device
+from .devices import resolve_device
 from .evaluation import EVAL_SEED_OFFSET, evaluate_nll
 from .toy_metrics import toy_metrics
 

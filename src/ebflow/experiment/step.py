@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..errors import InputError, SingularLayerError
 from .distributed import GradientSync, poisoned_loss
 
-__all__ = ["StepOutcome", "optimization_step", "optimisation_step"]
+__all__ = ["StepOutcome", "optimization_step"]
 
 
 @dataclass
@@ -68,8 +68,3 @@ def optimization_step(
         torch.nn.utils.clip_grads_with_norm_(params, grad_clip, torch.tensor(norm))
     optimizer.step()
     return StepOutcome(value, norm, True)
-
-
-
-#: Deprecated spelling (0.1); use :func:`optimization_step`.
-optimisation_step = optimization_step

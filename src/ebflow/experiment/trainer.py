@@ -14,27 +14,26 @@ import signal
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Sampler
 
 from ..ema import EMA
 from ..errors import ConfigError, EBFlowError, InputError
 from .batches import EpochShuffleSampler, augment_images, make_loader, model_input, step_seed
 from .builders import build_model, build_objective, build_optimizer, build_preprocessing, build_scheduler
 from .checkpoint import CheckpointError, first_line, save_checkpoint
-from .config import RunConfig, grad_clip_for
+from .config import RunConfig
 from .data import DataSplits, load_data
 from .distributed import SINGLE_PROCESS, Distributed, make_gradient_sync
 from .evaluation import EVAL_SEED_OFFSET, evaluate_nll
 from .records import MetricsLog
 from .step import StepOutcome, optimization_step
 
-__all__ = ["TrainingDivergedError", "TrainingInterrupted", "StopRequest", "Trainer"]
+__all__ = ["TrainingDivergedError", "TrainingInterrupted", "StopRequest", "TrainState", "Trainer"]
 
 
 class TrainingDivergedError(EBFlowError):
@@ -62,6 +61,45 @@ class StopRequest:
 
     signum: int = 0
     polling: bool = False
+
+
+@dataclass
+class TrainState:
+    """The counters of a training run, in one place: the :class:`Trainer` holds one, a
+    checkpoint stores its fields under their names (:meth:`to_checkpoint`,
+    :meth:`from_checkpoint`), and :class:`~ebflow.experiment.training.TrainResult` reports it."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  #: steps done in the current epoch
+    train_seconds: float = 0.0  #: training time (evaluation and checkpoints excluded)
+    skipped_steps: int = 0  #: non-finite steps, all in all
+    consecutive_nonfinite: int = 0  #: non-finite steps since the last finite one
+    dropped_examples: int = 0  #: outside the model's domain (drop_out_of_domain), of seen_examples
+    seen_examples: int = 0  #: training examples this process's objective has seen
+    best_val_nll: float = math.inf
+    run_id: str | None = None  #: the run directory's id, carried by every checkpoint
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        """The counters as a checkpoint holds them: one key per field."""
+        return asdict(self)
+
+    @classmethod
+    def from_checkpoint(cls, state: Mapping[str, Any]) -> TrainState:
+        """The counters of a checkpoint's state; the keys that older checkpoints lack
+        (``dropped_examples``, ``seen_examples``, ``run_id``) take their defaults, any other
+        missing key is a ``KeyError``."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in state and f.name not in _ADDED_LATER:
+                raise KeyError(f.name)
+            value = state.get(f.name, f.default)
+            values[f.name] = value if f.default is None else type(f.default)(value)
+        return cls(**values)
+
+
+#: Checkpoint keys that the first checkpoints did not have.
+_ADDED_LATER = frozenset({"dropped_examples", "seen_examples", "run_id"})
 
 
 @dataclass
@@ -93,15 +131,14 @@ class Trainer:
 
     def __init__(
         self, config: RunConfig, run_dir: Path, *, device: torch.device,
-        splits: DataSplits | None = None, sampler: Sampler[int] | None = None,
-        is_main_process: bool = True, resume_state: Mapping[str, Any] | None = None,
+        splits: DataSplits | None = None, resume_state: Mapping[str, Any] | None = None,
         dist: Distributed = SINGLE_PROCESS,
     ) -> None:
         self.config = config
         self.run_dir = run_dir
         self.device = device
         self.dist = dist
-        self.is_main = is_main_process and dist.is_main
+        self.is_main = dist.is_main
         if splits is None:
             # one download per machine; an error anywhere stops every process
             splits = dist.local_main_first(lambda: load_data(config.data, num_bins=config.preprocessing.num_bins))
@@ -115,7 +152,6 @@ class Trainer:
                                      use_map=config.preprocessing.map).to(device)
         self.dtype = self.model.dtype
         self.objective = build_objective(config.objective)
-        self.grad_clip = grad_clip_for(config)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(config.optim, self.params)
         self.scheduler = build_scheduler(config.optim, self.optimizer)
@@ -125,17 +161,12 @@ class Trainer:
         self.train_data = self.splits.train.to(device)
         self.global_batch = config.training.batch_size
         self.local_batch = self.global_batch // dist.world_size
-        self.sampler = sampler if sampler is not None else EpochShuffleSampler(
-            self.train_data.shape[0], config.runtime.seed)
+        self.sampler = EpochShuffleSampler(self.train_data.shape[0], config.runtime.seed)
         self.loader = make_loader(self.train_data, self.global_batch, self.sampler,
                                   rank=dist.rank, world_size=dist.world_size)
         self.batches_per_epoch = len(self.loader)
         self.noise_generator = torch.Generator(device=device)
-        self.step = self.epoch = self.batch_in_epoch = 0
-        self.train_seconds = 0.0
-        self.skipped = self.consecutive_bad = 0
-        self.best_val = math.inf
-        self.run_id: str | None = None  # the run directory's id, carried by every checkpoint
+        self.counters = TrainState()  # every counter of the run: checkpoints and results read it
         self.stop = StopRequest()
         self.log: MetricsLog | None = None
         self.window = _Window()
@@ -161,15 +192,14 @@ class Trainer:
         self.model.initialize(inp.to(self.device, self.dtype))
 
     def state(self) -> dict[str, Any]:
+        """What a checkpoint holds: the config, the weights, EMA, optimizer and schedule, the
+        counters (:class:`TrainState`) and what the data looked like."""
         return {
             "config": self.config.to_dict(), "model": self.model.state_dict(), "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "train_seconds": self.train_seconds, "skipped_steps": self.skipped,
-            "consecutive_nonfinite": self.consecutive_bad, "dropped_examples": self.objective.dropped_examples,
-            "seen_examples": self.objective.seen_examples, "best_val_nll": self.best_val,
+            **self.counters.to_checkpoint(),
             "event_shape": list(self.splits.event_shape), "world_size": self.dist.world_size,
-            "num_bins": self.pre.num_bins if self.pre is not None else None, "run_id": self.run_id,
+            "num_bins": self.pre.num_bins if self.pre is not None else None,
         }
 
     def _load_state(self, state: Mapping[str, Any]) -> None:
@@ -178,13 +208,10 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
-            self.step, self.epoch, self.batch_in_epoch = (int(state[k]) for k in ("step", "epoch", "batch_in_epoch"))
-            self.skipped, self.consecutive_bad = int(state["skipped_steps"]), int(state["consecutive_nonfinite"])
-            self.train_seconds = float(state["train_seconds"])
-            self.objective.dropped_examples = int(state.get("dropped_examples", 0))
-            self.objective.seen_examples = int(state.get("seen_examples", 0))
-            self.best_val = float(state["best_val_nll"])
-            self.run_id = state.get("run_id")
+            self.counters = TrainState.from_checkpoint(state)
+            # the objective counts its examples; it goes on from the checkpoint's counts
+            self.objective.dropped_examples = self.counters.dropped_examples
+            self.objective.seen_examples = self.counters.seen_examples
         except (KeyError, RuntimeError, ValueError, TypeError, IndexError, ConfigError) as err:
             raise CheckpointError(f"does not match the model of its own config: its tensors do not "
                                   f"fit ({first_line(err)})") from err
@@ -211,7 +238,7 @@ class Trainer:
         whole global batch from a generator seeded by ``(seed, step)`` -- the same numbers on
         every process and in a resumed run -- and each process keeps the rows of its examples.
         """
-        g = self.noise_generator.manual_seed(step_seed(self.config.runtime.seed, self.step))
+        g = self.noise_generator.manual_seed(step_seed(self.config.runtime.seed, self.counters.step))
         shape = (self.global_batch, *xb.shape[1:])
         start, rows = self.dist.rank * self.local_batch, self.local_batch
         x = xb.to(self.dtype)
@@ -247,16 +274,18 @@ class Trainer:
         inp, noise = self._step_inputs(xb)
         extra = {"sync": self.sync} if self.sync is not None else {}
         out = optimization_step(self.train_module, self._loss_fn(noise), self.optimizer, inp,
-                                self.grad_clip, **extra)
-        self.step += 1
-        self.batch_in_epoch += 1
+                                self.config.optim.grad_clip, **extra)
+        c = self.counters
+        c.step += 1
+        c.batch_in_epoch += 1
+        c.seen_examples, c.dropped_examples = self.objective.seen_examples, self.objective.dropped_examples
         self.window.add(out)
         if out.finite:
             self.ema.update()
-            self.consecutive_bad = 0
+            self.counters.consecutive_nonfinite = 0
         else:
-            self.skipped += 1
-            self.consecutive_bad += 1
+            self.counters.skipped_steps += 1
+            self.counters.consecutive_nonfinite += 1
         return out
 
     # -- evaluation ---------------------------------------------------------------------
@@ -278,10 +307,10 @@ class Trainer:
         self.model.train()
         with self._progress() as bar:
             while not self.done():
-                if self.batch_in_epoch >= self.batches_per_epoch:  # nothing left in this epoch
+                if self.counters.batch_in_epoch >= self.batches_per_epoch:  # nothing left in this epoch
                     self._next_epoch()
-                self.sampler.set_epoch(self.epoch)  # type: ignore[attr-defined]
-                self.loader.sampler.skip = self.batch_in_epoch  # type: ignore[attr-defined]
+                self.sampler.set_epoch(self.counters.epoch)  # type: ignore[attr-defined]
+                self.loader.sampler.skip = self.counters.batch_in_epoch  # type: ignore[attr-defined]
                 t0 = time.perf_counter()
                 for xb in self.loader:
                     out = self.train_step(xb)
@@ -289,43 +318,43 @@ class Trainer:
                     if bar is not None:
                         bar.update(1)
                     self.after_step(out)
-                    if self.done() or self.batch_in_epoch == 0:  # budget spent, or epoch over
+                    if self.done() or self.counters.batch_in_epoch == 0:  # budget spent, or epoch over
                         break
                     t0 = time.perf_counter()
 
     def after_step(self, out: StepOutcome) -> None:
         """Bookkeeping after a step (not counted as training time); on a stop request, a
         checkpoint at this step, then :class:`TrainingInterrupted`."""
-        if self.batch_in_epoch >= self.batches_per_epoch:
+        if self.counters.batch_in_epoch >= self.batches_per_epoch:
             self._next_epoch()
         every = self.config.bookkeeping
-        if self.consecutive_bad >= self.config.training.max_nonfinite:
+        if self.counters.consecutive_nonfinite >= self.config.training.max_nonfinite:
             self._diverged(out)
         stop = int(self.dist.broadcast_float(self.stop.signum))  # rank 0's: all stop at this step
         done = self.done()
-        if self.step % every.log_every == 0:
+        if self.counters.step % every.log_every == 0:
             self._log_window()
-        if self.step % every.eval_every == 0 or (done and not stop):
+        if self.counters.step % every.eval_every == 0 or (done and not stop):
             self._validate()
-        if self.step % every.checkpoint_every == 0 or done or stop:
+        if self.counters.step % every.checkpoint_every == 0 or done or stop:
             self.save("last.pt")
         if stop:
-            raise TrainingInterrupted(stop, self.run_dir, self.step)
+            raise TrainingInterrupted(stop, self.run_dir, self.counters.step)
 
     def done(self) -> bool:
         c = self.config.training
-        return ((c.max_iters is not None and self.step >= c.max_iters)
-                or (c.epochs is not None and self.epoch >= c.epochs)
-                or (c.max_minutes is not None and self.train_seconds >= 60 * c.max_minutes))
+        return ((c.max_iters is not None and self.counters.step >= c.max_iters)
+                or (c.epochs is not None and self.counters.epoch >= c.epochs)
+                or (c.max_minutes is not None and self.counters.train_seconds >= 60 * c.max_minutes))
 
     def _add_time(self, seconds: float) -> None:
-        if self.device.type == "cuda" and self.step % self.config.bookkeeping.log_every == 0:
+        if self.device.type == "cuda" and self.counters.step % self.config.bookkeeping.log_every == 0:
             torch.cuda.synchronize(self.device)
-        self.train_seconds += seconds
+        self.counters.train_seconds += seconds
         self.window.seconds += seconds
         if self.dist.is_distributed and self.config.training.max_minutes is not None:
             # the time budget must stop every process at the same step: rank 0's clock
-            self.train_seconds = self.dist.broadcast_float(self.train_seconds)
+            self.counters.train_seconds = self.dist.broadcast_float(self.counters.train_seconds)
 
     @contextmanager
     def _progress(self) -> Iterator[Any]:
@@ -347,12 +376,12 @@ class Trainer:
         if c.epochs is not None:
             totals.append(c.epochs * self.batches_per_epoch)
         desc = f"{self.config.runtime.name} {self.config.objective.loss}"
-        return tqdm(total=min(totals) if totals else None, initial=self.step, unit="it",
+        return tqdm(total=min(totals) if totals else None, initial=self.counters.step, unit="it",
                     desc=desc, dynamic_ncols=True, mininterval=0.5)
 
     def _next_epoch(self) -> None:
-        self.epoch += 1
-        self.batch_in_epoch = 0
+        self.counters.epoch += 1
+        self.counters.batch_in_epoch = 0
         self.scheduler.step()
 
     def _log_window(self) -> None:
@@ -360,30 +389,31 @@ class Trainer:
         # the loss of the global batch: the mean of the processes' losses
         loss = self.dist.mean(w.loss / w.finite_steps) if w.finite_steps else float("nan")
         if self.log is not None:
-            self.log.log(self.step, {
-                "epoch": self.epoch, "train_s": round(self.train_seconds, 3), "loss": loss,
+            self.log.log(self.counters.step, {
+                "epoch": self.counters.epoch, "train_s": round(self.counters.train_seconds, 3), "loss": loss,
                 "grad_norm": w.grad_norm / w.finite_steps if w.finite_steps else float("nan"),
                 "ms_per_iter": 1000 * w.seconds / every,
                 "examples_per_s": self.global_batch * every / w.seconds if w.seconds > 0 else float("nan"),
-                "lr": self.optimizer.param_groups[0]["lr"], "skipped_steps": self.skipped,
-                "dropped_examples": self.objective.dropped_examples,
+                "lr": self.optimizer.param_groups[0]["lr"], "skipped_steps": self.counters.skipped_steps,
+                "dropped_examples": self.counters.dropped_examples,
             })
         self.window = _Window()
 
     def _validate(self) -> None:
-        val = self.evaluate("val")
+        val, c = self.evaluate("val"), self.counters
         if self.log is not None:
-            self.log.log(self.step, {"epoch": self.epoch, "train_s": round(self.train_seconds, 3),
-                                     "val_nll": val["nll"], "val_bpd": val["bpd"]})
-        if math.isfinite(val["nll"]) and val["nll"] < self.best_val:
-            self.best_val = val["nll"]
+            self.log.log(c.step, {"epoch": c.epoch, "train_s": round(c.train_seconds, 3),
+                                  "val_nll": val["nll"], "val_bpd": val["bpd"]})
+        if math.isfinite(val["nll"]) and val["nll"] < c.best_val_nll:
+            c.best_val_nll = val["nll"]
             self.save("best.pt")
 
     def _diverged(self, out: StepOutcome) -> None:
         self.save("last.pt")
+        c = self.counters
         raise TrainingDivergedError(
-            f"training stopped at step {self.step}: {self.consecutive_bad} consecutive steps were "
-            f"skipped ({out.error or 'non-finite loss'}; {self.skipped} skipped in all). "
+            f"training stopped at step {c.step}: {c.consecutive_nonfinite} consecutive steps were "
+            f"skipped ({out.error or 'non-finite loss'}; {c.skipped_steps} skipped in all). "
             f"The parameters of the last finite step are in {self.run_dir / 'checkpoints' / 'last.pt'}; "
             "lower the learning rate (--set lr=...), enable gradient clipping (--set grad_clip=5) or "
             "change sigma/eps, then train again or --resume with a larger max_nonfinite."

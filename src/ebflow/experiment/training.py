@@ -11,53 +11,55 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Sampler
 
 from ..errors import ConfigError, EBFlowError
 from .checkpoint import (CheckpointError, OutputError, check_new_run_dir, check_owner, claim_run_dir,
                          load_checkpoint, os_reason, remove_temp_files, resume_command, write_text_atomic)
 from .config import RESUMABLE_KEYS, RunConfig, dump_config, validate_config
 from .data import DataSplits
-from .distributed import Distributed, resolve_device
+from .devices import resolve_device
+from .distributed import Distributed
 from .distributed import current as current_distributed
 from .evaluation import EVAL_SEED_OFFSET, evaluate_nll
 from .plots import save_density_plot, save_samples
 from .records import MetricsLog
 from .runs import load_run
 from .toy_metrics import toy_metrics
-from .trainer import StopRequest, Trainer
+from .trainer import StopRequest, Trainer, TrainState
 
 __all__ = ["TrainResult", "train", "finish_run"]
 
 
-@dataclass
-class TrainResult:
-    """What :func:`train` returns: the run's counters and its test metrics."""
+@dataclass(kw_only=True)
+class TrainResult(TrainState):
+    """What :func:`train` returns: the run's final counters (:class:`TrainState`), its shape
+    (processes, global batch), the throughput derived from them, and its test metrics."""
 
     run_dir: Path
-    step: int
-    epoch: int
-    train_seconds: float
-    skipped_steps: int
-    best_val_nll: float
-    test: dict[str, float] = field(default_factory=dict)
     world_size: int = 1
     global_batch: int = 0
-    dropped_examples: int = 0  # outside the model's domain (drop_out_of_domain), of seen_examples
-    seen_examples: int = 0
+    test: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, trainer: Trainer) -> TrainResult:
+        """The result of a trainer as it stands (no test metrics yet)."""
+        return cls(**asdict(trainer.counters), run_dir=trainer.run_dir, world_size=trainer.dist.world_size,
+                   global_batch=trainer.global_batch)
 
     @property
     def dropped_fraction(self) -> float:
+        """dropped / seen examples (0 when none were seen)."""
         return self.dropped_examples / self.seen_examples if self.seen_examples else 0.0
 
     @property
     def ms_per_iter(self) -> float:
+        """Milliseconds of training time per step."""
         return 1000 * self.train_seconds / max(self.step, 1)
 
     @property
@@ -66,8 +68,21 @@ class TrainResult:
 
     @property
     def examples_per_second(self) -> float:
-        """Training throughput of the whole run: global examples per second of training."""
+        """Training throughput of the whole run: step x global batch / training seconds (NaN
+        before any training time)."""
         return self.step * self.global_batch / self.train_seconds if self.train_seconds > 0 else math.nan
+
+    def run_metrics(self) -> dict[str, Any]:
+        """The counters and throughput as ``results.json`` names them."""
+        throughput = self.examples_per_second
+        return {
+            "iterations": self.step, "epochs": self.epoch, "train_seconds": self.train_seconds,
+            "ms_per_iter": self.ms_per_iter, "processes": self.world_size, "global_batch": self.global_batch,
+            "batch_per_process": self.batch_per_process,
+            "examples_per_s": throughput if math.isfinite(throughput) else None,
+            "skipped_steps": self.skipped_steps, "best_val_nll": self.best_val_nll,
+            "dropped_examples": self.dropped_examples, "dropped_fraction": self.dropped_fraction,
+        }
 
 
 def _resume_config(saved: Mapping[str, Any], overrides: Mapping[str, Any]) -> RunConfig:
@@ -100,7 +115,7 @@ def _prepare_run_dir(trainer: Trainer, resume: bool) -> None:
     if resume:
         remove_temp_files(run_dir)
     else:
-        trainer.run_id = claim_run_dir(run_dir)
+        trainer.counters.run_id = claim_run_dir(run_dir)
     write_text_atomic(run_dir / "config.yaml", dump_config(trainer.config), "config")
     if not resume:
         trainer.save("last.pt")
@@ -134,7 +149,6 @@ def _run_device(requested: str | None, ctx: Distributed) -> torch.device:
 def train(
     config: RunConfig | Mapping[str, Any] | None, run_dir: str | Path, *, resume: bool = False,
     overrides: Mapping[str, Any] | None = None, device: str | torch.device | None = None,
-    sampler: Sampler[int] | None = None, is_main_process: bool = True,
     splits: DataSplits | None = None, final_outputs: bool = True,
     distributed: Distributed | None = None, stop: StopRequest | None = None,
 ) -> TrainResult:
@@ -176,40 +190,32 @@ def train(
     if runtime.num_threads is not None:
         torch.set_num_threads(runtime.num_threads)
     try:
-        return _train(config, run_dir, resume, state, dev, sampler, is_main_process, splits,
-                      final_outputs, ctx, stop or StopRequest())
+        return _train(config, run_dir, resume, state, dev, splits, final_outputs, ctx, stop or StopRequest())
     finally:
         torch.set_num_threads(threads)
 
 
 def _train(
     config: RunConfig, run_dir: Path, resume: bool, state: Mapping[str, Any] | None,
-    dev: torch.device, sampler: Sampler[int] | None, is_main_process: bool,
-    splits: DataSplits | None, final_outputs: bool, ctx: Distributed, stop: StopRequest,
+    dev: torch.device, splits: DataSplits | None, final_outputs: bool, ctx: Distributed,
+    stop: StopRequest,
 ) -> TrainResult:
-    is_main = is_main_process and ctx.is_main
-    if is_main_process and not resume:
+    if not resume:
         ctx.from_main(lambda: check_new_run_dir(run_dir))
     # Data and model first: a missing data set must not leave an empty run directory behind.
     try:
-        trainer = Trainer(config, run_dir, device=dev, splits=splits, sampler=sampler,
-                          is_main_process=is_main_process, resume_state=state, dist=ctx)
+        trainer = Trainer(config, run_dir, device=dev, splits=splits, resume_state=state, dist=ctx)
     except CheckpointError as err:  # the resumed state does not fit its own model
         raise CheckpointError(f"checkpoint {str(run_dir / 'checkpoints' / 'last.pt')!r} {err}") from err
     trainer.stop = stop
     log = None
     try:
-        if is_main_process:
-            ctx.from_main(lambda: _prepare_run_dir(trainer, resume))
-        if is_main:
-            log = MetricsLog(run_dir, trainer.step if resume else None, config.bookkeeping.tensorboard)
+        ctx.from_main(lambda: _prepare_run_dir(trainer, resume))
+        if ctx.is_main:
+            log = MetricsLog(run_dir, trainer.counters.step if resume else None, config.bookkeeping.tensorboard)
         trainer.run(log)
-        result = TrainResult(run_dir, trainer.step, trainer.epoch, trainer.train_seconds,
-                             trainer.skipped, trainer.best_val, world_size=ctx.world_size,
-                             global_batch=trainer.global_batch,
-                             dropped_examples=trainer.objective.dropped_examples,
-                             seen_examples=trainer.objective.seen_examples)
-        if final_outputs and (is_main or ctx.is_distributed):
+        result = TrainResult.of(trainer)
+        if final_outputs and (ctx.is_main or ctx.is_distributed):
             result.test = finish_run(trainer, log)
     except (OSError, OutputError) as err:
         raise _write_failure(run_dir, err) from err
@@ -265,24 +271,16 @@ def finish_run(trainer: Trainer, log: MetricsLog | None) -> dict[str, float]:
 
 
 def _write_results(trainer: Trainer, run: Any, test: dict[str, float], log: MetricsLog | None) -> None:
+    c = trainer.counters
     if log is not None:
-        log.log(trainer.step, {"epoch": trainer.epoch, "train_s": round(trainer.train_seconds, 3),
-                               **{f"test_{k}": v for k, v in test.items() if k in ("nll", "bpd")},
-                               **{k: v for k, v in test.items() if k in ("kl", "fisher")}})
-    world, config = trainer.dist.world_size, trainer.config
+        log.log(c.step, {"epoch": c.epoch, "train_s": round(c.train_seconds, 3),
+                         **{f"test_{k}": v for k, v in test.items() if k in ("nll", "bpd")},
+                         **{k: v for k, v in test.items() if k in ("kl", "fisher")}})
+    config = trainer.config
     results = {
         "config": config.runtime.name, "loss": config.objective.loss,
-        "checkpoint": run.checkpoint.name, "checkpoint_step": run.step, "iterations": trainer.step,
-        "epochs": trainer.epoch, "train_seconds": trainer.train_seconds,
-        "ms_per_iter": 1000 * trainer.train_seconds / max(trainer.step, 1),
-        "processes": world, "global_batch": trainer.global_batch,
-        "batch_per_process": trainer.global_batch // world,
-        "examples_per_s": trainer.step * trainer.global_batch / trainer.train_seconds
-        if trainer.train_seconds > 0 else None,
-        "skipped_steps": trainer.skipped, "best_val_nll": trainer.best_val,
-        "dropped_examples": trainer.objective.dropped_examples,
-        "dropped_fraction": (trainer.objective.dropped_examples / trainer.objective.seen_examples
-                             if trainer.objective.seen_examples else 0.0),
+        "checkpoint": run.checkpoint.name, "checkpoint_step": run.step,
+        **TrainResult.of(trainer).run_metrics(),
         "ema_decay": config.optim.ema_decay, "ema_warmup": config.optim.ema_warmup,
         "map": config.preprocessing.map, "threads": torch.get_num_threads(),
         "device": str(trainer.device),

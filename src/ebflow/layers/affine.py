@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import Tensor, nn
@@ -100,12 +99,6 @@ class ActNorm(LinearFlowLayer):
         self.log_scale.copy_(-torch.log(std + self.eps))
         self.initialized.fill_(True)
         self._known_initialized = True
-
-    def initialize_from(self, x: Tensor) -> None:
-        """Deprecated alias of :meth:`initialize` (kept for one release)."""
-        warnings.warn("ActNorm.initialize_from is deprecated; use initialize (or "
-                      "EBFlow.initialize for a whole model)", DeprecationWarning, stacklevel=2)
-        self.initialize(x)
 
     @property
     def requires_initialization(self) -> bool:

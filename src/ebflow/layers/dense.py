@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError
-from ..utils import renamed_keyword
 from .base import (
     Example,
     LinearFlowLayer,
@@ -24,10 +23,7 @@ from .base import (
 __all__ = ["Dense", "random_orthogonal"]
 
 Parameterization = Literal["full", "tril", "triu", "lu"]
-PARAMETERIZATIONS: tuple[str, ...] = ("full", "tril", "triu", "lu")
-#: Deprecated British spellings, kept for one release.
-Parameterisation = Parameterization
-PARAMETERISATIONS = PARAMETERIZATIONS
+PARAMETERIZATIONS: tuple[str, ...] = get_args(Parameterization)
 
 
 def random_orthogonal(n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -43,8 +39,7 @@ def random_orthogonal(n: int, generator: torch.Generator | None = None) -> Tenso
 class Dense(LinearFlowLayer):
     r"""Dense layer :math:`y = W x + b` on inputs of shape ``(batch, features)``.
 
-    ``parameterization`` chooses how :math:`W` is stored (``parameterisation``: deprecated
-    alias, one release):
+    ``parameterization`` chooses how :math:`W` is stored:
 
     * ``"full"`` -- unconstrained :math:`W` (orthogonal initialisation);
       :math:`\log|\det W|` by LU.
@@ -72,11 +67,8 @@ class Dense(LinearFlowLayer):
         parameterization: Parameterization = "full",
         bias: bool = True,
         init: Literal["orthogonal", "identity", "negative_identity"] | None = None,
-        parameterisation: Parameterization | None = None,
     ) -> None:
         super().__init__()
-        parameterization = renamed_keyword(parameterisation, parameterization, old="parameterisation",
-                                           new="parameterization", owner="Dense")
         if out_features is not None and out_features != features:
             raise ConfigError(
                 f"Dense layer must be square to be invertible: got {features} inputs and "
@@ -124,11 +116,6 @@ class Dense(LinearFlowLayer):
     def examples(cls) -> list[Example]:
         return [(perturbed(cls(4, parameterization=p, init="identity" if p != "full" else None)),
                  example_inputs(5, 4)) for p in PARAMETERIZATIONS]
-
-    @property
-    def parameterisation(self) -> str:
-        """Deprecated alias of :attr:`parameterization` (one release)."""
-        return self.parameterization
 
     def extra_repr(self) -> str:
         return f"features={self.features}, parameterization={self.parameterization}, bias={self.bias is not None}"

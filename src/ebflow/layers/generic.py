@@ -118,6 +118,9 @@ class GenericLinear(LinearFlowLayer, metaclass=_ChecksAfterInit):
         self.max_dim = max_dim
         self.check = check
         self.basis_batch = basis_batch
+        # follows .to(): the layer's device even when it has no parameter or buffer of its own
+        # (a LinearMap of a plain function), so the matrix, factors and shift are built there
+        self.register_buffer("_device_anchor", torch.zeros(()), persistent=False)
 
     @property
     def dim(self) -> int:
@@ -194,9 +197,7 @@ class GenericLinear(LinearFlowLayer, metaclass=_ChecksAfterInit):
 
     # -- the derived matrix ---------------------------------------------------------------------
     def _device(self) -> torch.device:
-        for t in chain(self.parameters(), self.buffers()):
-            return t.device
-        return torch.device("cpu")
+        return self._device_anchor.device
 
     def _transform64(self, x: Tensor) -> Tensor:
         """``transform(x)`` with every floating parameter and buffer cast to float64

@@ -173,7 +173,7 @@ def langevin(
     adaptation_rate = check_number(adaptation_rate, "adaptation_rate", non_negative=True)
     smoothness = check_number(smoothness, "smoothness", non_negative=True)
     blur_sigma = check_number(blur_sigma, "blur_sigma", positive=True)
-    check_generator(generator)
+    check_generator(generator, device=x0.device, owner="chain states x0")
     if callback is not None and not callable(callback):
         raise ConfigError(f"callback must be callable, got {type(callback).__name__}")
     if smoothness > 0 and len(event_shape) not in (2, 3):

@@ -71,7 +71,7 @@ def sml_loss(
 def _latent_noise(model: EBFlow, noise: Tensor, like: Tensor) -> Tensor:
     """SML's latent draws ``noise`` as ``(n, *latent_shape)``, with clear errors."""
     latent = math.prod(model.latent_shape)
-    checked_noise_tensor(noise, "SML noise")
+    checked_noise_tensor(noise, "SML noise", finite=model.validate)
     to_prior = getattr(model.prior, "from_standard_normal", None)
     if not isinstance(model.prior, StandardNormal) and to_prior is None:
         raise ConfigError(f"SML noise holds standard normal latent draws, but the model's prior "
@@ -104,7 +104,7 @@ def ssm_loss(
     if noise is None:
         v = projections(shape, projection, dtype=x.dtype, device=x.device)
     else:
-        v = checked_noise(noise, shape, "SSM projections", x)
+        v = checked_noise(noise, shape, "SSM projections", x, finite=model.validate)
     b = x.shape[0]
     xr = x.detach().repeat(slices, *([1] * (x.dim() - 1)))
     vr = v.reshape(xr.shape)
@@ -151,7 +151,7 @@ def dsm_loss(
     x = checked_batch(model, x)
     sigma = check_number(sigma, "DSM noise level sigma", positive=True)
     _check_flag(drop_out_of_domain)
-    eps = torch.randn_like(x) if noise is None else checked_noise(noise, tuple(x.shape), "DSM noise", x)
+    eps = torch.randn_like(x) if noise is None else checked_noise(noise, tuple(x.shape), "DSM noise", x, finite=model.validate)
     d = x[0].numel()
 
     def compute(rows: Tensor) -> LossTerms:
@@ -190,7 +190,7 @@ def fdssm_loss(
     x = checked_batch(model, x)
     eps = check_number(eps, "FDSSM step eps", positive=True)
     _check_flag(drop_out_of_domain)
-    raw = torch.randn_like(x) if noise is None else checked_noise(noise, tuple(x.shape), "FDSSM noise", x)
+    raw = torch.randn_like(x) if noise is None else checked_noise(noise, tuple(x.shape), "FDSSM noise", x, finite=model.validate)
     v = on_sphere(raw, eps)
     if not drop_out_of_domain:
         return _fdssm_per_example(model, x, v)

@@ -15,7 +15,7 @@ from ..errors import ConfigError
 from ..flow import EBFlow
 from ..validation import check_count, check_generator, check_number
 from .losses import dsm_loss, esm_loss, fdssm_loss, ml_loss, sml_loss, ssm_loss
-from .toolkit import LossTerms, projections
+from .toolkit import PROJECTIONS, LossTerms, projections
 
 __all__ = ["DEFAULTS", "NOISE_KINDS", "OBJECTIVES", "NoiseKind", "Objective", "ObjectiveSpec", "make_objective",
            "register_objective"]
@@ -125,7 +125,7 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
                          samples_model=True, help="sampling-based maximum likelihood"),
     "ssm": ObjectiveSpec(ssm_loss, {"slices": 1, "projection": "rademacher"},
                          {"slices": _positive_int("slices"),
-                          "projection": _one_of("SSM projection", ("rademacher", "gaussian"))},
+                          "projection": _one_of("SSM projection", PROJECTIONS)},
                          noise="projections", help="sliced score matching"),
     "dsm": ObjectiveSpec(dsm_loss, {"sigma": 0.1, "drop_out_of_domain": False},
                          {"sigma": _positive("sigma"), **_DROP}, noise="gaussian",
@@ -198,7 +198,7 @@ class Objective:
         shape = tuple(check_count(s, "every size of batch_shape") for s in batch_shape)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ConfigError(f"noise dtype must be a floating torch.dtype, got {dtype!r}")
-        check_generator(generator)
+        check_generator(generator, device=device, owner="noise's device")
         return NOISE_KINDS[kind].draw(shape, self.options, dtype=dtype, device=device, generator=generator)
 
     @torch.nn.utils.parametrize.cached()

@@ -21,7 +21,7 @@ Register it with :func:`ebflow.objectives.register_objective` to use it by name
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
@@ -31,11 +31,13 @@ from ..flow import EBFlow
 from ..utils import grad_ready, sum_except_batch
 from ..validation import check_batch
 
-__all__ = ["LossTerms", "Projection", "checked_batch", "checked_noise", "checked_noise_tensor",
+__all__ = ["LossTerms", "PROJECTIONS", "Projection", "checked_batch", "checked_noise", "checked_noise_tensor",
            "grad_ready", "in_domain_of_all", "loss_on_rows", "on_sphere", "projections",
            "sum_except_batch", "zero_loss"]
 
 Projection = Literal["rademacher", "gaussian"]
+#: The projection distributions of :func:`projections` (SSM's ``projection`` option).
+PROJECTIONS: tuple[str, ...] = get_args(Projection)
 
 
 class LossTerms(NamedTuple):
@@ -61,19 +63,22 @@ def checked_batch(model: EBFlow, x: Tensor, what: str = "batch x") -> Tensor:
     return model.check_input(x, what)
 
 
-def checked_noise_tensor(noise: object, what: str) -> Tensor:
-    """Type, floating dtype and finiteness of an objective's noise
+def checked_noise_tensor(noise: object, what: str, *, finite: bool = True) -> Tensor:
+    """Type, floating dtype and (with ``finite``) finiteness of an objective's noise
     (:func:`~ebflow.validation.check_batch`); a bad one is a :class:`ConfigError` (the noise is
-    normally drawn by :meth:`~ebflow.objectives.Objective.draw_noise`)."""
+    normally drawn by :meth:`~ebflow.objectives.Objective.draw_noise`). The finiteness check
+    reads the tensor (a device sync): objectives skip it for a model built with
+    ``validate=False``, as they skip the batch's."""
     try:
-        return check_batch(noise, None, what=what)
+        return check_batch(noise, None, what=what, finite=finite)
     except InputError as err:
         raise ConfigError(str(err)) from None
 
 
-def checked_noise(noise: Tensor, shape: tuple[int, ...], what: str, like: Tensor) -> Tensor:
+def checked_noise(noise: Tensor, shape: tuple[int, ...], what: str, like: Tensor, *,
+                  finite: bool = True) -> Tensor:
     """:func:`checked_noise_tensor`, plus ``noise`` has ``shape`` and ``like``'s dtype and device."""
-    checked_noise_tensor(noise, what)
+    checked_noise_tensor(noise, what, finite=finite)
     if tuple(noise.shape) != tuple(shape):
         raise ConfigError(f"{what} must have shape {tuple(shape)}, got {tuple(noise.shape)}")
     if noise.dtype != like.dtype or noise.device != like.device:
@@ -93,7 +98,7 @@ def projections(
         return signs.to(dtype) * 2 - 1
     if projection == "gaussian":
         return torch.randn(shape, dtype=dtype, device=device, generator=generator)
-    raise ConfigError(f"unknown SSM projection {projection!r}; choose 'rademacher' or 'gaussian'")
+    raise ConfigError(f"unknown SSM projection {projection!r}; choose {' or '.join(map(repr, PROJECTIONS))}")
 
 
 def on_sphere(v: Tensor, radius: float) -> Tensor:
