@@ -199,7 +199,8 @@ def test_the_unreleased_compatibility_shims_are_gone(owner, name):
 
 # -- one TrainState ----------------------------------------------------------------------------------
 CHECKPOINT_COUNTERS = {"step", "epoch", "batch_in_epoch", "train_seconds", "skipped_steps",
-                       "consecutive_nonfinite", "dropped_examples", "seen_examples", "best_val_nll", "run_id"}
+                       "consecutive_nonfinite", "dropped_examples", "seen_examples", "best_val_nll", "run_id",
+                       "device_type"}
 
 
 def test_checkpoints_keep_their_keys_and_read_back_into_a_train_state(tmp_path):

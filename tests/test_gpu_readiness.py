@@ -165,3 +165,46 @@ def test_full_precision_restores_the_settings_after_an_error(tf32_on):
         with full_precision():
             raise RuntimeError("boom")
     assert torch.backends.cudnn.allow_tf32 and torch.get_float32_matmul_precision() == "high"
+
+
+# -- random state ----------------------------------------------------------------------------------
+def test_training_leaves_every_global_generator_alone(monkeypatch, tmp_path):
+    """The initial weights come from a seeded CPU generator inside a fork: the caller's CPU
+    state is restored and no CUDA generator is seeded (torch.manual_seed would seed them all)."""
+    from ebflow.experiment.config import resolve_config
+    from ebflow.experiment.training import train
+
+    torch.manual_seed(123)
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(("all", seed)))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: seeded.append(("one", seed)))
+    before = torch.get_rng_state()
+    config = resolve_config("digits-fc", {"max_iters": 2, "epochs": None, "tensorboard": False,
+                                          "progress": False, "num_threads": 1, "num_samples": 2})
+    train(config, tmp_path / "r")
+    assert torch.equal(torch.get_rng_state(), before)
+    assert seeded == []
+
+
+def test_resuming_on_another_kind_of_device_warns(tmp_path):
+    """The checkpoint records the device type; a resume elsewhere says the noise streams change."""
+    from ebflow.experiment.checkpoint import load_checkpoint, save_checkpoint
+    from ebflow.experiment.config import resolve_config
+    from ebflow.experiment.training import train
+
+    config = resolve_config("digits-fc", {"max_iters": 2, "epochs": None, "tensorboard": False,
+                                          "progress": False, "num_threads": 1, "num_samples": 2})
+    train(config, tmp_path / "r")
+    path = tmp_path / "r" / "checkpoints" / "last.pt"
+    state = load_checkpoint(path)
+    assert state["device_type"] == "cpu"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same device: no warning
+        train(None, tmp_path / "r", resume=True, overrides={"max_iters": 3})
+    state = load_checkpoint(path)
+    state["device_type"] = "cuda"  # as if it had trained on a GPU
+    save_checkpoint(path, {k: v for k, v in state.items() if k not in ("digest", "format", "version")})
+    with pytest.warns(UserWarning, match="trained on cuda and resumes on cpu"):
+        train(None, tmp_path / "r", resume=True, overrides={"max_iters": 4})

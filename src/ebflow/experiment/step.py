@@ -33,7 +33,8 @@ def optimization_step(
     A non-finite loss or gradient, or a singular layer, skips the update (``finite=False``).
     With ``sync`` (data-parallel runs) a process whose loss failed still runs the backward pass
     and the averaging, with NaN gradients: every process then sees the same non-finite norm and
-    all skip the step together.
+    all skip the step together. In one process the step reads the device once (the loss and
+    the gradient norm together, :func:`_local_update`).
     """
     optimizer.zero_grad(set_to_none=True)
     error = ""
@@ -43,6 +44,9 @@ def optimization_step(
         if sync is None:
             return StepOutcome(float("nan"), float("nan"), False, str(err))
         loss, error = None, str(err)
+    if sync is None:
+        assert loss is not None
+        return _local_update(model, loss, optimizer, grad_clip)
     if sync is not None:
         error = error or sync.forward_error()
     value = float(loss.detach()) if loss is not None else float("nan")
@@ -68,3 +72,26 @@ def optimization_step(
         torch.nn.utils.clip_grads_with_norm_(params, grad_clip, torch.tensor(norm))
     optimizer.step()
     return StepOutcome(value, norm, True)
+
+
+def _local_update(model: nn.Module, loss: Tensor, optimizer: torch.optim.Optimizer,
+                  grad_clip: float | None) -> StepOutcome:
+    """Backward, norm, clip and update of a single process with one host read: the loss and the
+    gradient norm are read together, after the backward pass (a non-finite loss gives non-finite
+    gradients, so the rare failed step costs a backward pass; every other step saves a sync)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss.backward(inputs=params)
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
+    value, norm_value = torch.stack([loss.detach().double(), norm.detach().double()]).tolist()
+    if not math.isfinite(value):
+        optimizer.zero_grad(set_to_none=True)
+        return StepOutcome(value, float("nan"), False, "non-finite loss")
+    if not math.isfinite(norm_value):
+        optimizer.zero_grad(set_to_none=True)
+        return StepOutcome(value, norm_value, False, "non-finite gradient")
+    if grad_clip is not None and norm_value > grad_clip:
+        # rescales every parameter's .grad in place by grad_clip / norm
+        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
+    optimizer.step()
+    return StepOutcome(value, norm_value, True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -79,6 +80,7 @@ class TrainState:
     seen_examples: int = 0  #: training examples this process's objective has seen
     best_val_nll: float = math.inf
     run_id: str | None = None  #: the run directory's id, carried by every checkpoint
+    device_type: str | None = None  #: the kind of device that trained the run (cpu, cuda)
 
     def to_checkpoint(self) -> dict[str, Any]:
         """The counters as a checkpoint holds them: one key per field."""
@@ -99,7 +101,7 @@ class TrainState:
 
 
 #: Checkpoint keys that the first checkpoints did not have.
-_ADDED_LATER = frozenset({"dropped_examples", "seen_examples", "run_id"})
+_ADDED_LATER = frozenset({"dropped_examples", "seen_examples", "run_id", "device_type"})
 
 
 @dataclass
@@ -145,11 +147,15 @@ class Trainer:
         self.splits = splits
         self.pre = build_preprocessing(config.preprocessing, self.splits.num_bins)
         self.use_map = config.preprocessing.map and self.pre is not None
-        # the seed fixes the initial weights without changing the caller's random state
+        # the seed fixes the initial weights (drawn on the CPU) without changing the caller's
+        # random state: only the CPU generator is seeded, inside a fork that restores it
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.runtime.seed)
+            torch.default_generator.manual_seed(config.runtime.seed)
             self.model = build_model(config.model, self.splits.event_shape, self.pre,
                                      use_map=config.preprocessing.map).to(device)
+        # the batches are checked once, at load time: per-step input checks would read the
+        # device at every step (a NaN that arises anyway makes a non-finite step, skipped)
+        self.model.validate = False
         self.dtype = self.model.dtype
         self.objective = build_objective(config.objective)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -166,7 +172,7 @@ class Trainer:
                                   rank=dist.rank, world_size=dist.world_size)
         self.batches_per_epoch = len(self.loader)
         self.noise_generator = torch.Generator(device=device)
-        self.counters = TrainState()  # every counter of the run: checkpoints and results read it
+        self.counters = TrainState(device_type=device.type)  # every counter: checkpoints and results read it
         self.stop = StopRequest()
         self.log: MetricsLog | None = None
         self.window = _Window()
@@ -209,12 +215,24 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.counters = TrainState.from_checkpoint(state)
+            self._note_device_change()
             # the objective counts its examples; it goes on from the checkpoint's counts
             self.objective.dropped_examples = self.counters.dropped_examples
             self.objective.seen_examples = self.counters.seen_examples
         except (KeyError, RuntimeError, ValueError, TypeError, IndexError, ConfigError) as err:
             raise CheckpointError(f"does not match the model of its own config: its tensors do not "
                                   f"fit ({first_line(err)})") from err
+
+    def _note_device_change(self) -> None:
+        """Warn when a run resumes on another kind of device: it continues correctly, but its
+        random streams (noise, dequantisation) are the new device's, so it no longer repeats an
+        uninterrupted run bit for bit."""
+        before, now = self.counters.device_type, self.device.type
+        if before is not None and before != now and self.is_main:
+            warnings.warn(f"this run trained on {before} and resumes on {now}: it continues correctly, "
+                          f"but its noise streams are {now}'s from here on, so it will not repeat an "
+                          f"uninterrupted {before} run bit for bit", UserWarning, stacklevel=2)
+        self.counters.device_type = now
 
     def save(self, name: str) -> None:
         if self.is_main:
@@ -314,6 +332,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 for xb in self.loader:
                     out = self.train_step(xb)
+                    self._wait_for_device()
                     self._add_time(time.perf_counter() - t0)
                     if bar is not None:
                         bar.update(1)
@@ -347,9 +366,14 @@ class Trainer:
                 or (c.epochs is not None and self.counters.epoch >= c.epochs)
                 or (c.max_minutes is not None and self.counters.train_seconds >= 60 * c.max_minutes))
 
-    def _add_time(self, seconds: float) -> None:
+    def _wait_for_device(self) -> None:
+        """On a GPU, let the queued work finish every ``log_every`` steps, before the clock is
+        read: the training time then includes the optimiser and EMA kernels (summed over the
+        window), at one sync per window."""
         if self.device.type == "cuda" and self.counters.step % self.config.bookkeeping.log_every == 0:
             torch.cuda.synchronize(self.device)
+
+    def _add_time(self, seconds: float) -> None:
         self.counters.train_seconds += seconds
         self.window.seconds += seconds
         if self.dist.is_distributed and self.config.training.max_minutes is not None:
