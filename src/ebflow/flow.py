@@ -30,6 +30,16 @@ from .validation import check_batch, check_count, check_generator
 __all__ = ["EBFlow"]
 
 
+def _sample_shape(sample_shape: object) -> tuple[int, ...]:
+    """``sample_shape`` (an int, a tuple of ints or a ``torch.Size``) as a tuple of positive
+    sizes; anything else is an :class:`~ebflow.errors.InputError`."""
+    if isinstance(sample_shape, (str, bytes)) or not (hasattr(sample_shape, "__index__")
+                                                      or isinstance(sample_shape, Sequence)):
+        raise InputError(f"sample_shape must be an int or a tuple of ints, got {sample_shape!r}")
+    sizes = (sample_shape,) if hasattr(sample_shape, "__index__") else tuple(sample_shape)  # type: ignore[arg-type]
+    return tuple(check_count(s, "every size of sample_shape", error=InputError) for s in sizes)
+
+
 class EBFlow(nn.Module):
     """Energy-based normalizing flow over events of shape ``event_shape``.
 
@@ -328,11 +338,25 @@ class EBFlow(nn.Module):
         return h
 
     @torch.no_grad()
-    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
-        """Draw ``n`` exact samples: ``z ~ p_u``, ``x = g^{-1}(z)``. No gradient flows."""
-        n = check_count(n, "number of samples n", error=InputError)
+    def sample(self, sample_shape: int | Sequence[int] = (), *,
+               generator: torch.Generator | None = None) -> Tensor:
+        """Exact samples: ``z ~ p_u``, ``x = g^{-1}(z)``, of shape ``(*sample_shape, *event_shape)``
+        (an ``int n`` means ``(n,)``; ``()`` one sample without a batch dimension, as
+        ``torch.distributions`` does). No gradient flows."""
+        shape = _sample_shape(sample_shape)
         check_generator(generator, device=self.device)
+        n = math.prod(shape)
         z = self.prior.sample(
             (n, *self.latent_shape), dtype=self.dtype, device=self.device, generator=generator
         )
-        return self.inverse(z)
+        return self.inverse(z).reshape(*shape, *self.event_shape)
+
+    @torch.no_grad()
+    def sample_and_log_prob(self, sample_shape: int | Sequence[int] = (), *,
+                            generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """:meth:`sample` and the exact :meth:`log_prob` of each sample, shapes
+        ``(*sample_shape, *event_shape)`` and ``sample_shape``."""
+        x = self.sample(sample_shape, generator=generator)
+        shape = x.shape[: x.dim() - len(self.event_shape)]
+        flat = x.reshape(-1, *self.event_shape)
+        return x, self.log_prob(flat).reshape(shape)
