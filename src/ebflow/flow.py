@@ -30,6 +30,22 @@ from .validation import check_batch, check_count, check_generator
 __all__ = ["EBFlow"]
 
 
+def _common_dtype(layers: Iterable[nn.Module]) -> torch.dtype:
+    """The one floating dtype of the layers' parameters and buffers (the default dtype when they
+    have none); layers of different dtypes are a :class:`~ebflow.errors.ConfigError`."""
+    seen: dict[torch.dtype, str] = {}
+    for i, layer in enumerate(layers):
+        for t in list(layer.parameters()) + list(layer.buffers()):
+            if t.is_floating_point() and t.dtype not in seen:
+                seen[t.dtype] = f"layer {i} ({type(layer).__name__})"
+    if len(seen) > 1:
+        which = ", ".join(f"{where} is {str(d).removeprefix('torch.')}" for d, where in seen.items())
+        raise ConfigError(f"the layers mix dtypes: {which}; convert them to one dtype first "
+                          "(e.g. layer.double() for each), or build the model from layers of the "
+                          "default dtype and call model.to(dtype)")
+    return next(iter(seen), torch.get_default_dtype())
+
+
 def _sample_shape(sample_shape: object) -> tuple[int, ...]:
     """``sample_shape`` (an int, a tuple of ints or a ``torch.Size``) as a tuple of positive
     sizes; anything else is an :class:`~ebflow.errors.InputError`."""
@@ -78,8 +94,8 @@ class EBFlow(nn.Module):
         self.latent_shape: Shape = shapes[-1]
         self.prior = prior if prior is not None else StandardNormal()
         self.validate = validate
-        # A buffer that follows .to(): tells the model's dtype and device.
-        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+        # A buffer that follows .to(): tells the model's dtype and device (the layers' dtype).
+        self.register_buffer("_anchor", torch.zeros((), dtype=_common_dtype(self.layers)), persistent=False)
 
     # -- properties -------------------------------------------------------------------------
     @property

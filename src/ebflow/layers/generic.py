@@ -73,6 +73,18 @@ class GenericLinear(LinearFlowLayer, metaclass=_ChecksAfterInit):
     = input shape, reading its tensors from the module's parameters and buffers, including
     sub-modules'); :math:`A`, :math:`b`, :math:`\log|\det A|` and the inverse are derived.
 
+    **A cheaper exact structure.** A subclass that knows its determinant and inverse sets the
+    class attribute ``dense = False`` and implements ``_log_abs_det`` (differentiable),
+    ``_factorize`` and ``_inverse_with`` (see :class:`~ebflow.layers.LinearFlowLayer`): it is then
+    never refused for its size (``max_dim`` bounds only the reference :meth:`matrix`), and
+    ``logdet_from_factors`` says whether its factors' pivots give the determinant
+    (:class:`~ebflow.layers.CircularConv2d`, :class:`~ebflow.layers.DCT` are examples).
+
+    **Precision.** Derived quantities are float64: :meth:`matrix`, the shift and the factors
+    evaluate ``transform`` on float64 inputs with the layer's parameters and buffers cast to
+    float64. A tensor the map uses must therefore be a parameter or buffer of the layer (or of a
+    sub-module), not a tensor captured from outside, which would stay float32.
+
     Cost of the dense path: ``transform`` is the subclass's; :meth:`matrix` evaluates the map on
     the ``D`` basis events (in chunks); ``log|det|`` an LU of :math:`A`, :math:`O(D^3)`, once per
     parameter state (cached) or a ``slogdet`` at every call with gradients; inverse
@@ -168,6 +180,8 @@ class GenericLinear(LinearFlowLayer, metaclass=_ChecksAfterInit):
             with torch.no_grad():
                 out = self._transform64(probes)
                 alone = self._transform64(probes[:1])
+        except ConfigError:
+            raise
         except Exception as err:  # noqa: BLE001 - any failure of the user's map means one thing
             raise ConfigError(
                 f"{name}: transform failed on a batch of events of shape {self.event_shape}: "
@@ -208,7 +222,18 @@ class GenericLinear(LinearFlowLayer, metaclass=_ChecksAfterInit):
             for name, t in chain(call.named_parameters(), call.named_buffers())
             if t.is_floating_point()
         }
-        return torch.func.functional_call(call, tensors, (x.double(),))
+        try:
+            return torch.func.functional_call(call, tensors, (x.double(),))
+        except RuntimeError as err:
+            if "dtype" not in str(err) and "Double" not in str(err):
+                raise
+            raise ConfigError(
+                f"{type(self).__name__}: transform failed on float64 inputs ({str(err).splitlines()[0][:300]}). "
+                "ebflow builds the matrix, shift and factors in float64 and casts the layer's "
+                "parameters and buffers for it; a tensor captured from outside the layer stays in "
+                "its dtype. Register it (self.register_buffer('name', t) or a LinearMap of an "
+                "nn.Module holding it), or cast it inside the map: t.to(x.dtype)"
+            ) from err
 
     def shift(self) -> Tensor:
         """:math:`b = f(0)`, shape ``event_shape``, float64. Cost: one evaluation of the map."""
@@ -278,6 +303,26 @@ class GenericLinear(LinearFlowLayer, metaclass=_ChecksAfterInit):
         return lu_solve(lu, pivots, rhs).T.reshape(y.shape).to(y.dtype)
 
 
+#: Modules whose output depends on train/eval mode (and, in train mode, on the other examples
+#: of the batch or on randomness): not a fixed linear map.
+_MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+                   nn.modules.dropout._DropoutNd, nn.Dropout, nn.AlphaDropout)
+
+
+def _refuse_mode_dependent(module: nn.Module) -> None:
+    """:class:`ConfigError` for a module that holds a layer with train/eval behaviour."""
+    for name, sub in module.named_modules():
+        if isinstance(sub, _MODE_DEPENDENT):
+            where = f" (sub-module {name!r})" if name else ""
+            raise ConfigError(
+                f"LinearMap: {type(sub).__name__}{where} behaves differently in train and eval mode "
+                "(batch statistics or random masks in training), so it is not one fixed linear map "
+                "y = A x + b and its density would not be exact. Use ebflow.layers.ActNorm for a "
+                "learned per-channel affine map, or call the module in eval mode inside your own "
+                "function and register its tensors as buffers"
+            )
+
+
 class LinearMap(GenericLinear):
     r"""Wrap a linear function or module ``fn`` as a flow layer: :math:`y = f(x) + b`.
 
@@ -302,6 +347,8 @@ class LinearMap(GenericLinear):
         super().__init__(event_shape, **options)
         if not callable(fn):
             raise ConfigError(f"LinearMap needs a callable or a torch module, got {type(fn).__name__}")
+        if isinstance(fn, nn.Module):
+            _refuse_mode_dependent(fn)
         self.fn = fn
         self.bias = nn.Parameter(torch.zeros(self.event_shape)) if bias else None
 
