@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ebflow import EMA, EBFlow, ImagePreprocessing, conv_flow, make_objective
-from ebflow.experiment.data import read_idx
+from ebflow.experiment.data.datasets import read_idx
 from ebflow.layers import (
     CircularConv2d,
     DepthwiseConv2d,

@@ -7,7 +7,7 @@ import signal
 import sys
 
 from ebflow.cli import main
-from ebflow.experiment.trainer import Trainer
+from ebflow.experiment.training.loop import Trainer
 
 KILL_ENV = "EBFLOW_TEST_KILL_AT_STEP"
 

@@ -1,5 +1,6 @@
 """The package's shape (docs/architecture.md): the library never imports the application or the
-command line, no import cycles, no oversized modules."""
+command line and opens no file, the application is grouped into sub-packages, no import cycles,
+no oversized modules."""
 
 from __future__ import annotations
 
@@ -55,12 +56,49 @@ GRAPH = {name: {m for t in _imports(path) if (m := _resolve(t)) and m != name}
          for name, path in MODULES.items()}
 
 
-@pytest.mark.parametrize("name", sorted(n for n in MODULES
-                                         if not n.startswith(("ebflow.experiment", "ebflow.cli"))
-                                         and n != "ebflow.__main__"))
+LIBRARY = sorted(n for n in MODULES
+                 if not n.startswith(("ebflow.experiment", "ebflow.cli")) and n != "ebflow.__main__")
+
+
+@pytest.mark.parametrize("name", LIBRARY)
 def test_library_never_imports_the_application(name):
     bad = sorted(m for m in GRAPH[name] if m.startswith(("ebflow.experiment", "ebflow.cli")))
     assert not bad, f"{name} imports {bad}"
+
+
+#: Calls that read or write files (``open(...)``, ``path.write_text(...)``, ``Image.open(...)``,
+#: ``torch.save(...)``, ``save_image(...)``, ``fig.savefig(...)``, ...) and modules that do.
+FILE_CALLS = {"open", "read_text", "read_bytes", "write_text", "write_bytes", "save", "load", "savefig",
+              "save_image", "imread", "imwrite", "fdopen", "mkdir", "unlink"}
+FILE_MODULES = ("PIL", "imageio", "matplotlib", "csv", "pickle", "shutil", "tempfile", "gzip")
+
+
+@pytest.mark.parametrize("name", LIBRARY)
+def test_library_opens_no_file(name):
+    """Reading and writing files (checkpoints, data, pictures, masks) is the application's."""
+    bad = []
+    for node in ast.walk(ast.parse(MODULES[name].read_text())):
+        if isinstance(node, ast.Call):
+            f = node.func
+            called = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+            if called in FILE_CALLS:
+                bad.append(f"{called}() on line {node.lineno}")
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            bad += [f"import {m} on line {node.lineno}" for m in mods if m.split(".")[0] in FILE_MODULES]
+            if isinstance(node, ast.ImportFrom) and any(a.name == "save_image" for a in node.names):
+                bad.append(f"import save_image on line {node.lineno}")
+    assert not bad, f"{name}: {bad}"
+
+
+def test_the_application_is_grouped_into_sub_packages():
+    """``ebflow.experiment`` holds sub-packages named for what they hold, no loose modules; a
+    sub-package's ``__init__`` re-exports nothing, so each name has one import path."""
+    loose = sorted(p.name for p in (PACKAGE / "experiment").glob("*.py") if p.name != "__init__.py")
+    assert not loose, f"modules outside the sub-packages of ebflow.experiment: {loose}"
+    for init in (PACKAGE / "experiment").glob("*/__init__.py"):
+        body = ast.parse(init.read_text()).body
+        assert all(isinstance(n, ast.Expr) for n in body), f"{init.parent.name}/__init__.py has code"
 
 
 def test_no_import_cycles():

@@ -7,7 +7,12 @@ import os
 import pytest
 import torch
 
-from ebflow.experiment.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, state_digest
+from ebflow.experiment.rundir.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    state_digest,
+)
 
 
 def _state():

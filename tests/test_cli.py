@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ebflow.cli import build_parser, main
-from ebflow.experiment.config import list_presets
+from ebflow.experiment.config.resolve import list_presets
 
 TINY = ["max_iters=4", "epochs=null", "eval_every=100", "checkpoint_every=2", "log_every=1",
         "num_samples=4", "batch_size=20", "eval_batch_size=50", "max_train=60", "max_eval=20",

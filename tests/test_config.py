@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from ebflow.experiment.config import (
-    FIELDS,
-    list_presets,
-    load_preset,
-    parse_overrides,
-    resolve_config,
-    validate_config,
-)
 from ebflow.errors import ConfigError
+from ebflow.experiment.config.resolve import list_presets, load_preset, parse_overrides, resolve_config
+from ebflow.experiment.config.schema import FIELDS, validate_config
 
 PRESETS = [
     "toy2d-sine", "toy2d-swirl", "toy2d-checkerboard", "mm10-full", "mm10-tril", "mm10-triu",

@@ -12,16 +12,19 @@ from typing import get_args
 
 import pytest
 
-import ebflow.experiment.trainer as trainer_module
+import ebflow.experiment.training.loop as trainer_module
 from ebflow import architectures, prior, utils
 from ebflow.errors import ConfigError
-from ebflow.experiment import builders, data, distributed, schema, sections, step
-from ebflow.experiment.checkpoint import load_checkpoint
-from ebflow.experiment.config import parse_overrides, resolve_config, validate_config
-from ebflow.experiment.schema import FIELDS, derive_fields
-from ebflow.experiment.sections import KEY_PATHS, SECTIONS, key
-from ebflow.experiment.trainer import TrainState
-from ebflow.experiment.training import TrainResult, train
+from ebflow.experiment.config import builders, schema, sections
+from ebflow.experiment.config.resolve import parse_overrides, resolve_config
+from ebflow.experiment.config.schema import FIELDS, derive_fields, validate_config
+from ebflow.experiment.config.sections import KEY_PATHS, SECTIONS, key
+from ebflow.experiment.data import datasets
+from ebflow.experiment.parallel import gradient_sync
+from ebflow.experiment.rundir.checkpoint import load_checkpoint
+from ebflow.experiment.training import step
+from ebflow.experiment.training.run import TrainResult, train
+from ebflow.experiment.training.state import TrainState
 from ebflow.layers import CONDITIONER_ACTIVATIONS, ActNorm, Dense
 from ebflow.layers.dense import PARAMETERIZATIONS, Parameterization
 from ebflow.layers.shift_scale_coupling import SHIFT_ACTIVATIONS
@@ -85,12 +88,12 @@ def test_value_types_come_from_the_annotation():
 
 # -- choice lists are their registries ---------------------------------------------------------
 REGISTRIES = {
-    "loss": lambda: OBJECTIVES, "data": lambda: data.LOADERS, "model": lambda: builders.MODEL_FAMILIES,
+    "loss": lambda: OBJECTIVES, "data": lambda: datasets.LOADERS, "model": lambda: builders.MODEL_FAMILIES,
     "optimizer": lambda: builders.OPTIMIZERS, "weight_init": lambda: builders.WEIGHT_INITS,
     "prior": lambda: prior.PRIORS, "parameterization": lambda: architectures.DENSE_FLOW_PARAMETERIZATIONS,
     "conditioner": lambda: architectures.CONDITIONERS, "shift_activation": lambda: SHIFT_ACTIVATIONS,
     "glow_activation": lambda: CONDITIONER_ACTIVATIONS, "glow_split_activation": lambda: CONDITIONER_ACTIVATIONS,
-    "projection": lambda: PROJECTIONS, "grad_sync": lambda: distributed.GRAD_SYNC_MODES,
+    "projection": lambda: PROJECTIONS, "grad_sync": lambda: gradient_sync.GRAD_SYNC_MODES,
 }
 
 
@@ -106,7 +109,7 @@ def test_every_key_with_a_fixed_set_of_values_takes_it_from_a_registry():
 
 
 @pytest.mark.parametrize("name, registry", [
-    ("optimizer", builders.OPTIMIZERS), ("model", builders.MODEL_FAMILIES), ("data", data.LOADERS),
+    ("optimizer", builders.OPTIMIZERS), ("model", builders.MODEL_FAMILIES), ("data", datasets.LOADERS),
     ("loss", OBJECTIVES), ("prior", prior.PRIORS)])
 def test_a_new_registry_entry_is_a_new_choice(monkeypatch, name, registry):
     """A choice list typed again next to the registry would miss the planted entry."""
@@ -116,7 +119,7 @@ def test_a_new_registry_entry_is_a_new_choice(monkeypatch, name, registry):
 
 def test_registries_named_by_reference_are_read_when_the_schema_is_derived(monkeypatch):
     monkeypatch.setattr(builders, "WEIGHT_INITS", (*builders.WEIGHT_INITS, "planted"))
-    monkeypatch.setattr(distributed, "GRAD_SYNC_MODES", (*distributed.GRAD_SYNC_MODES, "planted"))
+    monkeypatch.setattr(gradient_sync, "GRAD_SYNC_MODES", (*gradient_sync.GRAD_SYNC_MODES, "planted"))
     derived = derive_fields()
     assert "planted" in derived["weight_init"].choices and "planted" in derived["grad_sync"].choices
 

@@ -15,8 +15,8 @@ import torch
 
 from ebflow import EBFlow
 from ebflow.cli import main
-from ebflow.experiment.evaluation import evaluate_nll
-from ebflow.experiment.runs import load_run
+from ebflow.experiment.evaluation.nll import evaluate_nll
+from ebflow.experiment.rundir.load import load_run
 from ebflow.inpainting import inpaint_images, make_mask
 from ebflow.layers import Conv2d, Dense, ResidualSmoothLeakyReLU, SmoothLeakyReLU, Squeeze
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from ebflow.experiment.config import resolve_config
-from ebflow.experiment.data import DataUnavailableError, check_data, load_data, mm10_sample, read_idx
 from ebflow.errors import ConfigError, InputError
+from ebflow.experiment.config.resolve import resolve_config
+from ebflow.experiment.data.datasets import DataUnavailableError, check_data, load_data, mm10_sample, read_idx
 
 
 def _data_config(name, **overrides):

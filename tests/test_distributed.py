@@ -20,15 +20,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from ebflow.experiment.checkpoint import load_checkpoint
-from ebflow.experiment.config import RunConfig, parse_overrides, resolve_config
-from ebflow.experiment.data import load_data
-from ebflow.experiment.distributed import SINGLE_PROCESS, Distributed, make_gradient_sync
-from ebflow.experiment.builders import build_model, build_objective, build_preprocessing
-from ebflow.experiment.evaluation import evaluate_nll
-from ebflow.experiment.training import train
 from kill_at_step import KILL_ENV as FAULT_ENV
+
+from ebflow.experiment.config.builders import build_model, build_objective, build_preprocessing
+from ebflow.experiment.config.resolve import parse_overrides, resolve_config
+from ebflow.experiment.config.schema import RunConfig
+from ebflow.experiment.data.datasets import load_data
+from ebflow.experiment.evaluation.nll import evaluate_nll
+from ebflow.experiment.parallel.gradient_sync import make_gradient_sync
+from ebflow.experiment.parallel.process_group import SINGLE_PROCESS, Distributed
+from ebflow.experiment.rundir.checkpoint import load_checkpoint
+from ebflow.experiment.training.run import train
 
 WORLD = 2
 STEPS = 6
@@ -93,7 +95,7 @@ def _grads(model) -> list[torch.Tensor]:
 
 # -- the worker (runs under torchrun) ---------------------------------------------------------------
 def _worker(out: Path) -> None:
-    from ebflow.experiment.distributed import init_from_env, shutdown
+    from ebflow.experiment.parallel.process_group import init_from_env, shutdown
 
     ctx = init_from_env("cpu")
     assert ctx.world_size == WORLD and ctx.backend == "gloo"
@@ -171,7 +173,7 @@ def _gradient_check(ctx: Distributed, out: Path) -> None:
 
 def _capture_trainer_state() -> None:
     """Keep each finished Trainer's parameters and EMA (the worker saves them per rank)."""
-    import ebflow.experiment.trainer as training
+    import ebflow.experiment.training.loop as training
 
     real_run = training.Trainer.run
 

@@ -11,8 +11,8 @@ from torch import nn
 
 from ebflow import glow_flow, make_objective
 from ebflow.errors import ConfigError, InputError
-from ebflow.experiment.builders import build_model
-from ebflow.experiment.config import resolve_config
+from ebflow.experiment.config.builders import build_model
+from ebflow.experiment.config.resolve import resolve_config
 from ebflow.layers import ActNorm, AffineCoupling, ChannelScale, Conv1x1, cnn_conditioner
 from ebflow.layers.split import _FirstPart
 

@@ -9,9 +9,9 @@ import torch
 
 from ebflow import EBFlow
 from ebflow.errors import ConfigError, InputError
-from ebflow.experiment.devices import LOCAL_RANK_VARS, gpu_for_local_rank, local_rank_from_env
-from ebflow.experiment.evaluation import evaluate_nll
-from ebflow.experiment.reproduce import device_slots
+from ebflow.experiment.evaluation.nll import evaluate_nll
+from ebflow.experiment.parallel.devices import LOCAL_RANK_VARS, gpu_for_local_rank, local_rank_from_env
+from ebflow.experiment.reproduce.cells import device_slots
 from ebflow.layers import Dense, FlowLayer, LinearMap, SmoothLeakyReLU
 from ebflow.runtime import full_precision
 from ebflow.validation import check_batch, check_generator, same_device
@@ -171,8 +171,8 @@ def test_full_precision_restores_the_settings_after_an_error(tf32_on):
 def test_training_leaves_every_global_generator_alone(monkeypatch, tmp_path):
     """The initial weights come from a seeded CPU generator inside a fork: the caller's CPU
     state is restored and no CUDA generator is seeded (torch.manual_seed would seed them all)."""
-    from ebflow.experiment.config import resolve_config
-    from ebflow.experiment.training import train
+    from ebflow.experiment.config.resolve import resolve_config
+    from ebflow.experiment.training.run import train
 
     torch.manual_seed(123)
     seeded = []
@@ -188,9 +188,9 @@ def test_training_leaves_every_global_generator_alone(monkeypatch, tmp_path):
 
 def test_resuming_on_another_kind_of_device_warns(tmp_path):
     """The checkpoint records the device type; a resume elsewhere says the noise streams change."""
-    from ebflow.experiment.checkpoint import load_checkpoint, save_checkpoint
-    from ebflow.experiment.config import resolve_config
-    from ebflow.experiment.training import train
+    from ebflow.experiment.config.resolve import resolve_config
+    from ebflow.experiment.rundir.checkpoint import load_checkpoint, save_checkpoint
+    from ebflow.experiment.training.run import train
 
     config = resolve_config("digits-fc", {"max_iters": 2, "epochs": None, "tensorboard": False,
                                           "progress": False, "num_threads": 1, "num_samples": 2})

@@ -10,9 +10,9 @@ import traceback
 import pytest
 import torch
 
-import ebflow.experiment.trainer as trainer_module
-from ebflow.experiment.config import resolve_config
-from ebflow.experiment.training import train
+import ebflow.experiment.training.loop as trainer_module
+from ebflow.experiment.config.resolve import resolve_config
+from ebflow.experiment.training.run import train
 
 READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
 #: Reads that are no device sync on a GPU: torch's optimizers keep their step counters as CPU

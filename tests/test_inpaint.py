@@ -8,12 +8,8 @@ import torch
 
 from ebflow import EBFlow, ImagePreprocessing, dense_flow, make_objective
 from ebflow.errors import ConfigError, InputError
-from ebflow.inpainting import (
-    PreprocessedSpaceEnergy,
-    inpaint_images,
-    make_mask,
-    save_inpainting_grid,
-)
+from ebflow.experiment.images.inpainting import mask_from_spec, save_inpainting_grid
+from ebflow.inpainting import PreprocessedSpaceEnergy, inpaint_images, inpainting_grid, make_mask
 
 DIGITS_BINS = 17  # scikit-learn digits: 8x8, pixel levels 0..16 (as ebflow.data loads them)
 
@@ -77,12 +73,27 @@ def test_mask_from_png(tmp_path):
     plane[1:3, 2:5] = 255
     path = tmp_path / "mask.png"
     Image.fromarray(plane).save(path)
-    mask = make_mask(str(path), (1, 8, 6))
+    mask = mask_from_spec(str(path), (1, 8, 6))
     assert torch.equal(mask[0], torch.from_numpy(plane > 127))
     with pytest.raises(InputError, match="8x6"):
-        make_mask(str(path), (1, 8, 8))
+        mask_from_spec(str(path), (1, 8, 8))
     with pytest.raises(InputError, match="does not exist"):
-        make_mask(str(tmp_path / "missing.png"), (1, 8, 6))
+        mask_from_spec(str(tmp_path / "missing.png"), (1, 8, 6))
+    with pytest.raises(ConfigError, match="unknown mask"):
+        make_mask(str(path), (1, 8, 6))  # the library opens no file
+
+
+def test_mask_from_an_array():
+    plane = np.zeros((8, 6), dtype=bool)
+    plane[1:3, 2:5] = True
+    for given in (plane, torch.from_numpy(plane), plane.astype(np.uint8) * 255):
+        mask = make_mask(given, (2, 8, 6))
+        assert mask.shape == (2, 8, 6) and mask.dtype == torch.bool
+        assert torch.equal(mask[0], torch.from_numpy(plane)) and torch.equal(mask[1], mask[0])
+    with pytest.raises(InputError, match="8x8"):
+        make_mask(plane, (1, 8, 8))
+    with pytest.raises(InputError, match="no pixel"):
+        make_mask(np.zeros((8, 6)), (1, 8, 6))
 
 
 @pytest.mark.parametrize("spec", ["middle", "random:x", "random:0", "random:1.5"])
@@ -137,8 +148,11 @@ def test_grid_has_three_rows_of_enlarged_images(tmp_path, digits, digits_model):
     out = save_inpainting_grid(result, tmp_path / "sub" / "grid.png", max_value=DIGITS_BINS - 1)
     with Image.open(out) as img:
         width, height = img.size
+        pixels = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
     cell = 64 + 2  # 8x8 images enlarged x8, plus padding
     assert (width, height) == (5 * cell + 2, 3 * cell + 2)
+    grid = inpainting_grid(result, max_value=DIGITS_BINS - 1)  # the library's picture, no file
+    assert torch.equal(pixels, grid.mul(255).add(0.5).clamp(0, 255).to(torch.uint8))
 
 
 def test_no_map_model_energy_equals_map_energy_up_to_a_constant():

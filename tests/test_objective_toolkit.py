@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from ebflow.errors import ConfigError
-from ebflow.experiment.builders import build_objective, option_key
-from ebflow.experiment.config import resolve_config
-from ebflow.experiment.schema import FIELDS
+from ebflow.experiment.config.builders import build_objective, option_key
+from ebflow.experiment.config.resolve import resolve_config
+from ebflow.experiment.config.schema import FIELDS
 from ebflow.objectives import DEFAULTS, OBJECTIVES, ObjectiveSpec, make_objective, register_objective
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "custom_objective.py"

@@ -10,11 +10,11 @@ import math
 
 import pytest
 
-import ebflow.experiment.trainer as trainer_module
-from ebflow.experiment.config import resolve_config
-from ebflow.experiment.runs import load_run
-from ebflow.experiment.training import train
-from ebflow.experiment.trainer import Trainer
+import ebflow.experiment.training.loop as trainer_module
+from ebflow.experiment.config.resolve import resolve_config
+from ebflow.experiment.rundir.load import load_run
+from ebflow.experiment.training.loop import Trainer
+from ebflow.experiment.training.run import train
 
 QUIET = dict(tensorboard=False, progress=False, num_threads=1, num_samples=4)
 

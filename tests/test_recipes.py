@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from ebflow import EBFlow, make_objective
-from ebflow.experiment.config import resolve_config
 from ebflow.errors import ConfigError, InputError
+from ebflow.experiment.config.builders import build_model
+from ebflow.experiment.config.resolve import resolve_config
+from ebflow.experiment.data.batches import augment_images
+from ebflow.experiment.training.run import train
+from ebflow.experiment.training.step import optimization_step
 from ebflow.layers import Conv2d, Dense, SmoothLeakyReLU, Squeeze
 from ebflow.objectives import dsm_loss, fdssm_loss, ssm_loss
 from ebflow.preprocessing import ImagePreprocessing
-from ebflow.experiment.batches import augment_images
-from ebflow.experiment.builders import build_model
-from ebflow.experiment.step import optimization_step
-from ebflow.experiment.training import train
 
 QUIET = dict(tensorboard=False, progress=False, num_threads=1)
 

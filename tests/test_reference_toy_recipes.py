@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from ebflow import EBFlow, Laplace, StandardNormal
+from ebflow import Laplace, StandardNormal
 from ebflow.architectures import coupling_flow, dense_flow
 from ebflow.errors import ConfigError
-from ebflow.experiment.builders import build_model, build_optimizer
-from ebflow.experiment.config import resolve_config
-from ebflow.experiment.data import load_data, mm10_sample, toy2d_base_points
-from ebflow.experiment.trainer import Trainer
+from ebflow.experiment.config.builders import build_model, build_optimizer
+from ebflow.experiment.config.resolve import resolve_config
+from ebflow.experiment.data.datasets import load_data, mm10_sample, toy2d_base_points
+from ebflow.experiment.training.loop import Trainer
 from ebflow.layers import Dense, LearnableSwish, ShiftScaleCoupling, random_orthogonal
 from ebflow.objectives import ml_loss, ssm_loss
 

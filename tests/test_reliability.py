@@ -28,11 +28,12 @@ import torch
 
 from ebflow.cli import main
 from ebflow.errors import ConfigError, EBFlowError, InputError
-from ebflow.experiment.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ebflow.experiment.config import MAX_SEED, parse_overrides, resolve_config
-from ebflow.experiment.data import load_data
-from ebflow.experiment.trainer import StopRequest, TrainingInterrupted
-from ebflow.experiment.training import train
+from ebflow.experiment.config.resolve import parse_overrides, resolve_config
+from ebflow.experiment.config.sections import MAX_SEED
+from ebflow.experiment.data.datasets import load_data
+from ebflow.experiment.rundir.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ebflow.experiment.training.run import train
+from ebflow.experiment.training.state import StopRequest, TrainingInterrupted
 
 QUIET = dict(tensorboard=False, progress=False, num_threads=1)
 TINY = dict(QUIET, max_iters=4, epochs=None, checkpoint_every=2, eval_every=2, log_every=1,
@@ -205,7 +206,7 @@ def test_one_device_check_for_every_command(command, device, digits_run, tmp_pat
 
 
 def test_cuda_devices_are_checked_against_the_gpu_count(monkeypatch):
-    from ebflow.experiment.devices import resolve_device
+    from ebflow.experiment.parallel.devices import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -360,7 +361,7 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one_and_says_how_to
 
 
 def test_a_log_that_cannot_be_written_is_one_line_too(tmp_path, monkeypatch, capsys):
-    from ebflow.experiment.records import MetricsLog
+    from ebflow.experiment.rundir.metrics import MetricsLog
 
     def full(self, step, values):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))

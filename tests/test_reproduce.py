@@ -9,7 +9,8 @@ import pytest
 
 from ebflow.cli import main
 from ebflow.errors import ConfigError
-from ebflow.experiment.reproduce import TABLES, _claims, cells_of, collect, render_report, zoom_limits
+from ebflow.experiment.reproduce.report import _claims, collect, render_report, zoom_limits
+from ebflow.experiment.reproduce.tables import TABLES, cells_of
 
 TINY = ["--set", "data=synthetic-mnist", "--set", "max_train=200", "--set", "max_eval=100",
         "--set", "eval_every=5", "--set", "checkpoint_every=5", "--set", "log_every=5",

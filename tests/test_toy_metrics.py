@@ -8,9 +8,14 @@ import pytest
 import torch
 
 from ebflow import EBFlow
-from ebflow.experiment.data import ToyMixture
+from ebflow.experiment.data.datasets import ToyMixture
+from ebflow.experiment.evaluation.toy_metrics import (
+    fisher_divergence,
+    kl_divergence,
+    mixture_log_prob,
+    mixture_score,
+)
 from ebflow.layers import FixedAffine
-from ebflow.experiment.toy_metrics import fisher_divergence, kl_divergence, mixture_log_prob, mixture_score
 
 
 def _gaussian_model(scale: float = 1.0) -> EBFlow:

@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from ebflow.experiment.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ebflow.experiment.config import resolve_config
-from ebflow.errors import ConfigError
-from ebflow.experiment.runs import load_run
-from ebflow.experiment.batches import EpochShuffleSampler, model_input
-from ebflow.experiment.builders import build_model, build_preprocessing
-from ebflow.experiment.evaluation import evaluate_nll
-from ebflow.experiment.trainer import TrainingDivergedError
-from ebflow.experiment.training import train
 from kill_at_step import KILL_ENV as FAULT_ENV
+
+from ebflow.errors import ConfigError
+from ebflow.experiment.config.builders import build_model, build_preprocessing
+from ebflow.experiment.config.resolve import resolve_config
+from ebflow.experiment.data.batches import EpochShuffleSampler, model_input
+from ebflow.experiment.evaluation.nll import evaluate_nll
+from ebflow.experiment.rundir.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ebflow.experiment.rundir.load import load_run
+from ebflow.experiment.training.run import train
+from ebflow.experiment.training.state import TrainingDivergedError
 
 QUIET = dict(tensorboard=False, progress=False, num_threads=1)
 
@@ -77,7 +77,7 @@ def _tiny(name="digits-fc", **overrides):
 
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
-    import ebflow.experiment.trainer as training
+    import ebflow.experiment.training.loop as training
 
     real = training.optimization_step
     calls = {"n": 0}
@@ -97,7 +97,7 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("limit, stop_step", [(4, 7), (9, 12)])  # 12 = the end of epoch 0
 def test_consecutive_non_finite_steps_stop_with_a_usable_checkpoint(tmp_path, monkeypatch, limit, stop_step):
-    import ebflow.experiment.trainer as training
+    import ebflow.experiment.training.loop as training
 
     real = training.optimization_step
     calls = {"n": 0}
@@ -204,7 +204,7 @@ def test_load_run_gives_the_ema_model_and_raw_data(tmp_path):
 
 
 def test_num_threads_applies_to_the_run_only(tmp_path, monkeypatch):
-    import ebflow.experiment.trainer as training
+    import ebflow.experiment.training.loop as training
 
     seen = []
     real = training.optimization_step

@@ -14,18 +14,10 @@ import pytest
 import yaml
 
 from ebflow.errors import ConfigError
-from ebflow.experiment import data as data_module
-from ebflow.experiment.config import (
-    DATASETS,
-    FIELDS,
-    LOSSES,
-    RunConfig,
-    dump_config,
-    list_presets,
-    resolve_config,
-    validate_config,
-)
-from ebflow.experiment.sections import KEY_PATHS, SECTIONS, FrozenMapping
+from ebflow.experiment.config.resolve import dump_config, list_presets, resolve_config
+from ebflow.experiment.config.schema import DATASETS, FIELDS, LOSSES, RunConfig, validate_config
+from ebflow.experiment.config.sections import KEY_PATHS, SECTIONS, FrozenMapping
+from ebflow.experiment.data import datasets as data_module
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "ebflow"
 PRESETS = sorted(list_presets())

@@ -51,7 +51,8 @@ def _sample_shape(sample_shape: object) -> tuple[int, ...]:
     sizes; anything else is an :class:`~ebflow.errors.InputError`."""
     if isinstance(sample_shape, (str, bytes)) or not (hasattr(sample_shape, "__index__")
                                                       or isinstance(sample_shape, Sequence)):
-        raise InputError(f"sample_shape must be an int or a tuple of ints, got {sample_shape!r}")
+        raise InputError(f"sample_shape must be a positive integer or a tuple of positive integers, "
+                         f"got {sample_shape!r}")
     sizes = (sample_shape,) if hasattr(sample_shape, "__index__") else tuple(sample_shape)  # type: ignore[arg-type]
     return tuple(check_count(s, "every size of sample_shape", error=InputError) for s in sizes)
 

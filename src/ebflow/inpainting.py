@@ -13,8 +13,9 @@ The masked region starts from uniform pixel noise; results are mapped back to pi
 observed pixels are copied from the input. The mean squared error over the masked region
 (pixels scaled to ``[0, 1]``) is reported for the start (noise) and the filled images.
 
-The command line ``ebflow inpaint RUN_DIR --mask ... --steps N --out FILE.png`` lives in
-:mod:`ebflow.cli.inpaint`.
+This module opens no file: the command line ``ebflow inpaint RUN_DIR --mask ... --steps N --out
+FILE.png`` (:mod:`ebflow.cli.inpaint`) reads mask images and writes the grid with
+:mod:`ebflow.experiment.images.inpainting`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ __all__ = [
     "MASK_REGIONS",
     "make_mask",
     "inpaint_images",
-    "save_inpainting_grid",
+    "inpainting_grid",
 ]
 
 MASK_REGIONS: tuple[str, ...] = ("center", "left", "right", "top", "bottom")
@@ -64,30 +65,23 @@ def _expand_to_event(plane: Tensor, event_shape: Sequence[int]) -> Tensor:
     return plane
 
 
-def _mask_from_png(path: Path, hw: tuple[int, int]) -> Tensor:
-    from PIL import Image
-
-    if not path.is_file():
-        raise InputError(f"mask file {str(path)!r} does not exist")
+def _mask_plane(plane: Any, hw: tuple[int, int]) -> Tensor:
+    """A boolean ``(H, W)`` plane from a tensor or array mask (nonzero = fill)."""
     try:
-        with Image.open(path) as img:
-            gray = torch.from_numpy(np.array(img.convert("L"), dtype=np.uint8))
-            height, width = gray.shape
-    except OSError as err:
-        raise InputError(f"cannot read mask image {str(path)!r}: {err}") from err
-    if (height, width) != hw:
-        raise InputError(
-            f"mask image {str(path)!r} is {height}x{width} (HxW) but the data images are "
-            f"{hw[0]}x{hw[1]}"
-        )
-    plane = gray >= 128
+        plane = torch.as_tensor(np.asarray(plane.detach().cpu() if isinstance(plane, Tensor) else plane))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"a mask array must be numeric or boolean: {err}") from None
+    if plane.dim() != 2 or tuple(plane.shape) != hw:
+        raise InputError(f"a mask array must have the data images' height and width {hw[0]}x{hw[1]} (HxW), "
+                         f"got shape {tuple(plane.shape)}")
+    plane = plane != 0
     if not bool(plane.any()):
-        raise InputError(f"mask image {str(path)!r} has no white (>= 128) pixel to fill")
+        raise InputError("the mask has no pixel to fill")
     return plane
 
 
 def make_mask(
-    spec: str,
+    spec: str | Tensor | np.ndarray,
     event_shape: Sequence[int],
     *,
     batch: int = 1,
@@ -98,20 +92,24 @@ def make_mask(
     * ``center`` -- the central square of half the height and width;
     * ``left`` / ``right`` / ``top`` / ``bottom`` -- that half of the image;
     * ``random:P`` -- each pixel independently with probability ``P`` (per image);
-    * ``FILE.png`` -- white (>= 128 after conversion to gray) pixels of an image of the data's
-      height and width.
+    * a tensor or array of the data's height and width ``(H, W)`` -- its nonzero (``True``)
+      pixels (the command line reads one from a ``FILE.png``:
+      :func:`ebflow.experiment.images.inpainting.read_mask_png`).
 
     Image masks cover every channel of a pixel. Returns shape ``event_shape``, or
     ``(batch, *event_shape)`` for ``random:P``.
     """
-    if not isinstance(spec, (str, Path)):
-        raise ConfigError(f"mask spec must be a string (a region, random:P or a FILE.png), got {type(spec).__name__}")
+    if not isinstance(spec, (str, Tensor, np.ndarray)):
+        raise ConfigError(f"mask spec must be a string (a region or random:P) or an (H, W) tensor or array, "
+                          f"got {type(spec).__name__}")
     if isinstance(event_shape, (str, bytes)) or not hasattr(event_shape, "__iter__"):
         raise ConfigError(f"event_shape must be a sequence of sizes, got {event_shape!r}")
     event_shape = tuple(check_count(s, "every size of event_shape") for s in event_shape)
     batch = check_count(batch, "mask batch")
     check_generator(generator, device="cpu", owner="mask (drawn on the CPU, then moved)")
-    spec = str(spec)
+    if not isinstance(spec, str):
+        plane = _mask_plane(spec, _image_hw(event_shape, "array"))
+        return _expand_to_event(plane, event_shape).clone()
     if spec.startswith("random:"):
         try:
             p = float(spec.split(":", 1)[1])
@@ -137,11 +135,9 @@ def make_mask(
             plane[: h // 2, :] = True
         else:
             plane[h // 2 :, :] = True
-    elif spec.lower().endswith(".png"):
-        plane = _mask_from_png(Path(spec), (h, w))
     else:
         raise ConfigError(
-            f"unknown mask {spec!r}; use one of {', '.join(MASK_REGIONS)}, random:P or a FILE.png"
+            f"unknown mask {spec!r}; use one of {', '.join(MASK_REGIONS)}, random:P or an (H, W) tensor"
         )
     return _expand_to_event(plane, event_shape).clone()
 
@@ -344,19 +340,19 @@ def inpaint_images(
     )
 
 
-def save_inpainting_grid(result: InpaintResult, path: str | Path, *, max_value: float = 255.0, min_size: int = 64) -> Path:
-    """Write a PNG grid: rows original / masked (noise start) / filled, one column per image.
+def inpainting_grid(result: InpaintResult, *, max_value: float = 255.0, min_size: int = 64) -> Tensor:
+    """The picture of an inpainting as one ``(C, H, W)`` image with values in ``[0, 1]``: rows
+    original / masked (noise start) / filled, one column per image, gray padding between them
+    (``torchvision.utils.save_image`` writes it to a file).
 
     Small images are enlarged by an integer factor (nearest neighbour) to at least ``min_size``
     pixels high.
     """
     if not isinstance(result, InpaintResult):
-        raise ConfigError(f"save_inpainting_grid needs an InpaintResult, got {type(result).__name__}")
-    if not isinstance(path, (str, Path)):
-        raise ConfigError(f"path must be a str or pathlib.Path, got {type(path).__name__}")
+        raise ConfigError(f"inpainting_grid needs an InpaintResult, got {type(result).__name__}")
     max_value = check_number(max_value, "max_value", positive=True)
     min_size = check_count(min_size, "min_size")
-    from torchvision.utils import save_image
+    from torchvision.utils import make_grid
 
     rows = [result.original, result.start, result.filled]
     images = torch.cat(rows).detach().cpu().float() / max_value
@@ -367,11 +363,4 @@ def save_inpainting_grid(result: InpaintResult, path: str | Path, *, max_value: 
     factor = max(1, math.ceil(min_size / images.shape[-2]))
     if factor > 1:
         images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images.clamp(0, 1), path, nrow=result.original.shape[0], padding=2, pad_value=0.5)
-    return path
-
-
-# -- command line ----------------------------------------------------------------------------
+    return make_grid(images.clamp(0, 1), nrow=result.original.shape[0], padding=2, pad_value=0.5)

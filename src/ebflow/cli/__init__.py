@@ -16,9 +16,10 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import EBFlowError
-from ..experiment.checkpoint import os_reason, resume_command
-from ..experiment.trainer import TrainingDivergedError, TrainingInterrupted
-from . import evaluate, inpaint, reproduce, train
+from ..experiment.rundir.files import os_reason
+from ..experiment.rundir.ownership import resume_command
+from ..experiment.training.state import TrainingDivergedError, TrainingInterrupted
+from . import configs, evaluate, inpaint, reproduce, train
 
 __all__ = ["main", "build_parser", "EXIT_ERROR", "EXIT_DIVERGED"]
 
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     train.add_parser(sub)
     evaluate.add_parsers(sub)
+    configs.add_parser(sub)
     p = sub.add_parser("inpaint", help="inpaint masked image regions by Langevin MCMC on the energy")
     inpaint.add_arguments(p)
     p.set_defaults(handler=inpaint.run)

@@ -1,4 +1,4 @@
-"""``ebflow eval``, ``ebflow sample`` and ``ebflow configs``: use a trained run, list presets."""
+"""``ebflow eval`` and ``ebflow sample``: use a trained run."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import argparse
 import json
 
 from ..errors import ConfigError
-from ..experiment.config import FIELDS, dump_config, list_presets, parse_overrides, resolve_config
-from ..experiment.devices import resolve_device
-from ..experiment.plots import prepare_output, save_samples
-from ..experiment.runs import LoadedRun, load_run
+from ..experiment.config.resolve import parse_overrides
+from ..experiment.images.plots import prepare_output, save_samples
+from ..experiment.parallel.devices import resolve_device
+from ..experiment.rundir.load import LoadedRun, load_run
 from .common import format_metrics, seed_argument
 
 __all__ = ["add_parsers"]
@@ -18,7 +18,6 @@ __all__ = ["add_parsers"]
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     _add_eval(sub)
     _add_sample(sub)
-    _add_configs(sub)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -79,30 +78,4 @@ def _sample(args: argparse.Namespace) -> int:
     run = _load(args)
     out = save_samples(run, args.out, args.n, seed=args.seed, refine=args.refine)
     print(f"wrote {args.n} samples to {out}")
-    return 0
-
-
-# -- configs --------------------------------------------------------------------------------------
-def _add_configs(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("configs", help="list the presets (one line each)")
-    p.add_argument("--keys", action="store_true", help="list every config key with its meaning")
-    p.add_argument("--show", metavar="NAME", default=None, help="print a resolved preset as YAML")
-    p.add_argument("--loss", default=None, metavar="LOSS",
-                   help="with --show: resolve the preset's recipe for this objective")
-    p.set_defaults(handler=_configs)
-
-
-def _configs(args: argparse.Namespace) -> int:
-    if args.show:
-        print(dump_config(resolve_config(args.show, {"loss": args.loss} if args.loss else None)), end="")
-        return 0
-    if args.keys:
-        for key, f in FIELDS.items():
-            rule = f" ({f.rule})" if f.rule else ""
-            print(f"{key:18s} default {f.default!r:14s} {f.help}{rule}")
-        return 0
-    presets = list_presets()
-    width = max(map(len, presets))
-    for name, desc in presets.items():
-        print(f"{name:{width}s}  {desc}")
     return 0

@@ -11,14 +11,16 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, InputError
+from ..experiment.config.resolve import parse_overrides
+from ..experiment.config.schema import RunConfig
+from ..experiment.images.inpainting import mask_from_spec, save_inpainting_grid
+from ..experiment.images.plots import prepare_output
+from ..experiment.parallel.devices import resolve_device
+from ..experiment.rundir.files import OutputError, os_reason
+from ..experiment.rundir.load import load_run
 from ..flow import EBFlow
-from ..inpainting import inpaint_images, make_mask, save_inpainting_grid
+from ..inpainting import inpaint_images
 from ..mcmc import SCHEDULES, check_energy_model
-from ..experiment.config import RunConfig, parse_overrides
-from ..experiment.checkpoint import OutputError, os_reason
-from ..experiment.devices import resolve_device
-from ..experiment.plots import prepare_output
-from ..experiment.runs import load_run
 from .common import seed_argument
 
 __all__ = ["add_arguments", "run"]
@@ -126,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"the run's {args.split} data have shape {tuple(images.shape[1:])}, the "
                              f"model's events {event_shape}")
         images = images.reshape(images.shape[0], *event_shape)
-    mask = make_mask(args.mask, event_shape, batch=images.shape[0], generator=generator)
+    mask = mask_from_spec(args.mask, event_shape, batch=images.shape[0], generator=generator)
     model.eval()
     result = inpaint_images(
         model, loaded.preprocessing, images, mask,

@@ -13,18 +13,11 @@ from queue import Queue
 import torch
 
 from ..errors import ConfigError
-from ..experiment.config import MAX_SEED
-from ..experiment.devices import resolve_device
-from ..experiment.reproduce import (
-    SM_LOSSES,
-    TABLES,
-    Cell,
-    cell_done,
-    cells_of,
-    device_slots,
-    train_cell,
-    write_report,
-)
+from ..experiment.config.sections import MAX_SEED
+from ..experiment.parallel.devices import resolve_device
+from ..experiment.reproduce.cells import cell_done, device_slots, train_cell
+from ..experiment.reproduce.report import write_report
+from ..experiment.reproduce.tables import SM_LOSSES, TABLES, Cell, cells_of
 
 __all__ = ["add_arguments", "run"]
 

@@ -12,11 +12,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..experiment.checkpoint import check_new_run_dir
-from ..experiment.config import LOSSES, parse_overrides, resolve_config
-from ..experiment.distributed import init_from_env, shutdown
-from ..experiment.trainer import StopRequest, TrainingInterrupted
-from ..experiment.training import TrainResult, train
+from ..experiment.config.resolve import parse_overrides, resolve_config
+from ..experiment.config.schema import LOSSES
+from ..experiment.parallel.process_group import init_from_env, shutdown
+from ..experiment.rundir.ownership import check_new_run_dir
+from ..experiment.training.run import TrainResult, train
+from ..experiment.training.state import StopRequest, TrainingInterrupted
 from ..runtime import reuse_large_allocations
 from .common import format_metrics
 

@@ -5,10 +5,11 @@ training, finished runs, plots and the paper's tables (``ebflow reproduce``).
 The library (``ebflow``, ``ebflow.layers``, ...) never imports this package.
 """
 
-from .config import RunConfig, list_presets, resolve_config, validate_config
-from .runs import LoadedRun, load_run
-from .training import TrainResult, train
-from .trainer import StopRequest, TrainingDivergedError, TrainingInterrupted, TrainState
+from .config.resolve import list_presets, resolve_config
+from .config.schema import RunConfig, validate_config
+from .rundir.load import LoadedRun, load_run
+from .training.run import TrainResult, train
+from .training.state import StopRequest, TrainingDivergedError, TrainingInterrupted, TrainState
 
 __all__ = ["train", "load_run", "LoadedRun", "resolve_config", "validate_config", "RunConfig", "list_presets",
            "TrainResult", "TrainState", "TrainingDivergedError", "TrainingInterrupted", "StopRequest"]

@@ -1,7 +1,7 @@
 """The training loop of one run: EMA, validation, atomic checkpoints and exact resume.
 
 The same loop runs in one process or in ``N`` processes started by ``torchrun``
-(:mod:`ebflow.experiment.distributed`); :mod:`ebflow.experiment.batches` explains how a global
+(:mod:`ebflow.experiment.parallel`); :mod:`ebflow.experiment.data.batches` explains how a global
 batch and its random numbers are shared. A step on ``N`` processes is therefore the
 single-process step on the global batch (up to summation order), and a resumed run continues
 exactly, on any number of processes. Only rank 0 writes logs and checkpoints.
@@ -10,98 +10,39 @@ exactly, on any number of processes. Only rank 0 writes logs and checkpoints.
 from __future__ import annotations
 
 import math
-import signal
 import time
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..ema import EMA
-from ..errors import ConfigError, EBFlowError, InputError
-from .batches import EpochShuffleSampler, augment_images, make_loader, model_input, step_seed
-from .builders import build_model, build_objective, build_optimizer, build_preprocessing, build_scheduler
-from .checkpoint import CheckpointError, first_line, save_checkpoint
-from .config import RunConfig
-from .data import DataSplits, load_data
-from .distributed import SINGLE_PROCESS, Distributed, make_gradient_sync
-from .evaluation import EVAL_SEED_OFFSET, evaluate_nll
-from .records import MetricsLog
+from ...ema import EMA
+from ...errors import ConfigError, InputError
+from ..config.builders import (
+    build_model,
+    build_objective,
+    build_optimizer,
+    build_preprocessing,
+    build_scheduler,
+)
+from ..config.schema import RunConfig
+from ..data.batches import EpochShuffleSampler, augment_images, make_loader, model_input, step_seed
+from ..data.datasets import DataSplits, load_data
+from ..evaluation.nll import EVAL_SEED_OFFSET, evaluate_nll
+from ..parallel.gradient_sync import make_gradient_sync
+from ..parallel.process_group import SINGLE_PROCESS, Distributed
+from ..rundir.checkpoint import CheckpointError, save_checkpoint
+from ..rundir.files import first_line
+from ..rundir.metrics import MetricsLog
+from .state import StopRequest, TrainingDivergedError, TrainingInterrupted, TrainState
 from .step import StepOutcome, optimization_step
 
-__all__ = ["TrainingDivergedError", "TrainingInterrupted", "StopRequest", "TrainState", "Trainer"]
-
-
-class TrainingDivergedError(EBFlowError):
-    """Too many consecutive non-finite steps; the last checkpoint holds the last finite state."""
-
-
-class TrainingInterrupted(EBFlowError):
-    """Training stopped on a signal; ``step`` is the step of the checkpoint written on the way
-    out (None: stopped outside the training loop, the last checkpoint as it was)."""
-
-    def __init__(self, signum: int, run_dir: str | Path, step: int | None = None) -> None:
-        super().__init__(int(signum), Path(run_dir), step)  # its args rebuild it (pickle)
-        self.signum, self.run_dir, self.step = int(signum), Path(run_dir), step
-
-    def __str__(self) -> str:
-        at = f" at step {self.step}" if self.step is not None else ""
-        return f"interrupted by {signal.Signals(self.signum).name}{at}"
-
-
-@dataclass
-class StopRequest:
-    """A request to stop training, set by a signal handler (the command line installs one; the
-    library none) and honoured by :meth:`Trainer.after_step`: a checkpoint at the current step,
-    then :class:`TrainingInterrupted`. ``polling`` is True while the training loop checks it."""
-
-    signum: int = 0
-    polling: bool = False
-
-
-@dataclass
-class TrainState:
-    """The counters of a training run, in one place: the :class:`Trainer` holds one, a
-    checkpoint stores its fields under their names (:meth:`to_checkpoint`,
-    :meth:`from_checkpoint`), and :class:`~ebflow.experiment.training.TrainResult` reports it."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0  #: steps done in the current epoch
-    train_seconds: float = 0.0  #: training time (evaluation and checkpoints excluded)
-    skipped_steps: int = 0  #: non-finite steps, all in all
-    consecutive_nonfinite: int = 0  #: non-finite steps since the last finite one
-    dropped_examples: int = 0  #: outside the model's domain (drop_out_of_domain), of seen_examples
-    seen_examples: int = 0  #: training examples this process's objective has seen
-    best_val_nll: float = math.inf
-    run_id: str | None = None  #: the run directory's id, carried by every checkpoint
-    device_type: str | None = None  #: the kind of device that trained the run (cpu, cuda)
-
-    def to_checkpoint(self) -> dict[str, Any]:
-        """The counters as a checkpoint holds them: one key per field."""
-        return asdict(self)
-
-    @classmethod
-    def from_checkpoint(cls, state: Mapping[str, Any]) -> TrainState:
-        """The counters of a checkpoint's state; the keys that older checkpoints lack
-        (``dropped_examples``, ``seen_examples``, ``run_id``) take their defaults, any other
-        missing key is a ``KeyError``."""
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name not in state and f.name not in _ADDED_LATER:
-                raise KeyError(f.name)
-            value = state.get(f.name, f.default)
-            values[f.name] = value if f.default is None else type(f.default)(value)
-        return cls(**values)
-
-
-#: Checkpoint keys that the first checkpoints did not have.
-_ADDED_LATER = frozenset({"dropped_examples", "seen_examples", "run_id", "device_type"})
+__all__ = ["Trainer"]
 
 
 @dataclass
@@ -129,7 +70,7 @@ def _check_pixels(data: Tensor, num_bins: int, what: str) -> None:
 
 
 class Trainer:
-    """Holds the state of one training run (see :func:`ebflow.experiment.training.train`)."""
+    """Holds the state of one training run (see :func:`ebflow.experiment.training.run.train`)."""
 
     def __init__(
         self, config: RunConfig, run_dir: Path, *, device: torch.device,

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, EBFlowError, InputError
-from .sections import DataConfig
+from ...errors import ConfigError, EBFlowError, InputError
+from ..config.sections import DataConfig
 
 __all__ = ["DataSplits", "DataUnavailableError", "IMAGE_DATASETS", "LOADERS", "TOY2D_DATASETS",
            "ToyMixture", "load_data", "check_data",

@@ -9,7 +9,7 @@ import re
 
 import torch
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 __all__ = ["DEVICE_NAME", "LOCAL_RANK_VARS", "gpu_for_local_rank", "local_rank_from_env",
            "process_device", "resolve_device"]

@@ -1,5 +1,5 @@
 """The schema of a run configuration: its keys (:data:`FIELDS`, derived from their one
-declaration each, the attributes of :mod:`ebflow.experiment.sections`), and :class:`RunConfig`,
+declaration each, the attributes of :mod:`ebflow.experiment.config.sections`), and :class:`RunConfig`,
 the typed, immutable configuration the application reads.
 
 :func:`validate_config` is the one place where values are checked: every key's type and range
@@ -7,7 +7,7 @@ the typed, immutable configuration the application reads.
 several keys. It is also the only way to build a :class:`RunConfig`
 (:meth:`RunConfig.from_dict` and :meth:`RunConfig.updated` go through it), so a ``RunConfig``
 holds checked values only and code behind it does not check them again. Reading presets, files
-and ``--set`` overrides is :mod:`ebflow.experiment.config`.
+and ``--set`` overrides is :mod:`ebflow.experiment.config.resolve`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import InitVar, dataclass, fields
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from ..errors import ConfigError
-from ..objectives import OBJECTIVES
-from .data import IMAGE_DATASETS, TOY2D_DATASETS
+from ...errors import ConfigError
+from ...objectives import OBJECTIVES
+from ..data.datasets import IMAGE_DATASETS, TOY2D_DATASETS
 from .sections import (
     KEY_PATHS,
     MAX_SEED,
@@ -48,7 +48,7 @@ __all__ = ["DATASETS", "DEFAULTS", "FIELDS", "IMAGE_DATASETS", "LOSSES", "MAX_SE
 @dataclass(frozen=True)
 class Field:
     """One configuration key as the validation reads it, derived from its declaration in its
-    section (:func:`ebflow.experiment.sections.key`): default, accepted types, description,
+    section (:func:`ebflow.experiment.config.sections.key`): default, accepted types, description,
     range check and its rule text, whether null is allowed, and its choices (if any)."""
 
     default: Any
@@ -229,11 +229,11 @@ def validate_config(config: Mapping[str, Any]) -> RunConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """A validated run configuration in typed, immutable sections (:mod:`ebflow.experiment.sections`):
+    """A validated run configuration in typed, immutable sections (:mod:`ebflow.experiment.config.sections`):
     ``config.optim.lr``, ``config.model.blocks``, ``config.objective.loss`` ...
 
     Built only by :func:`validate_config` (also :meth:`from_dict`, :meth:`updated` and
-    :func:`~ebflow.experiment.config.resolve_config`); constructing one directly, or with
+    :func:`~ebflow.experiment.config.resolve.resolve_config`); constructing one directly, or with
     :func:`dataclasses.replace`, raises ``TypeError``. :meth:`to_dict` gives the flat key/value
     form that ``config.yaml`` and checkpoints hold; ``from_dict(c.to_dict()) == c``.
     """
@@ -265,7 +265,7 @@ class RunConfig:
 
     def updated(self, changes: Mapping[str, Any] | None = None, /, **values: Any) -> RunConfig:
         """This config with some flat keys changed (``updated(map=False)``), validated again.
-        The ``per_loss`` recipe is not applied again (:func:`~ebflow.experiment.config.resolve_config`
+        The ``per_loss`` recipe is not applied again (:func:`~ebflow.experiment.config.resolve.resolve_config`
         applies it once, for the loss it resolves)."""
         return validate_config({**self.to_dict(), **(changes or {}), **values})
 
@@ -274,7 +274,7 @@ def _check_sections() -> None:
     """RunConfig holds the sections (checked once, at import; each section attribute is one key
     by construction: :data:`FIELDS` and :data:`KEY_PATHS` come from the same declarations)."""
     if tuple(f.name for f in fields(RunConfig)) != tuple(SECTIONS):
-        raise TypeError("RunConfig's attributes must be the sections of ebflow.experiment.sections")
+        raise TypeError("RunConfig's attributes must be the sections of ebflow.experiment.config.sections")
 
 
 _check_sections()

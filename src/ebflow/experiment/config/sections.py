@@ -1,14 +1,14 @@
 """The typed sections of a run configuration: frozen dataclasses, one attribute per config key.
 
-A run configuration is read by the application as a :class:`~ebflow.experiment.schema.RunConfig`
+A run configuration is read by the application as a :class:`~ebflow.experiment.config.schema.RunConfig`
 made of these sections (``config.optim.lr``, ``config.model.blocks``, ...), built only by
-:func:`~ebflow.experiment.schema.validate_config`, which checks every value once. Users still
+:func:`~ebflow.experiment.config.schema.validate_config`, which checks every value once. Users still
 write the flat keys (YAML files, ``--set key=value``); :data:`KEY_PATHS` says where each flat key
 lives. The attribute is the key's own name, except ``data`` (``config.data.dataset``) and
 ``model`` (``config.model.family``), which would repeat their section's name.
 
 Each key is declared once, as its attribute here (:func:`key`: default, help, range check or
-choices; the types come from the annotation); :data:`~ebflow.experiment.schema.FIELDS` is
+choices; the types come from the annotation); :data:`~ebflow.experiment.config.schema.FIELDS` is
 derived from these declarations. A choice list is its registry: the library's are imported
 (``OBJECTIVES``, ``PRIORS``, ...); the application's (model families, data loaders, optimizers)
 are named as ``"module:NAME"`` and read when the schema is derived, because this module imports
@@ -22,12 +22,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..architectures import CONDITIONERS, DENSE_FLOW_PARAMETERIZATIONS
-from ..layers import CONDITIONER_ACTIVATIONS
-from ..layers.shift_scale_coupling import SHIFT_ACTIVATIONS
-from ..objectives import OBJECTIVES
-from ..objectives.toolkit import PROJECTIONS
-from ..prior import PRIORS
+from ...architectures import CONDITIONERS, DENSE_FLOW_PARAMETERIZATIONS
+from ...layers import CONDITIONER_ACTIVATIONS
+from ...layers.shift_scale_coupling import SHIFT_ACTIVATIONS
+from ...objectives import OBJECTIVES
+from ...objectives.toolkit import PROJECTIONS
+from ...prior import PRIORS
 
 __all__ = ["KEY_PATHS", "MAX_SEED", "SECTIONS", "BookkeepingConfig", "Choices", "DataConfig", "FrozenMapping",
            "ModelConfig", "ObjectiveConfig", "OptimConfig", "PreprocessingConfig", "RuntimeConfig",
@@ -93,7 +93,7 @@ def key(default: Any, help: str, *, check: Callable[[Any], bool] | None = None, 
     or ``choices`` (a registry: the value must be one of its names; rule ``a|b|c``); or
     ``pattern``, a ``"module:NAME"`` reference to a compiled regex the value must match in
     full. ``name``: the flat key when it differs from the attribute (``data``, ``model``).
-    :data:`~ebflow.experiment.schema.FIELDS` is derived from these declarations."""
+    :data:`~ebflow.experiment.config.schema.FIELDS` is derived from these declarations."""
     return field(metadata={"key": name, "default": default, "help": help, "check": check, "rule": rule,
                            "choices": choices, "pattern": pattern})
 
@@ -129,7 +129,7 @@ class RuntimeConfig:
     seed: int = key(0, "seed of every random number generator", check=lambda v: 0 <= v <= MAX_SEED,
                     rule=f"in [0, {MAX_SEED}]")
     device: str = key("auto", "cpu, cuda, cuda:N or auto (cuda when available)",
-                      pattern="ebflow.experiment.devices:DEVICE_NAME", rule="auto|cpu|cuda|cuda:N")
+                      pattern="ebflow.experiment.parallel.devices:DEVICE_NAME", rule="auto|cpu|cuda|cuda:N")
     num_threads: int | None = key(None, "CPU threads for torch (null = torch's default)", **_in_range(1, 1024))
 
 
@@ -137,7 +137,7 @@ class RuntimeConfig:
 class DataConfig:
     """The data set, where it comes from and how it is split."""
 
-    dataset: str = key("digits", "data set", choices="ebflow.experiment.data:LOADERS", name="data")
+    dataset: str = key("digits", "data set", choices="ebflow.experiment.data.datasets:LOADERS", name="data")
     data_dir: str | None = key(None, "folder with local data files (MNIST IDX / CIFAR-10 batches)")
     data_file: str | None = key(None, "a .npy file of points (N, D) for data=points")
     download: bool = key(True, "download MNIST / CIFAR-10 through torchvision when missing")
@@ -171,7 +171,7 @@ class PreprocessingConfig:
 class ModelConfig:
     """The model family, its sizes and its precision."""
 
-    family: str = key("dense", "architecture", choices="ebflow.experiment.builders:MODEL_FAMILIES", name="model")
+    family: str = key("dense", "architecture", choices="ebflow.experiment.config.builders:MODEL_FAMILIES", name="model")
     dtype: str = key("float32", "model and data precision", choices=("float32", "float64"))
     num_layers: int = key(2, "dense: number of dense layers", **_in_range(1, 256))
     parameterization: str = key("full", "dense: weight parameterization (triangular_pair: a lower- then "
@@ -184,7 +184,7 @@ class ModelConfig:
                            "identity kernel + noise; negative_identity: exactly -I, the reference's recipe: "
                            "dense bias = 1, conv bias ~ N(0, (0.01 / (k sqrt C))^2); orthogonal: dense only, also "
                            "for triangular weights, the triangle of an orthogonal matrix)",
-                           choices="ebflow.experiment.builders:WEIGHT_INITS")
+                           choices="ebflow.experiment.config.builders:WEIGHT_INITS")
     actnorm: bool = key(False, "dense: ActNorm after each non-linearity")
     alpha: float = key(0.3, "slope parameter of the smooth leaky ReLU", **_in_range(0, 1, open_lo=True, open_hi=True))
     blocks: int = key(10, "coupling: blocks; conv: blocks of convolutions", **_in_range(1, 256))
@@ -239,7 +239,7 @@ class ObjectiveConfig:
 class OptimConfig:
     """The optimizer, its learning-rate schedule, gradient clipping and the EMA of the weights."""
 
-    optimizer: str = key("rmsprop", "optimizer", choices="ebflow.experiment.builders:OPTIMIZERS")
+    optimizer: str = key("rmsprop", "optimizer", choices="ebflow.experiment.config.builders:OPTIMIZERS")
     lr: float = key(1e-4, "learning rate", **_POS)
     weight_decay: float = key(0.0, "weight decay", **_NONNEG)
     lr_decay: float = key(1.0, "learning rate factor gamma applied after each epoch",
@@ -267,7 +267,7 @@ class TrainingConfig:
     max_nonfinite: int = key(20, "stop after this many consecutive non-finite steps", **_POS)
     grad_sync: str = key("auto", "torchrun runs: how gradients are averaged over processes "
                          "(auto = ddp: DistributedDataParallel; allreduce: one flat all-reduce)",
-                         choices="ebflow.experiment.distributed:GRAD_SYNC_MODES")
+                         choices="ebflow.experiment.parallel.gradient_sync:GRAD_SYNC_MODES")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -283,7 +283,7 @@ class BookkeepingConfig:
     tensorboard: bool = key(True, "write TensorBoard events")
 
 
-#: The sections of a run configuration: attribute of :class:`~ebflow.experiment.schema.RunConfig`
+#: The sections of a run configuration: attribute of :class:`~ebflow.experiment.config.schema.RunConfig`
 #: -> its type.
 SECTIONS: dict[str, type] = {
     "runtime": RuntimeConfig, "data": DataConfig, "preprocessing": PreprocessingConfig,

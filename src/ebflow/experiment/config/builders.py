@@ -1,7 +1,7 @@
 """Builders: the model, preprocessing, objective, optimizer and LR schedule of a run config.
 
 Each builder takes the section of the validated config it needs
-(:mod:`ebflow.experiment.sections`): ``build_model(config.model, ...)``,
+(:mod:`ebflow.experiment.config.sections`): ``build_model(config.model, ...)``,
 ``build_objective(config.objective)``, ``build_optimizer(config.optim, ...)``.
 
 Model families are data (:data:`MODEL_FAMILIES`): a family maps the model section and an event
@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..architectures import conv_flow, coupling_flow, dense_flow, glow_flow
-from ..errors import ConfigError
-from ..flow import EBFlow
-from ..objectives import OBJECTIVES, Objective, make_objective
-from ..preprocessing import ImagePreprocessing
-from ..prior import PRIORS
+from ...architectures import conv_flow, coupling_flow, dense_flow, glow_flow
+from ...errors import ConfigError
+from ...flow import EBFlow
+from ...objectives import OBJECTIVES, Objective, make_objective
+from ...preprocessing import ImagePreprocessing
+from ...prior import PRIORS
 from .sections import ModelConfig, ObjectiveConfig, OptimConfig, PreprocessingConfig
 
 __all__ = [

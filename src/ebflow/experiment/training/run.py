@@ -18,20 +18,29 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, EBFlowError
-from .checkpoint import (CheckpointError, OutputError, check_new_run_dir, check_owner, claim_run_dir,
-                         load_checkpoint, os_reason, remove_temp_files, resume_command, write_text_atomic)
-from .config import RESUMABLE_KEYS, RunConfig, dump_config, validate_config
-from .data import DataSplits
-from .devices import resolve_device
-from .distributed import Distributed
-from .distributed import current as current_distributed
-from .evaluation import EVAL_SEED_OFFSET, evaluate_nll
-from .plots import save_density_plot, save_samples
-from .records import MetricsLog
-from .runs import load_run
-from .toy_metrics import toy_metrics
-from .trainer import StopRequest, Trainer, TrainState
+from ...errors import ConfigError, EBFlowError
+from ..config.resolve import dump_config
+from ..config.schema import RESUMABLE_KEYS, RunConfig, validate_config
+from ..data.datasets import DataSplits
+from ..evaluation.nll import EVAL_SEED_OFFSET, evaluate_nll
+from ..evaluation.toy_metrics import toy_metrics
+from ..images.plots import save_density_plot, save_samples
+from ..parallel.devices import resolve_device
+from ..parallel.process_group import Distributed
+from ..parallel.process_group import current as current_distributed
+from ..rundir.checkpoint import CheckpointError, load_checkpoint
+from ..rundir.files import OutputError, os_reason, write_text_atomic
+from ..rundir.load import load_run
+from ..rundir.metrics import MetricsLog
+from ..rundir.ownership import (
+    check_new_run_dir,
+    check_owner,
+    claim_run_dir,
+    remove_temp_files,
+    resume_command,
+)
+from .loop import Trainer
+from .state import StopRequest, TrainState
 
 __all__ = ["TrainResult", "train", "finish_run"]
 
@@ -154,22 +163,22 @@ def train(
 ) -> TrainResult:
     """Train (or resume) a run in ``run_dir``; returns the final state and test metrics.
 
-    ``config`` is a :class:`~ebflow.experiment.schema.RunConfig` (from
-    :func:`~ebflow.experiment.config.resolve_config`) or a flat mapping of config keys, which is
+    ``config`` is a :class:`~ebflow.experiment.config.schema.RunConfig` (from
+    :func:`~ebflow.experiment.config.resolve.resolve_config`) or a flat mapping of config keys, which is
     validated here; ``overrides`` (flat keys) are applied and validated too.
 
     With ``resume=True`` the config comes from ``run_dir/checkpoints/last.pt`` and ``overrides``
-    may change only the keys in :data:`~ebflow.experiment.config.RESUMABLE_KEYS`. After training, the
+    may change only the keys in :data:`~ebflow.experiment.config.schema.RESUMABLE_KEYS`. After training, the
     best-validation checkpoint (EMA weights) is evaluated on the test split, and
     ``samples.png`` (plus ``density.png`` for 2-D data) and ``results.json`` are written.
 
-    In a process group (``torchrun``; see :func:`ebflow.experiment.distributed.init_from_env`, or pass
+    In a process group (``torchrun``; see :func:`ebflow.experiment.parallel.process_group.init_from_env`, or pass
     ``distributed``) every process calls this with the same arguments: rank 0 reads the
     checkpoint to resume from and shares it, each process trains on its rows of every global
     batch, and only rank 0 writes files.
 
     ``stop`` (set by a signal handler) stops training after the current step, with a checkpoint
-    at that step, by raising :class:`~ebflow.experiment.trainer.TrainingInterrupted`.
+    at that step, by raising :class:`~ebflow.experiment.training.state.TrainingInterrupted`.
     """
     ctx = distributed if distributed is not None else current_distributed()
     run_dir = Path(run_dir)

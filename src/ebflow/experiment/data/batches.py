@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
-from ..errors import ConfigError, InputError
-from ..preprocessing import ImagePreprocessing
+from ...errors import ConfigError, InputError
+from ...preprocessing import ImagePreprocessing
 
 __all__ = [
     "step_seed",

@@ -8,11 +8,11 @@ import math
 import torch
 from torch import Tensor
 
-from ..flow import EBFlow
-from ..preprocessing import ImagePreprocessing
-from ..runtime import full_precision
-from .batches import model_input, step_seed
-from .distributed import SINGLE_PROCESS, Distributed
+from ...flow import EBFlow
+from ...preprocessing import ImagePreprocessing
+from ...runtime import full_precision
+from ..data.batches import model_input, step_seed
+from ..parallel.process_group import SINGLE_PROCESS, Distributed
 
 __all__ = ["EVAL_SEED_OFFSET", "evaluate_nll"]
 

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import InputError, SingularLayerError
-from .distributed import GradientSync, poisoned_loss
+from ...errors import InputError, SingularLayerError
+from ..parallel.gradient_sync import GradientSync, poisoned_loss
 
 __all__ = ["StepOutcome", "optimization_step"]
 

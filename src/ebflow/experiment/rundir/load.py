@@ -12,18 +12,19 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..ema import EMA
-from ..errors import ConfigError
-from ..flow import EBFlow
-from ..mcmc import refine_samples
-from ..preprocessing import ImagePreprocessing
-from .builders import build_model, build_preprocessing
-from .checkpoint import CheckpointError, first_line, load_checkpoint
-from .config import RunConfig, validate_config
-from .data import DataSplits, load_data
-from .devices import resolve_device
-from .evaluation import EVAL_SEED_OFFSET, evaluate_nll
-from .toy_metrics import toy_metrics
+from ...ema import EMA
+from ...errors import ConfigError
+from ...flow import EBFlow
+from ...mcmc import refine_samples
+from ...preprocessing import ImagePreprocessing
+from ..config.builders import build_model, build_preprocessing
+from ..config.schema import RunConfig, validate_config
+from ..data.datasets import DataSplits, load_data
+from ..evaluation.nll import EVAL_SEED_OFFSET, evaluate_nll
+from ..evaluation.toy_metrics import toy_metrics
+from ..parallel.devices import resolve_device
+from .checkpoint import CheckpointError, load_checkpoint
+from .files import first_line
 
 __all__ = ["LoadedRun", "load_run", "find_checkpoint",
            "draw_samples", "samples_to_pixels"]

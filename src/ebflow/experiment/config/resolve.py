@@ -1,14 +1,14 @@
 """Run configurations: the flat keys users write, read into a typed :class:`RunConfig`.
 
-A configuration starts from :data:`DEFAULTS`, then a preset shipped in ``ebflow/configs/`` (or a
-user YAML file, which may name a ``preset`` to start from), then the preset's ``per_loss`` entry
+A configuration starts from :data:`DEFAULTS`, then a preset shipped in ``ebflow/experiment/config/presets/``
+(or a user YAML file, which may name a ``preset`` to start from), then the preset's ``per_loss`` entry
 for the chosen loss, then ``key=value`` overrides. :func:`resolve_config` validates the result
-once (:func:`~ebflow.experiment.schema.validate_config`: unknown keys and out-of-range values
+once (:func:`~ebflow.experiment.config.schema.validate_config`: unknown keys and out-of-range values
 raise :class:`~ebflow.errors.ConfigError` naming the key) and returns a :class:`RunConfig`, whose
 sections the application reads (``config.optim.lr``). YAML is read with ``yaml.safe_load`` only.
 
-The keys, their checks and :class:`RunConfig` are :mod:`ebflow.experiment.schema` (re-exported
-here); this module reads presets, files and overrides.
+The keys, their checks and :class:`RunConfig` are :mod:`ebflow.experiment.config.schema`; this
+module reads presets, files and overrides.
 """
 
 from __future__ import annotations
@@ -20,31 +20,23 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 from .schema import (
-    DATASETS,
     DEFAULTS,
     FIELDS,
-    IMAGE_DATASETS,
-    LOSSES,
-    MAX_SEED,
-    MODELS,
-    RESUMABLE_KEYS,
-    Field,
     RunConfig,
     coerce_value,
     unknown_key,
     validate_config,
 )
 
-__all__ = ["DATASETS", "DEFAULTS", "FIELDS", "IMAGE_DATASETS", "LOSSES", "MAX_SEED", "MODELS",
-           "RESUMABLE_KEYS", "Field", "RunConfig", "apply_per_loss", "dump_config", "list_presets",
-           "load_config", "load_preset", "parse_overrides", "resolve_config", "validate_config"]
+__all__ = ["apply_per_loss", "dump_config", "list_presets", "load_config", "load_preset", "parse_overrides",
+           "resolve_config"]
 
 
 # -- presets and files ---------------------------------------------------------------------------
 def _preset_dir() -> Any:
-    return resources.files("ebflow.experiment") / "configs"
+    return resources.files(__package__) / "presets"  # ebflow.experiment.config
 
 
 def list_presets() -> dict[str, str]:

@@ -22,8 +22,8 @@ import math
 import torch
 from torch import Tensor
 
-from .data import ToyMixture
-from ..flow import EBFlow
+from ...flow import EBFlow
+from ..data.datasets import ToyMixture
 
 __all__ = ["mixture_log_prob", "mixture_score", "kl_divergence", "fisher_divergence", "toy_metrics"]
 

@@ -1,212 +1,22 @@
-"""Reproducing the paper's tables: every cell trained at a stated budget, then our numbers next
-to the paper's (the command is ``ebflow reproduce TABLE``, :mod:`ebflow.cli.reproduce`).
-
-A *cell* is one training run (a preset, an objective and a few overrides). Each cell trains in
-its own run directory ``OUT/TABLE/CELL`` as a separate ``ebflow train`` process, so a killed
-reproduction loses nothing: a rerun resumes unfinished cells from their last checkpoint and
-skips finished ones (a larger ``--budget-minutes`` continues finished cells to the new budget).
-The report (``report.md``, ``results.json``, ``val_nll_vs_time.png``) is rebuilt from the run
-directories every time, also with ``--report-only``.
-"""
+"""The report of a reproduction (``report.md``, ``results.json``, ``val_nll_vs_time.png``),
+rebuilt from the cells' run directories every time, also with ``--report-only``: the paper's
+values next to ours."""
 
 from __future__ import annotations
 
-import argparse  # the options of a reproduction (see ebflow.cli.reproduce)
-import fnmatch
 import json
 import math
 import os
 import platform
-import subprocess
-import sys
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
-from ..objectives import OBJECTIVES
+from .tables import PAPER_BATCHES_PER_S, Cell
 
-__all__ = ["Cell", "TABLES", "cells_of", "cell_done", "device_slots", "resumable_overrides", "train_cell", "collect", "render_report",
-           "write_report", "plot_curves", "zoom_limits"]
-
-SM_LOSSES = ("ml", "sml", "ssm", "dsm", "fdssm")
+__all__ = ["collect", "render_report", "write_report", "plot_curves", "zoom_limits"]
 
 
-@dataclass(frozen=True)
-class Cell:
-    """One training run of a table: ``ebflow train --config preset --loss loss --set overrides``,
-    with the paper's value of its metric (``None`` where the paper prints none)."""
-
-    name: str
-    preset: str
-    loss: str
-    paper: float | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
-    metric: str = "nll"  # nll | kl (toy data: KL and Fisher divergence)
-    group: str = ""  # a line of the plot / a row block of the table
-
-
-def _likelihood_row(preset: str, paper: Sequence[float]) -> list[Cell]:
-    return [Cell(loss, preset, loss, value, group=preset) for loss, value in zip(SM_LOSSES, paper)]
-
-
-def _ablation() -> list[Cell]:
-    # (model, objective) -> (no EMA no MaP, EMA no MaP, EMA + MaP): the paper's Table 4
-    paper = {
-        ("fc", "ssm"): (1757.5, 1720.5, 1092.8), ("fc", "dsm"): (4660.3, 4455.0, 1099.2),
-        ("fc", "fdssm"): (3267.0, 3166.3, 1104.1), ("cnn", "ssm"): (3518.0, 3504.5, 1107.5),
-        ("cnn", "dsm"): (3170.0, 3180.0, 1109.5), ("cnn", "fdssm"): (3593.3, 3560.3, 1122.1),
-    }
-    settings = (("noema-nomap", {"ema_decay": 0.0, "map": False}),
-                ("ema-nomap", {"map": False}),
-                ("ema-map", {}))
-    cells = []
-    for (model, loss), values in paper.items():
-        for (label, sets), value in zip(settings, values):
-            sets = dict(sets)
-            if not sets.get("map", True) and OBJECTIVES[loss].perturbs_input:
-                sets["drop_out_of_domain"] = True
-            cells.append(Cell(f"{model}-{loss}-{label}", f"mnist-{model}", loss, value, sets,
-                              group=f"{model}-{label}"))
-    return cells
-
-
-TABLES: dict[str, list[Cell]] = {
-    "mnist-fc": _likelihood_row("mnist-fc", (1092.4, 1092.3, 1092.8, 1099.2, 1104.1)),
-    "mnist-cnn": _likelihood_row("mnist-cnn", (1101.3, 1098.3, 1107.5, 1109.5, 1122.1)),
-    "cifar-fc": _likelihood_row("cifar-fc", (11912.9, 11915.6, 11917.7, 11940.0, 12347.8)),
-    "cifar-cnn": _likelihood_row("cifar-cnn", (11408.7, 11553.6, 11435.5, 11462.3, 11766.0)),
-    "ablation": _ablation(),
-    "toy2d": [Cell(f"{data}-{loss}", f"toy2d-{data}", loss, None, metric="kl", group=data)
-              for data in ("sine", "swirl", "checkerboard") for loss in SM_LOSSES],
-    "mm10": [Cell(p, f"mm10-{p}", "ml", None, group="mm10") for p in ("full", "tril", "triu", "lu")],
-    "glow": [Cell("ssm", "mnist-glow", "ssm", 728.0, group="glow"),
-             Cell("dsm", "mnist-glow", "dsm", None, group="glow")],
-}
-#: The paper's GPU throughput (batches per second) for the likelihood tables (Table 2).
-PAPER_BATCHES_PER_S = {
-    "mnist-fc": (8.00, 12.27, 33.11, 66.67, 130.21),
-    "mnist-cnn": (0.21, 0.29, 7.09, 18.32, 38.76),
-    "cifar-fc": (5.05, 7.35, 29.85, 57.14, 62.50),
-    "cifar-cnn": (0.02, 0.03, 7.35, 18.41, 39.84),
-}
-
-
-def cells_of(table: str, objectives: Sequence[str] | None = None,
-             only: Sequence[str] | None = None) -> list[Cell]:
-    """The cells of ``table``, restricted to ``objectives`` and to names matching any of the
-    glob patterns ``only``."""
-    if table not in TABLES:
-        raise ConfigError(f"unknown table {table!r}; choose one of {', '.join(TABLES)}")
-    cells = TABLES[table]
-    if objectives:
-        unknown = sorted(set(objectives) - set(SM_LOSSES))
-        if unknown:
-            raise ConfigError(f"unknown objective(s) {', '.join(unknown)}; choose from {', '.join(SM_LOSSES)}")
-        cells = [c for c in cells if c.loss in objectives]
-    if only:
-        cells = [c for c in cells if any(fnmatch.fnmatch(c.name, pat) for pat in only)]
-    if not cells:
-        raise ConfigError(f"no cell of table {table!r} matches the selection")
-    return cells
-
-
-# -- running ---------------------------------------------------------------------------------------
-def resumable_overrides(overrides: Sequence[str]) -> dict[str, str]:
-    """The ``KEY=VALUE`` overrides that also apply to a resumed cell: the stopping rule and
-    bookkeeping keys a checkpoint may change (``epochs``, ``max_iters``, ``eval_every``, ...;
-    :data:`ebflow.experiment.schema.RESUMABLE_KEYS`). The others shape a new cell only."""
-    from .schema import RESUMABLE_KEYS
-
-    out = {}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key.strip() in RESUMABLE_KEYS:
-            out[key.strip()] = value.strip()
-    return out
-
-
-def cell_done(run_dir: Path, budget: float | None, overrides: Sequence[str] = ()) -> bool:
-    """Finished at this budget and with these resumable overrides (a larger budget, or e.g. a
-    larger ``epochs=``, continues the cell)."""
-    marker = run_dir / "cell.json"
-    if not marker.exists() or not (run_dir / "results.json").exists():
-        return False
-    done = json.loads(marker.read_text())
-    if resumable_overrides(overrides) != done.get("resumable_overrides", {}):
-        return False
-    return budget is None or (done.get("budget_minutes") or 0) >= budget
-
-
-def device_slots(device: str | None, parallel: int, gpus: int) -> list[str | None]:
-    """The device of each of ``parallel`` concurrent cells: with ``cuda`` (no index) and several
-    GPUs, the cells spread over them (slot ``i`` on ``cuda:(i mod gpus)``); otherwise every cell
-    gets ``device`` as given."""
-    if device is None or device.strip() != "cuda" or gpus <= 1:
-        return [device] * parallel
-    return [f"cuda:{i % gpus}" for i in range(parallel)]
-
-
-def train_command(cell: Cell, run_dir: Path, args: argparse.Namespace,
-                  device: str | None = None) -> list[str]:
-    """The ``ebflow train`` command of a cell: a fresh run, or a resume when the cell's
-    directory holds a checkpoint; ``device`` (default: ``args.device``) is where it trains."""
-    sets = ["progress=false"]
-    if args.budget_minutes is not None:
-        sets.append(f"max_minutes={args.budget_minutes}")
-    if args.threads is not None:
-        sets.append(f"num_threads={args.threads}")
-    resume = (run_dir / "checkpoints" / "last.pt").exists()
-    if not resume:
-        if args.data_dir:
-            sets += [f"data_dir={args.data_dir}", "download=false"]
-        sets += [f"{k}={_yaml_value(v)}" for k, v in cell.overrides.items()]
-        sets += list(args.overrides)
-        cmd = ["train", "--config", cell.preset, "--loss", cell.loss, "--out", str(run_dir),
-               "--seed", str(args.seed)]
-    else:
-        if args.data_dir:
-            sets += [f"data_dir={args.data_dir}"]
-        cmd = ["train", "--resume", str(run_dir)]
-        sets += [f"{k}={v}" for k, v in resumable_overrides(args.overrides).items()]
-    device = device if device is not None else args.device
-    if device:
-        cmd += ["--device", device]
-    return [sys.executable, "-m", "ebflow", *cmd, *[a for s in sets for a in ("--set", s)]]
-
-
-def _yaml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return str(v)
-
-
-def train_cell(cell: Cell, run_dir: Path, args: argparse.Namespace, device: str | None = None) -> int:
-    cmd = train_command(cell, run_dir, args, device)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    env = os.environ.copy()
-    if args.threads is not None:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    log_path = run_dir.parent / f"{cell.name}.log"
-    print(f"[{cell.name}] {' '.join(cmd[1:])}  (log: {log_path})", flush=True)
-    t0 = time.time()
-    with open(log_path, "a") as log:
-        log.write(f"$ {' '.join(cmd)}\n")
-        log.flush()
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-    if code == 0 and (run_dir / "results.json").exists():
-        (run_dir / "cell.json").write_text(json.dumps({
-            "cell": cell.name, "preset": cell.preset, "loss": cell.loss,
-            "budget_minutes": args.budget_minutes,
-            "resumable_overrides": resumable_overrides(args.overrides),
-            "wall_seconds_last_call": time.time() - t0}))
-    print(f"[{cell.name}] exit {code} after {time.time() - t0:.0f} s", flush=True)
-    return code
-
-
-# -- collecting and reporting ----------------------------------------------------------------------
 def _read_curve(run_dir: Path) -> list[tuple[float, float]]:
     import csv
 

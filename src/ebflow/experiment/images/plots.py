@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
-from .checkpoint import OutputError, os_reason
-from .runs import LoadedRun, draw_samples, samples_to_pixels
-from .toy_metrics import mixture_log_prob
+from ...errors import ConfigError
+from ..evaluation.toy_metrics import mixture_log_prob
+from ..rundir.files import OutputError, os_reason
+from ..rundir.load import LoadedRun, draw_samples, samples_to_pixels
 
 __all__ = ["IMAGE_SUFFIXES", "prepare_output", "save_samples", "save_density_plot"]
 

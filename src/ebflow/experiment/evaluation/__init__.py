@@ -1,0 +1,2 @@
+"""Evaluating a model: exact NLL in data space (``nll``) and the toy data's divergences
+(``toy_metrics``)."""

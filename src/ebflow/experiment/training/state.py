@@ -1,0 +1,83 @@
+"""The state of a training run that outlives a step: its counters (:class:`TrainState`, stored in
+every checkpoint), the request to stop it (:class:`StopRequest`) and the ways it ends early
+(:class:`TrainingDivergedError`, :class:`TrainingInterrupted`)."""
+
+from __future__ import annotations
+
+import math
+import signal
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from ...errors import EBFlowError
+
+__all__ = ["TrainingDivergedError", "TrainingInterrupted", "StopRequest", "TrainState"]
+
+
+class TrainingDivergedError(EBFlowError):
+    """Too many consecutive non-finite steps; the last checkpoint holds the last finite state."""
+
+
+class TrainingInterrupted(EBFlowError):
+    """Training stopped on a signal; ``step`` is the step of the checkpoint written on the way
+    out (None: stopped outside the training loop, the last checkpoint as it was)."""
+
+    def __init__(self, signum: int, run_dir: str | Path, step: int | None = None) -> None:
+        super().__init__(int(signum), Path(run_dir), step)  # its args rebuild it (pickle)
+        self.signum, self.run_dir, self.step = int(signum), Path(run_dir), step
+
+    def __str__(self) -> str:
+        at = f" at step {self.step}" if self.step is not None else ""
+        return f"interrupted by {signal.Signals(self.signum).name}{at}"
+
+
+@dataclass
+class StopRequest:
+    """A request to stop training, set by a signal handler (the command line installs one; the
+    library none) and honoured by :meth:`Trainer.after_step`: a checkpoint at the current step,
+    then :class:`TrainingInterrupted`. ``polling`` is True while the training loop checks it."""
+
+    signum: int = 0
+    polling: bool = False
+
+
+@dataclass
+class TrainState:
+    """The counters of a training run, in one place: the :class:`Trainer` holds one, a
+    checkpoint stores its fields under their names (:meth:`to_checkpoint`,
+    :meth:`from_checkpoint`), and :class:`~ebflow.experiment.training.run.TrainResult` reports it."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  #: steps done in the current epoch
+    train_seconds: float = 0.0  #: training time (evaluation and checkpoints excluded)
+    skipped_steps: int = 0  #: non-finite steps, all in all
+    consecutive_nonfinite: int = 0  #: non-finite steps since the last finite one
+    dropped_examples: int = 0  #: outside the model's domain (drop_out_of_domain), of seen_examples
+    seen_examples: int = 0  #: training examples this process's objective has seen
+    best_val_nll: float = math.inf
+    run_id: str | None = None  #: the run directory's id, carried by every checkpoint
+    device_type: str | None = None  #: the kind of device that trained the run (cpu, cuda)
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        """The counters as a checkpoint holds them: one key per field."""
+        return asdict(self)
+
+    @classmethod
+    def from_checkpoint(cls, state: Mapping[str, Any]) -> TrainState:
+        """The counters of a checkpoint's state; the keys that older checkpoints lack
+        (``dropped_examples``, ``seen_examples``, ``run_id``) take their defaults, any other
+        missing key is a ``KeyError``."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in state and f.name not in _ADDED_LATER:
+                raise KeyError(f.name)
+            value = state.get(f.name, f.default)
+            values[f.name] = value if f.default is None else type(f.default)(value)
+        return cls(**values)
+
+
+#: Checkpoint keys that the first checkpoints did not have.
+_ADDED_LATER = frozenset({"dropped_examples", "seen_examples", "run_id", "device_type"})
