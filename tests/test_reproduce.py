@@ -119,6 +119,10 @@ def test_zoomed_plot_range_shows_the_paper_and_the_end_of_each_curve_not_its_sta
     assert lo < 1092.4 and hi > 1150.0  # the paper's lines, every best and last value
     assert hi < 1300.0  # the early values (1,300 .. 5,000 nats) are outside the zoom
     assert zoom_limits([{"curve": [], "paper": None, "metric": "nll"}]) is None
+    # a cell still running (its last value 1,420) does not widen the zoom of the finished ones
+    finished = [{**r, "status": "finished"} for r in records]
+    running = {"curve": [(0.0, 3000.0), (2.0, 1420.0)], "paper": 1104.1, "metric": "nll", "status": "unfinished"}
+    assert zoom_limits([*finished, running]) == zoom_limits(finished)
 
 
 @pytest.mark.parametrize("dropped, claim", [(0.5, "EMA helps, MaP helps."),

@@ -142,9 +142,11 @@ def _claims(table: str, records: Sequence[dict[str, Any]]) -> list[str]:
 
 def zoom_limits(records: Sequence[dict[str, Any]]) -> tuple[float, float] | None:
     """The y range of the zoomed panel: the paper's values and every curve's best and last
-    value, with a margin; the early, far larger values of a curve fall outside it."""
+    value, with a margin; the early, far larger values of a curve fall outside it. While some
+    cells have finished, the others' (still early) curves do not widen the range."""
     points = []
-    for r in records:
+    finished = [r for r in records if r.get("status") == "finished"]
+    for r in finished or records:
         finite = [v for _, v in r.get("curve", ()) if math.isfinite(v)]
         if finite:
             points += [min(finite), finite[-1]]
