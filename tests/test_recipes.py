@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -200,13 +201,17 @@ def test_train_command_says_how_many_examples_were_dropped(sigma, everything, tm
     sets = dict(QUIET, sigma=sigma, map="false", drop_out_of_domain="true", max_iters=4, epochs="null",
                 eval_every=2, checkpoint_every=2, num_samples=4, tensorboard="false", progress="false")
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    assert main(["train", "--config", "digits-fc", "--loss", "dsm", "--out", str(tmp_path / "run"), *args]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["train", "--config", "digits-fc", "--loss", "dsm", "--out", str(tmp_path / "run"), *args]) == 0
     out = capsys.readouterr().out
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     seen, dropped = 4 * resolve_config("digits-fc").training.batch_size, results["dropped_examples"]
     assert 0 < dropped <= seen and f"{dropped} of {seen} training examples" in out
     assert (dropped == seen) is everything
-    assert ("every training example was dropped" in out) is everything
+    # the warning goes through `warnings` (stderr on the command line), not the log
+    warned = [str(w.message) for w in caught if "every training example was dropped" in str(w.message)]
+    assert bool(warned) is everything and "every training example was dropped" not in out
 
 
 # -- initialisation and augmentation ----------------------------------------------------------------

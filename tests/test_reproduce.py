@@ -58,7 +58,12 @@ def test_reproduce_trains_resumes_and_reports(tmp_path, capsys):
     assert [c["status"] for c in data["cells"]] == ["finished", "finished"]
     assert all(c["diff"] == pytest.approx(c["ours"] - c["paper"]) for c in data["cells"])
     assert (table / "val_nll_vs_time.png").stat().st_size > 0
-    capsys.readouterr()
+    # overall progress and each cell's last validation (read from its metrics.csv) were shown
+    printed = capsys.readouterr().out
+    assert "progress: 2/2 cells done, 0 running, 0 left" in printed
+    assert "progress: 0/2 cells done, 1 running, 1 left; ETA" in printed
+    for cell in ("ml", "dsm"):
+        assert f"[{cell}] step " in printed and "val NLL" in printed
 
     # a rerun at the same budget trains nothing
     assert main(args) == 0

@@ -20,6 +20,8 @@ from ..experiment.rundir.files import os_reason
 from ..experiment.rundir.ownership import resume_command
 from ..experiment.training.state import TrainingDivergedError, TrainingInterrupted
 from . import configs, evaluate, inpaint, reproduce, train
+from .common import HelpFormatter, Parser
+from .console import setup_logging
 
 __all__ = ["main", "build_parser", "EXIT_ERROR", "EXIT_DIVERGED"]
 
@@ -28,14 +30,17 @@ EXIT_DIVERGED = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ebflow",
+    parser = Parser(  # its sub-commands' parsers are Parsers too: "did you mean" on a bad choice
+        prog="ebflow", formatter_class=HelpFormatter,
         description="Energy-Based Normalizing Flows: train with score matching, evaluate the exact "
                     "likelihood, sample exactly.",
     )
     parser.add_argument("--version", action="version", version=f"ebflow {__version__}")
     debug_help = "show the Python traceback of an error (also: EBFLOW_DEBUG=1)"
     parser.add_argument("--debug", action="store_true", help=debug_help)
+    quiet_help, verbose_help = "show only warnings and errors", "show debugging messages too"
+    parser.add_argument("-q", "--quiet", action="store_true", help=quiet_help)
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     train.add_parser(sub)
     evaluate.add_parsers(sub)
@@ -49,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=reproduce.run)
     for command in sub.choices.values():  # `ebflow train --debug` works too
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+        command.formatter_class = HelpFormatter  # --help shows the defaults
+        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=quiet_help)
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help=verbose_help)
     return parser
 
 
@@ -92,18 +101,48 @@ def _world_size() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 error, 3 training diverged,
-    128 + N stopped by signal N: 130 SIGINT, 143 SIGTERM)."""
+    128 + N stopped by signal N: 130 SIGINT, 143 SIGTERM). A reader that closes the output
+    early (``ebflow configs | head -1``) is no error: status 0, nothing on stderr."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        _drop_stdout()
+        return 0
+
+
+def _drop_stdout() -> None:
+    """Send what is left of stdout to /dev/null, so that its flush at exit cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # stdout without a file descriptor (captured): nothing to flush at exit
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return EXIT_ERROR
     debug = args.debug or os.environ.get("EBFLOW_DEBUG", "") not in ("", "0")
+    restore_logging = setup_logging(quiet=args.quiet, verbose=args.verbose)
+    try:
+        return _run(args, debug)
+    finally:
+        restore_logging()
+
+
+def _run(args: argparse.Namespace, debug: bool) -> int:
     # in a torchrun run every process reports; the others say which they are
     rank = os.environ.get("RANK", "0") if _world_size() > 1 else "0"
     who = "" if rank == "0" else f"[rank {rank}] "
     try:
-        return int(args.handler(args) or 0)
+        status = int(args.handler(args) or 0)
+        sys.stdout.flush()  # a closed pipe fails here, inside main, not at exit
+        return status
+    except BrokenPipeError:
+        raise
     except TrainingInterrupted as err:
         if debug:
             raise

@@ -3,8 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 
-__all__ = ["format_metrics", "seed_argument"]
+__all__ = ["HelpFormatter", "Parser", "format_metrics", "seed_argument"]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default as ``(default: ...)``, except where the help text
+    already says it or there is none to show (``None``, a flag's ``False``, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default is None or default is False or default == argparse.SUPPRESS
+                or default == [] or not action.option_strings):
+            return text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose "invalid choice" errors suggest the closest choice."""
+
+    def error(self, message: str):  # type: ignore[override]
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            close = difflib.get_close_matches(m.group(1), re.findall(r"'([^']*)'", m.group(2)), n=1)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
+        super().error(message)
 
 
 def format_metrics(split: str, m: dict) -> str:

@@ -4,6 +4,7 @@ write report.md, results.json and a plot of validation NLL against training time
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -15,11 +16,14 @@ import torch
 from ..errors import ConfigError
 from ..experiment.config.sections import MAX_SEED
 from ..experiment.parallel.devices import resolve_device
+from ..experiment.reproduce.progress import TableProgress
 from ..experiment.reproduce.cells import cell_done, device_slots, train_cell
 from ..experiment.reproduce.report import write_report
 from ..experiment.reproduce.tables import SM_LOSSES, TABLES, Cell, cells_of
 
 __all__ = ["add_arguments", "run"]
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,15 +46,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="folder with the data files (MNIST IDX, CIFAR-10)")
     p.add_argument("--out", default="runs/reproduce", help="parent folder of the tables' runs")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the presets' auto)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of every cell")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for every new cell; the stopping and bookkeeping "
                         "keys (epochs, max_iters, eval_every, ...) also apply to resumed cells, "
                         "e.g. --set epochs=200 continues finished cells to 200 epochs")
     p.add_argument("--report-only", action="store_true", help="do not train; rebuild the report")
+    p.add_argument("--progress-every", type=float, default=60.0, metavar="S",
+                   help="seconds between looks at the running cells' metrics.csv (their latest "
+                        "validation, and the table's progress and ETA) (default: 60)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.progress_every > 0:
+        raise ConfigError(f"--progress-every must be > 0, got {args.progress_every}")
     if args.parallel < 1:
         raise ConfigError(f"--parallel must be >= 1, got {args.parallel}")
     if args.budget_minutes is not None and not args.budget_minutes > 0:
@@ -71,19 +80,25 @@ def run(args: argparse.Namespace) -> int:
                 if not cell_done(out_dir / args.table / c.name, args.budget_minutes, args.overrides)]
         for c in cells:
             if c not in todo:
-                print(f"[{c.name}] finished at this budget; skipped", flush=True)
+                logger.info("[%s] finished at this budget; skipped", c.name)
+        progress = TableProgress(out_dir / args.table, [c.name for c in todo], len(cells) - len(todo),
+                                 args.budget_minutes, args.parallel)
         free: Queue[str | None] = Queue()  # one device per concurrent cell (GPUs spread)
         for slot in device_slots(args.device, args.parallel, torch.cuda.device_count()):
             free.put(slot)
 
         def run_cell(cell: Cell) -> int:
             device = free.get()
+            progress.started(cell.name)
+            code = 1
             try:
-                return train_cell(cell, out_dir / args.table / cell.name, args, device)
+                code = train_cell(cell, out_dir / args.table / cell.name, args, device)
+                return code
             finally:
+                progress.finished(cell.name, code)
                 free.put(device)
 
-        with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        with progress.watching(args.progress_every), ThreadPoolExecutor(max_workers=args.parallel) as pool:
             codes = list(pool.map(run_cell, todo))
         failed = [c.name for c, code in zip(todo, codes) if code != 0]
     write_report(args.table, cells, out_dir)

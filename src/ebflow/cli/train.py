@@ -4,9 +4,11 @@ torchrun."""
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +26,8 @@ from .common import format_metrics
 __all__ = ["add_parser", "DEFAULT_PRESET"]
 
 DEFAULT_PRESET = "digits-fc"
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -70,7 +74,7 @@ def _train(args: argparse.Namespace) -> int:
         device = config.runtime.device
     # Under torchrun: join the process group (NCCL on CUDA, Gloo on CPU); else one process.
     ctx = init_from_env(device)
-    say = print if ctx.is_main else (lambda *a, **k: None)
+    say = logger.info if ctx.is_main else (lambda *a, **k: None)
     stop = StopRequest()
     try:
         if config is None:
@@ -103,6 +107,10 @@ def _train(args: argparse.Namespace) -> int:
         f"{result.examples_per_second:.0f} examples/s), {result.skipped_steps} skipped steps")
     if result.dropped_examples:
         say(_dropped_line(result))
+        if result.dropped_fraction >= 1 and ctx.is_main:
+            warnings.warn("every training example was dropped, so the objective never gave a gradient: "
+                          "the parameters changed only through weight decay, if any. Use MaP "
+                          "preprocessing (map=true) or a smaller sigma / eps", RuntimeWarning, stacklevel=1)
     if test:
         say(format_metrics("test", test))
     say(f"run directory: {run_dir}")
@@ -133,14 +141,9 @@ def _stop_on_signals(stop: StopRequest, run_dir: Path) -> Iterator[None]:
 
 
 def _dropped_line(result: TrainResult) -> str:
-    text = (f"{result.dropped_examples} of {result.seen_examples} training examples "
+    return (f"{result.dropped_examples} of {result.seen_examples} training examples "
             f"({100 * result.dropped_fraction:.1f} %) were outside the model's domain and dropped "
             f"from the loss (drop_out_of_domain)")
-    if result.dropped_fraction >= 1:
-        text += ("\nwarning: every training example was dropped, so the objective never gave a "
-                 "gradient: the parameters changed only through weight decay, if any. Use MaP "
-                 "preprocessing (map=true) or a smaller sigma / eps")
-    return text
 
 
 def _batch_line(world_size: int, global_batch: int, lr: float | None) -> str:

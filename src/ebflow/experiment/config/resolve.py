@@ -13,6 +13,7 @@ module reads presets, files and overrides.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -77,8 +78,10 @@ def load_preset(name: str) -> dict[str, Any]:
     """The raw key/value mapping of a shipped preset."""
     entry = _preset_dir() / f"{name}.yaml"
     if not entry.is_file():
-        presets = ", ".join(list_presets())
-        raise ConfigError(f"unknown preset {name!r}; choose one of: {presets} (or a YAML file path)")
+        names = list(list_presets())
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown preset {name!r}{hint} (presets: {', '.join(names)}; or a YAML file path)")
     data = _read_yaml_text(entry.read_text(encoding="utf-8"), f"preset {name!r}")
     data.setdefault("name", name)
     return data

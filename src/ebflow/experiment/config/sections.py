@@ -138,7 +138,9 @@ class DataConfig:
     """The data set, where it comes from and how it is split."""
 
     dataset: str = key("digits", "data set", choices="ebflow.experiment.data.datasets:LOADERS", name="data")
-    data_dir: str | None = key(None, "folder with local data files (MNIST IDX / CIFAR-10 batches)")
+    data_dir: str | None = key(None, "folder with local data files (MNIST IDX / CIFAR-10 batches); it "
+                                     "must exist (a mistyped path is refused, never created); unset: "
+                                     "$EBFLOW_DATA_DIR or ~/.cache/ebflow/data, created for a download")
     data_file: str | None = key(None, "a .npy file of points (N, D) for data=points")
     download: bool = key(True, "download MNIST / CIFAR-10 through torchvision when missing")
     val_size: int | None = key(None, "examples held out of the training set for validation "

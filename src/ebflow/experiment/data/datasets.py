@@ -3,8 +3,7 @@ CIFAR-10 (local files or a torchvision download), generated stand-ins, and ``.np
 
 Every loader returns a :class:`DataSplits` of float tensors: images as raw pixel levels
 ``0 .. num_bins-1`` with shape ``(N, C, H, W)``, points as ``(N, D)``. Data holding NaN or Inf
-is rejected here, at load time.
-"""
+is rejected here, at load time. An explicit ``data_dir`` must exist: it is never created."""
 
 from __future__ import annotations
 
@@ -26,9 +25,8 @@ from torch import Tensor
 from ...errors import ConfigError, EBFlowError, InputError
 from ..config.sections import DataConfig
 
-__all__ = ["DataSplits", "DataUnavailableError", "IMAGE_DATASETS", "LOADERS", "TOY2D_DATASETS",
-           "ToyMixture", "load_data", "check_data",
-           "toy2d_base_points", "mm10_sample", "read_idx", "default_data_dir"]
+__all__ = ["DataSplits", "DataUnavailableError", "IMAGE_DATASETS", "LOADERS", "TOY2D_DATASETS", "ToyMixture",
+           "load_data", "check_data", "toy2d_base_points", "mm10_sample", "read_idx", "default_data_dir"]
 
 MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -281,6 +279,14 @@ def _missing_error(name: str, root: Path, files: list[str], reason: str) -> Data
     )
 
 
+def _data_root(config: DataConfig, name: str) -> Path:
+    """``data_dir``, which must exist (never created, nor downloaded into), else the default folder."""
+    if config.data_dir and not Path(config.data_dir).expanduser().is_dir():
+        raise DataUnavailableError(f"config key 'data_dir': {config.data_dir!r} is not an existing folder; fix the "
+                                   f"path, or create it to put (or download) the {name} files there")
+    return Path(config.data_dir).expanduser() if config.data_dir else default_data_dir()
+
+
 def _download(name: str, root: Path) -> None:
     import torchvision.datasets as tvd
 
@@ -291,7 +297,7 @@ def _download(name: str, root: Path) -> None:
 
 
 def _mnist_like(config: DataConfig, name: str) -> DataSplits:
-    root = Path(config.data_dir).expanduser() if config.data_dir else default_data_dir()
+    root = _data_root(config, name)
     paths = {k: _find_file(_mnist_folders(root, name), stem) for k, stem in MNIST_FILES.items()}
     if any(p is None for p in paths.values()):
         missing = [MNIST_FILES[k] + "(.gz)" for k, p in paths.items() if p is None]
@@ -349,7 +355,7 @@ def _read_cifar_batch(path: Path) -> np.ndarray:
 
 
 def _cifar10(config: DataConfig) -> DataSplits:
-    root = Path(config.data_dir).expanduser() if config.data_dir else default_data_dir()
+    root = _data_root(config, "cifar10")
     folders = [root / "cifar-10-batches-py", root]
 
     def locate() -> Path | None:

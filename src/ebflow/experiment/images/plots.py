@@ -15,7 +15,7 @@ from ..evaluation.toy_metrics import mixture_log_prob
 from ..rundir.files import OutputError, os_reason
 from ..rundir.load import LoadedRun, draw_samples, samples_to_pixels
 
-__all__ = ["IMAGE_SUFFIXES", "prepare_output", "save_samples", "save_density_plot"]
+__all__ = ["IMAGE_SUFFIXES", "prepare_output", "save_samples", "save_density_plot", "save_curves"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -61,7 +61,8 @@ def save_samples(run: LoadedRun, out: str | Path, n: int, *, seed: int = 0, refi
             factor = math.ceil(32 / pixels.shape[-1])
             pixels = torch.nn.functional.interpolate(pixels, scale_factor=factor, mode="nearest")
         with _writing(out):
-            save_image(pixels.float(), str(out), nrow=max(1, int(math.ceil(math.sqrt(n)))), padding=1)
+            save_image(pixels.float(), str(out), nrow=max(1, int(math.ceil(math.sqrt(n)))),
+                       padding=2, pad_value=0.5)  # grey gaps: black-background digits stay apart
         return out
     _scatter_plot(run, x, out)
     return out
@@ -145,3 +146,44 @@ def save_density_plot(run: LoadedRun, out: str | Path) -> Path:
         ax.set_aspect("equal")
     _save(fig, out)
     return out
+
+
+def save_curves(metrics_csv: str | Path, out: str | Path, title: str = "") -> Path:
+    """``curves.png`` of a run: the training loss and the validation NLL of ``metrics.csv``
+    against steps (left) and against training time (right); written atomically."""
+    import csv
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..rundir.files import write_atomic
+
+    with open(metrics_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def series(column: str, x: str) -> tuple[list[float], list[float]]:
+        pts = [(float(r[x]), float(r[column])) for r in rows if r.get(column) and r.get(x)]
+        pts = [(a, b) for a, b in pts if math.isfinite(a) and math.isfinite(b)]
+        return [a for a, _ in pts], [b for _, b in pts]
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex="col", squeeze=False)
+    for col, (x, xlabel) in enumerate((("step", "step"), ("train_s", "training time (s)"))):
+        for row, (column, label) in enumerate((("loss", "training loss"), ("val_nll", "validation NLL (nats)"))):
+            ax = axes[row][col]
+            xs, ys = series(column, x)
+            ax.plot(xs, ys, marker="." if column == "val_nll" else None, lw=1)
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        axes[1][col].set_xlabel(xlabel)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=80)
+    finally:
+        plt.close(fig)
+    return write_atomic(Path(out), lambda f: f.write(buf.getvalue()), "curves")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse  # the options of a reproduction (see ebflow.cli.reproduce)
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from typing import Any
 from .tables import Cell
 
 __all__ = ["resumable_overrides", "cell_done", "device_slots", "train_command", "train_cell"]
+
+logger = logging.getLogger(__name__)
 
 
 def resumable_overrides(overrides: Sequence[str]) -> dict[str, str]:
@@ -95,7 +98,7 @@ def train_cell(cell: Cell, run_dir: Path, args: argparse.Namespace, device: str 
     if args.threads is not None:
         env["OMP_NUM_THREADS"] = str(args.threads)
     log_path = run_dir.parent / f"{cell.name}.log"
-    print(f"[{cell.name}] {' '.join(cmd[1:])}  (log: {log_path})", flush=True)
+    logger.info("[%s] %s  (log: %s)", cell.name, " ".join(cmd[1:]), log_path)
     t0 = time.time()
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(cmd)}\n")
@@ -107,5 +110,5 @@ def train_cell(cell: Cell, run_dir: Path, args: argparse.Namespace, device: str 
             "budget_minutes": args.budget_minutes,
             "resumable_overrides": resumable_overrides(args.overrides),
             "wall_seconds_last_call": time.time() - t0}))
-    print(f"[{cell.name}] exit {code} after {time.time() - t0:.0f} s", flush=True)
+    logger.info("[%s] exit %d after %.0f s", cell.name, code, time.time() - t0)
     return code

@@ -5,6 +5,7 @@ values next to ours."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -15,6 +16,8 @@ from typing import Any
 from .tables import PAPER_BATCHES_PER_S, Cell
 
 __all__ = ["collect", "render_report", "write_report", "plot_curves", "zoom_limits"]
+
+logger = logging.getLogger(__name__)
 
 
 def _read_curve(run_dir: Path) -> list[tuple[float, float]]:
@@ -212,5 +215,5 @@ def write_report(table: str, cells: Sequence[Cell], out_dir: Path) -> Path:
     (folder / "results.json").write_text(json.dumps({"table": table, "machine": machine,
                                                      "cells": records}, indent=2))
     plot_curves(records, folder / "val_nll_vs_time.png", f"{table}: validation NLL")
-    print(text)
+    logger.info("%s", text)
     return folder / "report.md"

@@ -97,7 +97,12 @@ def load_run(
 ) -> LoadedRun:
     """Load a run dir or checkpoint: the model with EMA weights (``weights="raw"``: the
     optimiser's own weights), in eval mode, on ``device`` (default: cpu). ``splits`` may pass
-    already loaded data."""
+    already loaded data. Also available as ``ebflow.load_run``::
+
+        run = ebflow.load_run("runs/digits-fc-ssm-20250101-120000")  # or .../checkpoints/last.pt
+        metrics = run.evaluate("test")   # exact NLL: {'nll': nats per example, 'bpd': bits/dim, ...}
+        x = run.model.sample(16)         # exact samples; run.model.log_prob(x), run.config, run.step
+    """
     if weights not in ("ema", "raw"):
         raise ConfigError(f"weights must be 'ema' or 'raw', got {weights!r}")
     dev = resolve_device(device) if device is not None else torch.device("cpu")

@@ -1,16 +1,37 @@
-"""What a run writes while it trains: ``metrics.csv`` and TensorBoard events."""
+"""What a run writes while it trains: ``metrics.csv`` and TensorBoard events.
+
+TensorBoard's scalars are grouped by what they measure: ``train/...`` (loss, grad_norm, lr,
+throughput, skipped and dropped counts), ``val/nll``, ``val/bpd``, ``test/...``; a grid of model
+samples (image data) is ``val/samples``. ``metrics.csv`` keeps its flat column names."""
 
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["CSV_COLUMNS", "MetricsLog"]
+from torch import Tensor
+
+from .files import write_text_atomic
+
+__all__ = ["CSV_COLUMNS", "MetricsLog", "tensorboard_tag"]
 
 CSV_COLUMNS = ["step", "epoch", "train_s", "loss", "grad_norm", "ms_per_iter", "examples_per_s", "lr",
                "skipped_steps", "dropped_examples", "val_nll", "val_bpd", "test_nll", "test_bpd", "kl", "fisher"]
+
+
+
+def tensorboard_tag(column: str) -> str:
+    """The TensorBoard tag of a ``metrics.csv`` column: ``val_nll`` -> ``val/nll``,
+    ``test_bpd`` -> ``test/bpd``, ``kl``/``fisher`` -> ``test/...``, the rest ``train/...``."""
+    for split in ("val", "test"):
+        if column.startswith(split + "_"):
+            return f"{split}/{column[len(split) + 1:]}"
+    if column in ("kl", "fisher"):
+        return f"test/{column}"
+    return f"train/{column}"
 
 
 class MetricsLog:
@@ -23,10 +44,14 @@ class MetricsLog:
             with open(self.path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit()
                         and int(r["step"]) <= resume_step]
-        with open(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, CSV_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        if resume_step is None:  # a new run: a new file with its header
+            self.path.write_text(text.getvalue())
+        else:  # a resume keeps the rows up to its checkpoint: never a half-written file
+            write_text_atomic(self.path, text.getvalue(), "metrics")
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -39,7 +64,16 @@ class MetricsLog:
         if self.writer is not None:
             for k, v in values.items():
                 if k not in ("step", "epoch") and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.writer.add_scalar(k, v, step)
+                    self.writer.add_scalar(tensorboard_tag(k), v, step)
+
+    def log_images(self, step: int, pixels: Tensor, tag: str = "val/samples") -> None:
+        """A grid of images (``(n, C, H, W)`` in ``[0, 1]``) in TensorBoard (no-op without it)."""
+        if self.writer is None:
+            return
+        from torchvision.utils import make_grid
+
+        nrow = max(1, math.ceil(math.sqrt(pixels.shape[0])))
+        self.writer.add_image(tag, make_grid(pixels.float().clamp(0, 1), nrow=nrow, padding=1), step)
 
     def close(self) -> None:
         if self.writer is not None:

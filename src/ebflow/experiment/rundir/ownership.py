@@ -1,6 +1,7 @@
 """The run directory: created with ``run.json`` holding a random run id; its checkpoints carry
 that id, and a run resumes only from checkpoints that carry it (:func:`check_owner`). A new run
-never goes over another run's files (:func:`check_new_run_dir`).
+never goes over another run's files (:func:`check_new_run_dir`). One process at a time trains a
+run directory: :mod:`ebflow.experiment.rundir.lock` (``train.lock``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ __all__ = ["RUN_FILE", "RUN_FILES", "resume_command", "check_new_run_dir", "clai
 RUN_FILE = "run.json"
 #: What ebflow writes into a run directory (a folder holding any of them is a run's).
 RUN_FILES = (RUN_FILE, "config.yaml", "metrics.csv", "results.json", "checkpoints", "tensorboard",
-             "samples.png", "density.png")
+             "samples.png", "density.png", "train.lock")
 _WRITTEN = ("last.pt", "best.pt", RUN_FILE, "config.yaml", "results.json")  # via temporary files
 
 

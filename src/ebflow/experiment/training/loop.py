@@ -39,6 +39,7 @@ from ..parallel.process_group import SINGLE_PROCESS, Distributed
 from ..rundir.checkpoint import CheckpointError, save_checkpoint
 from ..rundir.files import first_line
 from ..rundir.metrics import MetricsLog
+from .progress import ProgressBar, ValidationReport
 from .state import StopRequest, TrainingDivergedError, TrainingInterrupted, TrainState
 from .step import StepOutcome, optimization_step
 
@@ -116,6 +117,8 @@ class Trainer:
         self.counters = TrainState(device_type=device.type)  # every counter: checkpoints and results read it
         self.stop = StopRequest()
         self.log: MetricsLog | None = None
+        self.bar: ProgressBar | None = None
+        self.report = ValidationReport(run_dir, f"{config.runtime.name} ({config.objective.loss})")
         self.window = _Window()
         if resume_state is not None:
             self._load_state(resume_state)
@@ -274,9 +277,10 @@ class Trainer:
                 for xb in self.loader:
                     out = self.train_step(xb)
                     self._wait_for_device()
-                    self._add_time(time.perf_counter() - t0)
+                    seconds = time.perf_counter() - t0
+                    self._add_time(seconds)
                     if bar is not None:
-                        bar.update(1)
+                        bar.advance(seconds)
                     self.after_step(out)
                     if self.done() or self.counters.batch_in_epoch == 0:  # budget spent, or epoch over
                         break
@@ -324,25 +328,17 @@ class Trainer:
     @contextmanager
     def _progress(self) -> Iterator[Any]:
         """The loop's progress bar (None when off); stop requests are polled meanwhile."""
-        bar = self._bar() if self.is_main and self.config.bookkeeping.progress else None
+        bar = (ProgressBar(self.config, self.batches_per_epoch, self.counters.step, self.counters.train_seconds)
+               if self.is_main and self.config.bookkeeping.progress else None)
+        self.bar = bar
         self.stop.polling = True
         try:
             yield bar
         finally:
             self.stop.polling = False
+            self.bar = None
             if bar is not None:
                 bar.close()
-
-    def _bar(self) -> Any:
-        from tqdm.auto import tqdm
-
-        c = self.config.training
-        totals = [c.max_iters] if c.max_iters is not None else []
-        if c.epochs is not None:
-            totals.append(c.epochs * self.batches_per_epoch)
-        desc = f"{self.config.runtime.name} {self.config.objective.loss}"
-        return tqdm(total=min(totals) if totals else None, initial=self.counters.step, unit="it",
-                    desc=desc, dynamic_ncols=True, mininterval=0.5)
 
     def _next_epoch(self) -> None:
         self.counters.epoch += 1
@@ -362,6 +358,8 @@ class Trainer:
                 "lr": self.optimizer.param_groups[0]["lr"], "skipped_steps": self.counters.skipped_steps,
                 "dropped_examples": self.counters.dropped_examples,
             })
+        if self.bar is not None:
+            self.bar.set(loss=f"{loss:.4g}")
         self.window = _Window()
 
     def _validate(self) -> None:
@@ -369,6 +367,8 @@ class Trainer:
         if self.log is not None:
             self.log.log(c.step, {"epoch": c.epoch, "train_s": round(c.train_seconds, 3),
                                   "val_nll": val["nll"], "val_bpd": val["bpd"]})
+        if self.is_main:
+            self.report(self, val, self.bar)  # log line, bar, divergence warning, curves.png
         if math.isfinite(val["nll"]) and val["nll"] < c.best_val_nll:
             c.best_val_nll = val["nll"]
             self.save("best.pt")

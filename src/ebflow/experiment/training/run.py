@@ -8,8 +8,11 @@ and that the last checkpoint is intact and how to resume."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +34,7 @@ from ..parallel.process_group import current as current_distributed
 from ..rundir.checkpoint import CheckpointError, load_checkpoint
 from ..rundir.files import OutputError, os_reason, write_text_atomic
 from ..rundir.load import load_run
+from ..rundir.lock import RunLock
 from ..rundir.metrics import MetricsLog
 from ..rundir.ownership import (
     check_new_run_dir,
@@ -116,18 +120,37 @@ def _resume_state(run_dir: Path) -> dict[str, Any]:
     return state
 
 
-def _prepare_run_dir(trainer: Trainer, resume: bool) -> None:
-    """A new run: claim the folder, write config.yaml and a step-0 checkpoint (so a run
-    directory always holds one to resume from). A resumed run: drop the temporary files of
-    interrupted writes, rewrite config.yaml."""
+def _prepare_run_dir(trainer: Trainer, resume: bool, lock: RunLock) -> None:
+    """A new run: claim the folder (and its lock), write config.yaml and a step-0 checkpoint
+    (so a run directory always holds one to resume from). A resumed run: drop the temporary
+    files of interrupted writes and the metrics.csv rows after the checkpoint, rewrite config.yaml."""
     run_dir = trainer.run_dir
     if resume:
         remove_temp_files(run_dir)
+        _drop_metrics_after(run_dir / "metrics.csv", trainer.counters.step)
     else:
         trainer.counters.run_id = claim_run_dir(run_dir)
+        lock.acquire()
     write_text_atomic(run_dir / "config.yaml", dump_config(trainer.config), "config")
     if not resume:
         trainer.save("last.pt")
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Rewrite ``metrics.csv`` atomically without the rows logged after ``step`` (the resumed
+    checkpoint's), so that no step appears twice once the run continues."""
+    if not path.is_file():
+        return
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    keep = [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+    if len(keep) == len(rows) - 1:
+        return
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\r\n").writerows([rows[0], *keep])
+    write_text_atomic(path, text.getvalue(), "metrics")
 
 
 def _write_failure(run_dir: Path, err: OSError | OutputError) -> OutputError:
@@ -180,10 +203,24 @@ def train(
     ``stop`` (set by a signal handler) stops training after the current step, with a checkpoint
     at that step, by raising :class:`~ebflow.experiment.training.state.TrainingInterrupted`.
     """
+    lock = RunLock(run_dir)  # one training process per run directory (rank 0 holds it)
+    try:
+        return _locked_train(config, Path(run_dir), resume, overrides, device, splits, final_outputs,
+                             distributed, stop, lock)
+    finally:
+        lock.release()
+
+
+def _locked_train(
+    config: RunConfig | Mapping[str, Any] | None, run_dir: Path, resume: bool,
+    overrides: Mapping[str, Any] | None, device: str | torch.device | None, splits: DataSplits | None,
+    final_outputs: bool, distributed: Distributed | None, stop: StopRequest | None, lock: RunLock,
+) -> TrainResult:
     ctx = distributed if distributed is not None else current_distributed()
-    run_dir = Path(run_dir)
     state = None
     if resume:
+        if run_dir.is_dir():  # (a missing folder: _resume_state says so)
+            ctx.from_main(lock.acquire)
         state = ctx.from_main(lambda: _resume_state(run_dir))
         config = ctx.everywhere(lambda: _resume_config(state["config"], overrides or {}))
     else:
@@ -199,7 +236,8 @@ def train(
     if runtime.num_threads is not None:
         torch.set_num_threads(runtime.num_threads)
     try:
-        return _train(config, run_dir, resume, state, dev, splits, final_outputs, ctx, stop or StopRequest())
+        return _train(config, run_dir, resume, state, dev, splits, final_outputs, ctx, stop or StopRequest(),
+                      lock)
     finally:
         torch.set_num_threads(threads)
 
@@ -207,7 +245,7 @@ def train(
 def _train(
     config: RunConfig, run_dir: Path, resume: bool, state: Mapping[str, Any] | None,
     dev: torch.device, splits: DataSplits | None, final_outputs: bool, ctx: Distributed,
-    stop: StopRequest,
+    stop: StopRequest, lock: RunLock,
 ) -> TrainResult:
     if not resume:
         ctx.from_main(lambda: check_new_run_dir(run_dir))
@@ -219,7 +257,7 @@ def _train(
     trainer.stop = stop
     log = None
     try:
-        ctx.from_main(lambda: _prepare_run_dir(trainer, resume))
+        ctx.from_main(lambda: _prepare_run_dir(trainer, resume, lock))
         if ctx.is_main:
             log = MetricsLog(run_dir, trainer.counters.step if resume else None, config.bookkeeping.tensorboard)
         trainer.run(log)
@@ -304,4 +342,4 @@ def _write_results(trainer: Trainer, run: Any, test: dict[str, float], log: Metr
     except OutputError:
         raise
     except EBFlowError as err:  # a model that cannot be inverted still has its metrics
-        print(f"warning: could not draw samples: {err}")
+        warnings.warn(f"could not draw samples: {err}", RuntimeWarning, stacklevel=2)

@@ -13,11 +13,16 @@ from typing import Any
 
 from ...errors import EBFlowError
 
-__all__ = ["TrainingDivergedError", "TrainingInterrupted", "StopRequest", "TrainState"]
+__all__ = ["TrainingDivergedError", "TrainingDivergenceWarning", "TrainingInterrupted", "StopRequest", "TrainState"]
 
 
 class TrainingDivergedError(EBFlowError):
     """Too many consecutive non-finite steps; the last checkpoint holds the last finite state."""
+
+
+class TrainingDivergenceWarning(UserWarning):
+    """A validation NLL far above the run's best (the run goes on; see
+    :func:`ebflow.experiment.training.progress.diverging` for the threshold)."""
 
 
 class TrainingInterrupted(EBFlowError):
