@@ -33,6 +33,14 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def restore_threads():
+    """Restore torch's intra-op thread count after a test (runs set ``num_threads``)."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)

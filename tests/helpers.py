@@ -9,6 +9,17 @@ from ebflow import EBFlow
 from ebflow.layers import GenericLinear
 
 
+#: ``--set`` values of a tiny digits-fc run through the command line (4 steps, seconds).
+TINY_CLI = ["max_iters=4", "epochs=null", "eval_every=100", "checkpoint_every=2", "log_every=1",
+            "num_samples=4", "batch_size=20", "eval_batch_size=50", "max_train=60", "max_eval=20",
+            "tensorboard=false", "progress=false", "num_threads=1"]
+
+
+def cli_sets(items: list[str]) -> list[str]:
+    """``["k=v", ...]`` as command-line arguments ``["--set", "k=v", ...]``."""
+    return [a for item in items for a in ("--set", item)]
+
+
 def brute_force_log_prob(model: EBFlow, x: torch.Tensor) -> torch.Tensor:
     """log p_u(g(x)) + log|det dg/dx| with the full Jacobian from autograd and slogdet (float64)."""
     out = []

@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from ebflow.cli import build_parser, main
 from ebflow.experiment.config.resolve import list_presets
+from helpers import cli_sets
 
 TINY = ["max_iters=4", "epochs=null", "eval_every=100", "checkpoint_every=2", "log_every=1",
         "num_samples=4", "batch_size=20", "eval_batch_size=50", "max_train=60", "max_eval=20",
@@ -26,14 +26,8 @@ SHRINK = {  # keep the architecture family, cut the cost (log-det of 3072x3072 c
 
 
 @pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
+def _restore_threads(restore_threads):
     yield
-    torch.set_num_threads(n)
-
-
-def _sets(items):
-    return [a for s in items for a in ("--set", s)]
 
 
 def test_configs_lists_every_preset_with_one_line(capsys):
@@ -51,7 +45,7 @@ def test_every_preset_trains_evaluates_and_samples(name, tmp_path, capsys):
     if name.startswith(("mnist", "cifar")):
         extra.append("data=synthetic-" + ("mnist" if name.startswith("mnist") else "cifar10"))
     run = tmp_path / "run"
-    assert main(["train", "--config", name, "--out", str(run), "--device", "cpu"] + _sets(TINY + extra)) == 0
+    assert main(["train", "--config", name, "--out", str(run), "--device", "cpu"] + cli_sets(TINY + extra)) == 0
     out = capsys.readouterr().out
     assert "test NLL" in out and "bits/dim" in out
     for f in ("config.yaml", "metrics.csv", "results.json", "samples.png",
@@ -71,7 +65,7 @@ def test_every_preset_trains_evaluates_and_samples(name, tmp_path, capsys):
 def test_toy_run_writes_tensorboard_events_and_metrics(tmp_path, capsys):
     run = tmp_path / "run"
     items = [s for s in TINY if not s.startswith("tensorboard")] + ["tensorboard=true"]
-    assert main(["train", "--config", "toy2d-sine", "--loss", "dsm", "--out", str(run)] + _sets(items)) == 0
+    assert main(["train", "--config", "toy2d-sine", "--loss", "dsm", "--out", str(run)] + cli_sets(items)) == 0
     assert any((run / "tensorboard").iterdir())
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
     for col in ("loss", "val_nll", "val_bpd", "grad_norm", "ms_per_iter", "lr"):
@@ -106,7 +100,7 @@ def test_config_errors_exit_cleanly_naming_the_key(capsys):
 
 def test_corrupted_checkpoint_gives_a_clear_error_not_a_traceback(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--config", "mm10-lu", "--out", str(run)] + _sets(TINY)) == 0
+    assert main(["train", "--config", "mm10-lu", "--out", str(run)] + cli_sets(TINY)) == 0
     capsys.readouterr()
     ckpt = run / "checkpoints" / "last.pt"
     data = ckpt.read_bytes()
@@ -141,7 +135,7 @@ def test_every_command_is_registered():
 @pytest.mark.parametrize("use_map", ["true", "false"])
 def test_sample_refine_runs_in_the_model_input_space(tmp_path, use_map, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--out", str(run), "--set", f"map={use_map}"] + _sets(TINY)) == 0
+    assert main(["train", "--out", str(run), "--set", f"map={use_map}"] + cli_sets(TINY)) == 0
     out = tmp_path / "refined.png"
     assert main(["sample", str(run), "-n", "9", "--refine", "5", "--out", str(out)]) == 0, capsys.readouterr().err
     assert out.stat().st_size > 0

@@ -20,22 +20,14 @@ from PIL import Image
 import ebflow
 from ebflow.cli import build_parser, main
 from ebflow.experiment.config.resolve import list_presets
+from helpers import TINY_CLI, cli_sets
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["max_iters=4", "epochs=null", "eval_every=100", "checkpoint_every=2", "log_every=1",
-        "num_samples=4", "batch_size=20", "eval_batch_size=50", "max_train=60", "max_eval=20",
-        "tensorboard=false", "progress=false", "num_threads=1"]
-
-
-def _sets(items):
-    return [a for s in items for a in ("--set", s)]
 
 
 @pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
+def _restore_threads(restore_threads):
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +36,7 @@ def digits_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("everyday") / "run"
     n = torch.get_num_threads()
     try:
-        assert main(["train", "--out", str(run), "--device", "cpu"] + _sets(TINY)) == 0
+        assert main(["train", "--out", str(run), "--device", "cpu"] + cli_sets(TINY_CLI)) == 0
     finally:
         torch.set_num_threads(n)
     return run

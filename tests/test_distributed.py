@@ -207,10 +207,8 @@ def worker_out(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
+def _restore_threads(restore_threads):
     yield
-    torch.set_num_threads(n)
 
 
 def _assert_states_close(a: dict, b: dict, rtol: float, atol: float) -> None:

@@ -43,10 +43,8 @@ TINY_SETS = [a for k, v in {**TINY, "epochs": "null", "tensorboard": "false", "p
 
 
 @pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
+def _restore_threads(restore_threads):
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

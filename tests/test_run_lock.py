@@ -13,35 +13,26 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from ebflow.cli import main
 from ebflow.experiment.config.schema import FIELDS, RESUMABLE_KEYS
 from ebflow.experiment.rundir.lock import LOCK_FILE, RunLock, RunLockedError
 from ebflow.experiment.training import loop
 from ebflow.experiment.training.run import _drop_metrics_after
+from helpers import TINY_CLI, cli_sets
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["max_iters=4", "epochs=null", "eval_every=100", "checkpoint_every=2", "log_every=1",
-        "num_samples=4", "batch_size=20", "eval_batch_size=50", "max_train=60", "max_eval=20",
-        "tensorboard=false", "progress=false", "num_threads=1"]
-
-
-def _sets(items):
-    return [a for s in items for a in ("--set", s)]
 
 
 @pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
+def _restore_threads(restore_threads):
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture
 def run(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--out", str(run), "--device", "cpu"] + _sets(TINY)) == 0
+    assert main(["train", "--out", str(run), "--device", "cpu"] + cli_sets(TINY_CLI)) == 0
     capsys.readouterr()
     return run
 
@@ -67,7 +58,7 @@ def test_a_new_run_holds_the_lock_while_it_trains_and_removes_it(tmp_path, monke
 
     monkeypatch.setattr(loop.Trainer, "after_step", after_step)
     run = tmp_path / "run"
-    assert main(["train", "--out", str(run), "--device", "cpu"] + _sets(TINY)) == 0
+    assert main(["train", "--out", str(run), "--device", "cpu"] + cli_sets(TINY_CLI)) == 0
     assert seen and all(seen)
     assert not (run / LOCK_FILE).exists()
 
@@ -124,7 +115,7 @@ def test_a_resume_after_a_kill_logs_no_step_twice(tmp_path, capsys):
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "EBFLOW_TEST_KILL_AT_STEP": "3"}
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "kill_at_step.py"), "train", "--out", str(run),
-                           "--device", "cpu"] + _sets(TINY + ["max_iters=6"]),
+                           "--device", "cpu"] + cli_sets(TINY_CLI + ["max_iters=6"]),
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert _training_steps(run / "metrics.csv") == [1, 2, 3]  # the checkpoint is at step 2

@@ -26,10 +26,8 @@ QUIET = dict(tensorboard=False, progress=False, num_threads=1)
 
 
 @pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
+def _restore_threads(restore_threads):
     yield
-    torch.set_num_threads(n)
 
 
 def _run(args, env_extra=None):

@@ -21,6 +21,7 @@ from ebflow.experiment.training.loop import Trainer
 from ebflow.experiment.training.progress import diverging
 from ebflow.experiment.training.run import train
 from ebflow.experiment.training.state import TrainingDivergenceWarning
+from helpers import cli_sets
 
 QUIET = dict(tensorboard=False, progress=False, num_threads=1, num_samples=4)
 SMALL = ["max_train=100", "max_eval=50", "batch_size=50", "num_samples=4", "tensorboard=false",
@@ -45,10 +46,6 @@ def _no_cli_handler():
     logger.handlers, logger.level = saved
 
 
-def _sets(items):
-    return [a for s in items for a in ("--set", s)]
-
-
 def _config(**kw):
     return resolve_config("digits-fc", {**QUIET, "max_train": 100, "max_eval": 50, "batch_size": 50,
                                         "epochs": None, "max_iters": 6, "eval_every": 2, "log_every": 1,
@@ -60,7 +57,7 @@ def test_cli_shows_each_validation_as_a_line_and_loss_and_val_nll_in_the_bar(tmp
     """Fails when the validation line is not printed (or lacks step, NLL, bits/dim, time) or the
     bar's postfix lacks the loss or the latest validation NLL."""
     run = tmp_path / "run"
-    assert main(["train", "--out", str(run)] + _sets(SMALL + ["max_iters=6", "epochs=null", "eval_every=2",
+    assert main(["train", "--out", str(run)] + cli_sets(SMALL + ["max_iters=6", "epochs=null", "eval_every=2",
                                                               "log_every=1", "progress=true"])) == 0
     captured = capsys.readouterr()
     lines = re.findall(r"^step (\d+): val NLL ([\d.]+) nats, ([\d.]+) bits/dim \(([\d.]+) s of training\)$",
@@ -77,7 +74,7 @@ def test_time_budget_alone_gives_a_bar_over_training_seconds_with_a_total_and_an
     """With only max_minutes, the bar counts training seconds to the budget (a total and a
     remaining time); fails for the old step bar without a total ('6it [..., ?it/s]')."""
     run = tmp_path / "run"
-    assert main(["train", "--out", str(run)] + _sets(SMALL + ["max_iters=null", "epochs=null", "max_minutes=0.02",
+    assert main(["train", "--out", str(run)] + cli_sets(SMALL + ["max_iters=null", "epochs=null", "max_minutes=0.02",
                                                               "eval_every=1000", "log_every=5",
                                                               "progress=true"])) == 0
     bar = capsys.readouterr().err
@@ -190,7 +187,7 @@ def test_the_library_prints_nothing_but_logs_to_a_users_handler(tmp_path, capsys
 
 
 def test_cli_quiet_hides_the_log_and_verbose_is_accepted(tmp_path, capsys):
-    args = _sets(SMALL + ["max_iters=2", "epochs=null", "eval_every=2", "progress=false"])
+    args = cli_sets(SMALL + ["max_iters=2", "epochs=null", "eval_every=2", "progress=false"])
     assert main(["-q", "train", "--out", str(tmp_path / "a")] + args) == 0
     assert capsys.readouterr().out == ""
     assert main(["train", "-v", "--out", str(tmp_path / "b")] + args) == 0
