@@ -1,7 +1,10 @@
 """Train an MNIST EBFlow built from a new linear layer with DSM; compare it with ``conv_flow``.
 
     python examples/mnist_custom_layer.py [--minutes 4] [--layer circular|dilated|depthwise]
-                                          [--data-dir ../shared/data/mnist] [--threads 1]
+                                          --data-dir PATH/TO/mnist [--threads 1]
+
+``--data-dir`` (default: ``$EBFLOW_DATA_DIR``) is a folder holding the MNIST IDX files
+(``train-images-idx3-ubyte``, ``t10k-images-idx3-ubyte``, plain or ``.gz``).
 
 Both models have the paper's CNN layout (3 blocks of 2 C->C convolutions, 7x7 kernels, squeezes
 between blocks, residual smooth leaky ReLUs between convolutions): ``conv_flow`` with zero-padded
@@ -18,7 +21,7 @@ comes from FFT eigenvalues, for the others from the LU factorisation that ebflow
 from __future__ import annotations
 
 import argparse
-import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -27,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ebflow import EMA, EBFlow, ImagePreprocessing, conv_flow, make_objective
-from ebflow.experiment.data.datasets import read_idx
+from ebflow import EMA, ImageFlow, ImagePreprocessing, conv_flow, make_objective
+from ebflow.experiment.data.image_sets import read_idx
 from ebflow.layers import (
     CircularConv2d,
     DepthwiseConv2d,
@@ -52,10 +55,10 @@ def load_mnist(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return images("train-images-idx3-ubyte")[:50_000], images("t10k-images-idx3-ubyte")
 
 
-def train(model: EBFlow, data: torch.Tensor, pre: ImagePreprocessing, minutes: float, seed: int,
-          lr: float) -> dict:
+def train(images: ImageFlow, data: torch.Tensor, minutes: float, seed: int, lr: float) -> dict:
     """DSM with the paper's MNIST-CNN recipe until ``minutes`` of wall-clock time have passed."""
     objective = make_objective("dsm", sigma=0.1)
+    model = images.flow
     optimiser = torch.optim.RMSprop(model.parameters(), lr=lr, weight_decay=1e-5)
     ema = EMA(model, decay=0.999)
     g = torch.Generator().manual_seed(seed)
@@ -64,9 +67,8 @@ def train(model: EBFlow, data: torch.Tensor, pre: ImagePreprocessing, minutes: f
     while time.perf_counter() - start < 60 * minutes:
         tick = time.perf_counter()
         x = data[torch.randint(0, len(data), (100,), generator=g)]
-        y, _ = pre(pre.dequantize(x, generator=g), check=False)
         optimiser.zero_grad()
-        loss = objective(model, y)
+        loss = objective(model, images.model_input(x, generator=g))  # dequantised, preprocessed
         loss.backward()
         optimiser.step()
         ema.update()
@@ -79,29 +81,27 @@ def train(model: EBFlow, data: torch.Tensor, pre: ImagePreprocessing, minutes: f
 
 
 @torch.no_grad()
-def test_nll(model: EBFlow, test: torch.Tensor, pre: ImagePreprocessing) -> tuple[float, float, float]:
-    """Exact test NLL in data space (nats per image, bits/dim) and the seconds log Z took."""
+def test_nll(images: ImageFlow, test: torch.Tensor) -> tuple[float, float, float]:
+    """Exact test NLL in pixel space (nats per image, bits/dim) and the seconds log Z took."""
     tick = time.perf_counter()
-    model.log_partition()  # computed once here, cached for every batch below
+    images.flow.log_partition()  # computed once here, cached for every batch below
     logz_s = time.perf_counter() - tick
-    total = 0.0
-    for k, xb in enumerate(test.split(500)):
-        g = torch.Generator().manual_seed(k)
-        y, logdet = pre(pre.dequantize(xb.double(), generator=g))  # preprocessing in float64
-        total -= float((model.log_prob(y.to(model.dtype)).double() + logdet).sum())
-    nll = total / len(test)
-    return nll, nll / (math.prod(test.shape[1:]) * math.log(2)), logz_s
+    result = images.nll(test)  # the flow's log-density plus the preprocessing's log-determinant
+    return result["nll"], result["bpd"], logz_s
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=4.0, help="training time per model")
     parser.add_argument("--layer", choices=sorted(LAYERS), default="circular")
-    parser.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/mnist")
+    parser.add_argument("--data-dir", type=Path, default=os.environ.get("EBFLOW_DATA_DIR"),
+                        help="folder of the MNIST IDX files (default: $EBFLOW_DATA_DIR)")
     parser.add_argument("--lr", type=float, default=1e-4, help="RMSprop learning rate (paper: 1e-4)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.data_dir is None:
+        parser.error("give --data-dir (a folder holding the MNIST IDX files) or set EBFLOW_DATA_DIR")
 
     torch.set_num_threads(args.threads)
     train_x, test_x = load_mnist(args.data_dir)
@@ -112,12 +112,13 @@ def main() -> None:
     for name, build in builders.items():
         torch.manual_seed(args.seed)
         model = build()
+        images = ImageFlow(model, pre)
         params = sum(p.numel() for p in model.parameters())
         print(f"{name}: {params} parameters, training {args.minutes:g} min with {args.threads} thread(s)", flush=True)
-        run = train(model, train_x, pre, args.minutes, args.seed, args.lr)
-        raw_nll, _, _ = test_nll(model, test_x, pre)
+        run = train(images, train_x, args.minutes, args.seed, args.lr)
+        raw_nll, _, _ = test_nll(images, test_x)
         with run["ema"].average_parameters():
-            nll, bpd, logz_s = test_nll(model, test_x, pre)
+            nll, bpd, logz_s = test_nll(images, test_x)
         rows.append((name, params, run["steps"], run["minutes"], run["ms_per_step"], nll, bpd, raw_nll, logz_s))
         print(f"  test NLL {nll:.1f} nats ({bpd:.4f} bits/dim; without EMA {raw_nll:.1f} nats), "
               f"{run['ms_per_step']:.1f} ms/step, log Z in {logz_s:.2f} s", flush=True)

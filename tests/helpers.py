@@ -8,11 +8,22 @@ from torch import nn
 from ebflow import EBFlow
 from ebflow.layers import GenericLinear
 
-
 #: ``--set`` values of a tiny digits-fc run through the command line (4 steps, seconds).
-TINY_CLI = ["max_iters=4", "epochs=null", "eval_every=100", "checkpoint_every=2", "log_every=1",
-            "num_samples=4", "batch_size=20", "eval_batch_size=50", "max_train=60", "max_eval=20",
-            "tensorboard=false", "progress=false", "num_threads=1"]
+TINY_CLI = [
+    "max_iters=4",
+    "epochs=null",
+    "eval_every=100",
+    "checkpoint_every=2",
+    "log_every=1",
+    "num_samples=4",
+    "batch_size=20",
+    "eval_batch_size=50",
+    "max_train=60",
+    "max_eval=20",
+    "tensorboard=false",
+    "progress=false",
+    "num_threads=1",
+]
 
 
 def cli_sets(items: list[str]) -> list[str]:
@@ -24,6 +35,7 @@ def brute_force_log_prob(model: EBFlow, x: torch.Tensor) -> torch.Tensor:
     """log p_u(g(x)) + log|det dg/dx| with the full Jacobian from autograd and slogdet (float64)."""
     out = []
     for xi in x:
+
         def g(v: torch.Tensor) -> torch.Tensor:
             return model(v.reshape(1, *model.event_shape)).reshape(-1)
 
@@ -47,8 +59,19 @@ class RowMixing(GenericLinear):
 
 
 #: torch.linalg routines that compute a determinant, an inverse or a factorisation.
-LINEAR_ROUTINES = ("slogdet", "det", "inv", "inv_ex", "lu_factor", "lu_factor_ex", "lu", "solve",
-                   "solve_ex", "lu_solve", "solve_triangular")
+LINEAR_ROUTINES = (
+    "slogdet",
+    "det",
+    "inv",
+    "inv_ex",
+    "lu_factor",
+    "lu_factor_ex",
+    "lu",
+    "solve",
+    "solve_ex",
+    "lu_solve",
+    "solve_triangular",
+)
 
 
 def spy_on_linear_algebra(monkeypatch, classes, methods) -> list[str]:
@@ -62,6 +85,7 @@ def spy_on_linear_algebra(monkeypatch, classes, methods) -> list[str]:
         def boom(*args, **kwargs):
             calls.append(name)
             raise AssertionError(f"{name} was called")
+
         return boom
 
     for routine in LINEAR_ROUTINES:

@@ -31,7 +31,13 @@ from benchmarks.report import REFERENCE_SOURCE, check_targets, format_markdown
 from benchmarks.sections import FactorizationCounter
 from benchmarks.timing import fit_power_law, time_round_robin
 from benchmarks.workloads import (
-    METHODS, MODELS, SCORE_MATCHING, get_spec, make_inputs, make_optimizer, make_step,
+    METHODS,
+    MODELS,
+    SCORE_MATCHING,
+    get_spec,
+    make_inputs,
+    make_optimizer,
+    make_step,
     make_user_step,
 )
 from ebflow.errors import ConfigError
@@ -39,8 +45,16 @@ from ebflow.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = dict(
-    models=("toy2d",), dims=(8, 16, 32), fit_range=(8, 32), warmup=1, repeats=1, batch=8,
-    eval_model="mnist-fc", eval_images=20, eval_batch=10, memory_model="toy2d",
+    models=("toy2d",),
+    dims=(8, 16, 32),
+    fit_range=(8, 32),
+    warmup=1,
+    repeats=1,
+    batch=8,
+    eval_model="mnist-fc",
+    eval_images=20,
+    eval_batch=10,
+    memory_model="toy2d",
 )
 
 
@@ -52,8 +66,9 @@ def tiny_result():
 def test_every_section_has_every_row(tiny_result):
     rows = tiny_result.rows
     it = [r for r in rows if r.section == "iteration"]
-    assert {(r.model, r.method, r.user_loop) for r in it} == {
-        ("toy2d", m, False) for m in METHODS} | {("toy2d", m, True) for m in SCORE_MATCHING}
+    assert {(r.model, r.method, r.user_loop) for r in it} == {("toy2d", m, False) for m in METHODS} | {
+        ("toy2d", m, True) for m in SCORE_MATCHING
+    }
     assert all(r.value > 0 and r.unit == "ms" for r in it)
     plain = next(p.value for p in it if p.method == "plain")
     ml = next(p.value for p in it if p.method == "ml")
@@ -68,7 +83,8 @@ def test_every_section_has_every_row(tiny_result):
 
     sc = [r for r in rows if r.section == "scaling"]
     assert {(r.dim, r.method) for r in sc if r.metric == "time"} == {
-        (d, m) for d in (8, 16, 32) for m in METHODS}
+        (d, m) for d in (8, 16, 32) for m in METHODS
+    }
     exps = {r.method: r for r in sc if r.metric.startswith("exponent")}
     assert set(exps) == set(METHODS) and all(math.isfinite(r.value) for r in exps.values())
 
@@ -108,11 +124,31 @@ def test_markdown_lists_every_row_and_target(tiny_result):
 def test_cli_writes_csv_markdown_and_plot(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args([
-        "--device", "cpu", "--out", str(tmp_path), "--quick", "--sections", "iteration,scaling",
-        "--models", "toy2d", "--methods", "dsm,fdssm", "--dims", "8,16", "--fit-range", "8,16",
-        "--repeats", "1", "--warmup", "0", "--batch", "4",
-    ])
+    args = parser.parse_args(
+        [
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+            "--quick",
+            "--sections",
+            "iteration,scaling",
+            "--models",
+            "toy2d",
+            "--methods",
+            "dsm,fdssm",
+            "--dims",
+            "8,16",
+            "--fit-range",
+            "8,16",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--batch",
+            "4",
+        ]
+    )
     assert run(args) == 0
     printed = capsys.readouterr().out
     assert "| toy2d | 2 | dsm | tuned |" in printed and "| toy2d | 2 | plain | tuned |" in printed
@@ -138,15 +174,18 @@ def test_quick_preset_and_overrides():
     assert full.dims == (256, 512, 1024, 2048, 3072, 4096) and full.fit_range == (1024, 4096)
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(models=("imagenet",)), "unknown model"),
-    (dict(methods=("mle",)), "unknown method"),
-    (dict(sections=("speed",)), "unknown section"),
-    (dict(eval_model="toy2d"), "image model"),
-    (dict(repeats=0), "repeats"),
-    (dict(fit_range=(4096, 1024)), "fit range"),
-    (dict(device="tpu"), "device"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(models=("imagenet",)), "unknown model"),
+        (dict(methods=("mle",)), "unknown method"),
+        (dict(sections=("speed",)), "unknown section"),
+        (dict(eval_model="toy2d"), "image model"),
+        (dict(repeats=0), "repeats"),
+        (dict(fit_range=(4096, 1024)), "fit range"),
+        (dict(device="tpu"), "device"),
+    ],
+)
 def test_bad_options_raise_clear_errors(bad, match):
     with pytest.raises(ConfigError, match=match):
         run_benchmark(BenchConfig(**{**TINY, "device": "cpu", **bad}))
@@ -168,11 +207,9 @@ def test_fit_power_law_recovers_exponents():
 def test_round_robin_interleaves_and_reports_every_step():
     order: list[str] = []
     steps = {name: (lambda n=name: order.append(n)) for name in ("a", "b", "c")}
-    timings = time_round_robin(steps, device=torch.device("cpu"), warmup=1, repeats=3,
-                               min_round_s=0.0)
+    timings = time_round_robin(steps, device=torch.device("cpu"), warmup=1, repeats=3, min_round_s=0.0)
     assert set(timings) == {"a", "b", "c"}
-    assert all(t.repeats == 3 and t.calls_per_round == 1 and t.median_ms >= 0
-               for t in timings.values())
+    assert all(t.repeats == 3 and t.calls_per_round == 1 and t.median_ms >= 0 for t in timings.values())
     timed = order[3:]  # after one warm-up call each
     assert timed == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # rotating order
 
@@ -204,7 +241,7 @@ def test_steps_train_only_the_parameters():
     for method in SCORE_MATCHING:
         make_user_step(model, method, x, opt, spec.options.get(method))()
     assert x.grad is None and not x.requires_grad
-    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
     with pytest.raises(ConfigError, match="unknown benchmark method"):
         make_step(model, "mle", x, opt)
     with pytest.raises(ConfigError, match="user loop"):
@@ -224,7 +261,7 @@ def test_user_loop_is_the_quick_tour_loop():
         torch.manual_seed(1)
         make(model, "dsm", x.double(), opt, spec.options.get("dsm"))()
         after.append([p.detach().clone() for p in model.parameters()])
-    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(*after))
+    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(*after, strict=True))
 
 
 def test_mnist_glow_is_the_preset_architecture():
@@ -236,13 +273,13 @@ def test_mnist_glow_is_the_preset_architecture():
 
 def test_targets_pass_and_fail_on_the_right_side():
     def it(method, value, plain=100.0):
-        return Row("iteration", "cifar-fc", 3072, method, "time", value, "ms",
-                   vs_plain=value / plain)
+        return Row("iteration", "cifar-fc", 3072, method, "time", value, "ms", vs_plain=value / plain)
 
-    rows = [it("plain", 100.0), it("dsm", 200.0), it("fdssm", 230.0), it("ssm", 390.0),
-            it("ml", 1300.0)]
-    rows += [Row("scaling", "fc", 0, m, "exponent 1024-4096", k, "")
-             for m, k in (("ssm", 2.1), ("dsm", 2.3), ("fdssm", 1.9))]
+    rows = [it("plain", 100.0), it("dsm", 200.0), it("fdssm", 230.0), it("ssm", 390.0), it("ml", 1300.0)]
+    rows += [
+        Row("scaling", "fc", 0, m, "exponent 1024-4096", k, "")
+        for m, k in (("ssm", 2.1), ("dsm", 2.3), ("fdssm", 1.9))
+    ]
     status = {t.name: t.status for t in check_targets(rows, "cpu")}
     assert status["cifar-fc DSM / plain step"] == "met"  # 2.0 <= 2.2
     assert status["cifar-fc FDSSM / plain step"] == "MISSED"  # 2.3 > 2.2
@@ -252,12 +289,10 @@ def test_targets_pass_and_fail_on_the_right_side():
     assert status["SSM time exponent over D 1024-4096"] == "met"
     # the reference figures are constants from another day, and say so
     assert status[f"cifar-fc DSM speed-up vs reference (1322 ms, {REFERENCE_SOURCE})"] == "met"
-    assert status[f"mnist-cnn DSM speed-up vs reference (115 ms, {REFERENCE_SOURCE})"] == (
-        "not measured")
+    assert status[f"mnist-cnn DSM speed-up vs reference (115 ms, {REFERENCE_SOURCE})"] == ("not measured")
     assert "2026-11-29" in REFERENCE_SOURCE and "not this run" in REFERENCE_SOURCE
     # a slower user-loop row does not stand in for the tuned step in the targets
-    rows.append(Row("iteration", "cifar-fc", 3072, "dsm", "time", 400.0, "ms", vs_plain=4.0,
-                    user_loop=True))
+    rows.append(Row("iteration", "cifar-fc", 3072, "dsm", "time", 400.0, "ms", vs_plain=4.0, user_loop=True))
     assert {t.name: t.status for t in check_targets(rows, "cpu")} == status
     text = format_markdown(rows, check_targets(rows, "cpu"))
     assert "| cifar-fc FDSSM / plain step | 2.30 | <= 2.2 | MISSED |" in text
@@ -294,25 +329,51 @@ def test_factorization_counter_sees_log_z_once_and_the_cache_after():
 
 
 def test_benchmark_uses_only_the_library_layer():
-    code = ("import json, sys, benchmarks; "
-            "print(json.dumps([m for m in sys.modules if m.startswith('ebflow')]))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout
+    code = (
+        "import json, sys, benchmarks; print(json.dumps([m for m in sys.modules if m.startswith('ebflow')]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     loaded = set(json.loads(out))
-    library = {"ebflow", "ebflow.layers", "ebflow.flow", "ebflow.objectives",
-               "ebflow.preprocessing", "ebflow.architectures", "ebflow.errors", "ebflow.runtime"}
+    library = {
+        "ebflow",
+        "ebflow.layers",
+        "ebflow.flow",
+        "ebflow.objectives",
+        "ebflow.preprocessing",
+        "ebflow.architectures",
+        "ebflow.errors",
+        "ebflow.runtime",
+    }
     assert library & loaded
-    assert not any(m.startswith(("ebflow.experiment", "ebflow.training", "ebflow.config",
-                                 "ebflow.cli", "ebflow.bench")) for m in loaded), loaded
+    assert not any(
+        m.startswith(("ebflow.experiment", "ebflow.training", "ebflow.config", "ebflow.cli", "ebflow.bench"))
+        for m in loaded
+    ), loaded
 
 
 def test_runs_as_a_module_from_the_repository_root():
-    result = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], cwd=ROOT,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode == 0 and "python -m benchmarks" in result.stdout
-    bad = subprocess.run([sys.executable, "-m", "benchmarks", "--models", "imagenet",
-                          "--sections", "iteration", "--out", "/nonexistent-never-written"],
-                         cwd=ROOT, capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--models",
+            "imagenet",
+            "--sections",
+            "iteration",
+            "--out",
+            "/nonexistent-never-written",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "unknown model" in bad.stderr
 
 
@@ -320,10 +381,15 @@ def test_cnn_glow_and_user_loop_targets():
     def it(model, method, value, plain=100.0, **extra):
         return Row("iteration", model, 784, method, "time", value, "ms", vs_plain=value / plain, **extra)
 
-    rows = [it("mnist-cnn", "ssm", 290.0), it("mnist-cnn", "dsm", 210.0), it("mnist-cnn", "fdssm", 190.0),
-            it("mnist-glow", "ssm", 410.0), it("mnist-glow", "dsm", 250.0),
-            it("mnist-cnn", "dsm", 214.0, user_loop=True, vs_tuned=214.0 / 210.0),
-            it("mnist-cnn", "ssm", 310.0, user_loop=True, vs_tuned=310.0 / 290.0)]
+    rows = [
+        it("mnist-cnn", "ssm", 290.0),
+        it("mnist-cnn", "dsm", 210.0),
+        it("mnist-cnn", "fdssm", 190.0),
+        it("mnist-glow", "ssm", 410.0),
+        it("mnist-glow", "dsm", 250.0),
+        it("mnist-cnn", "dsm", 214.0, user_loop=True, vs_tuned=214.0 / 210.0),
+        it("mnist-cnn", "ssm", 310.0, user_loop=True, vs_tuned=310.0 / 290.0),
+    ]
     status = {t.name: (t.status, t.measured) for t in check_targets(rows, "cpu")}
     assert status["mnist-cnn SSM / plain step"][0] == "met"  # 2.9 <= 3
     assert status["mnist-cnn DSM / plain step"][0] == "MISSED"  # 2.1 > 2

@@ -26,7 +26,6 @@ from ebflow.layers import (
     SmoothLeakyReLU,
 )
 from ebflow.layers.cache import needs_grad, parameter_state
-
 from helpers import RowMixing
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,17 +41,37 @@ def near_identity_conv(channels: int) -> nn.Conv2d:
 
 
 def vector_model() -> EBFlow:
-    return EBFlow([Dense(4), SmoothLeakyReLU(0.3), Dense(4, parameterization="lu"), ActNorm(4),
-                   Dense(4, parameterization="tril"), ResidualSmoothLeakyReLU(0.2),
-                   Dense(4, parameterization="triu")], (4,))
+    return EBFlow(
+        [
+            Dense(4),
+            SmoothLeakyReLU(0.3),
+            Dense(4, parameterization="lu"),
+            ActNorm(4),
+            Dense(4, parameterization="tril"),
+            ResidualSmoothLeakyReLU(0.2),
+            Dense(4, parameterization="triu"),
+        ],
+        (4,),
+    )
 
 
 def image_model() -> EBFlow:
     shape = (2, 4, 4)
-    return EBFlow([Conv2d(2, 3), Conv1x1(2, bias=True), ActNorm(2), SmoothLeakyReLU(0.3),
-                   LinearMap(near_identity_conv(2), shape), CircularConv2d(shape, 3),
-                   GroupedConv2d(shape, 3, groups=2), RowMixing(shape), Flatten(shape), Dense(32)],
-                  shape)
+    return EBFlow(
+        [
+            Conv2d(2, 3),
+            Conv1x1(2, bias=True),
+            ActNorm(2),
+            SmoothLeakyReLU(0.3),
+            LinearMap(near_identity_conv(2), shape),
+            CircularConv2d(shape, 3),
+            GroupedConv2d(shape, 3, groups=2),
+            RowMixing(shape),
+            Flatten(shape),
+            Dense(32),
+        ],
+        shape,
+    )
 
 
 MODELS = {"vector": (vector_model, (4,)), "image": (image_model, (2, 4, 4))}
@@ -62,12 +81,13 @@ def brute_force_log_partition(model: EBFlow) -> torch.Tensor:
     """-sum over linear layers of log|det| of each layer's Jacobian from autograd (float64), with
     no use of the layers' own determinant, factorisation or cache."""
     total = torch.zeros((), dtype=torch.float64)
-    for layer, shape in zip(model.layers, model.layer_input_shapes):
+    for layer, shape in zip(model.layers, model.layer_input_shapes, strict=True):
         if not isinstance(layer, LinearFlowLayer):
             continue
         at = torch.zeros(shape, dtype=model.dtype).reshape(-1)
         jac = torch.autograd.functional.jacobian(
-            lambda v, layer=layer, shape=shape: layer.transform(v.view(1, *shape)).reshape(-1), at)
+            lambda v, layer=layer, shape=shape: layer.transform(v.view(1, *shape)).reshape(-1), at
+        )
         total = total - torch.linalg.slogdet(jac.double())[1]
     return total
 
@@ -87,6 +107,7 @@ class Calls:
         def counted(layer, *args, **kwargs):
             self.count += 1
             return original(layer, *args, **kwargs)
+
         return counted
 
 
@@ -101,6 +122,7 @@ def _optimizer_step(make):
         for _ in range(2):
             _gradients(model, x)
             optimizer.step()
+
     return update
 
 
@@ -244,12 +266,21 @@ def test_convolution_factorisation_is_shared_by_inverse_and_log_det(monkeypatch)
     assert counts["factorize"] == 2
 
 
-@pytest.mark.parametrize("build", [lambda: RowMixing((2, 4, 4)), lambda: LinearMap(near_identity_conv(2), (2, 4, 4)),
-                                   lambda: CircularConv2d((2, 4, 4), 3), lambda: GroupedConv2d((2, 4, 4), 3, groups=2)],
-                         ids=["custom-subclass", "linear-map-module", "circular", "grouped"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: RowMixing((2, 4, 4)),
+        lambda: LinearMap(near_identity_conv(2), (2, 4, 4)),
+        lambda: CircularConv2d((2, 4, 4), 3),
+        lambda: GroupedConv2d((2, 4, 4), 3, groups=2),
+    ],
+    ids=["custom-subclass", "linear-map-module", "circular", "grouped"],
+)
 def test_generic_layers_factorise_once_per_state_for_log_partition_and_sampling(build, monkeypatch):
     shape = (2, 4, 4)
-    model = EBFlow([build(), ResidualSmoothLeakyReLU(0.3), build(), SmoothLeakyReLU(0.3), build()], shape).double()
+    model = EBFlow(
+        [build(), ResidualSmoothLeakyReLU(0.3), build(), SmoothLeakyReLU(0.3), build()], shape
+    ).double()
     cls = type(model.layers[0])
     counts = {"factorize": 0}
     original = cls._factorize

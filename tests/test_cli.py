@@ -13,10 +13,24 @@ from ebflow.cli import build_parser, main
 from ebflow.experiment.config.resolve import list_presets
 from helpers import cli_sets
 
-TINY = ["max_iters=4", "epochs=null", "eval_every=100", "checkpoint_every=2", "log_every=1",
-        "num_samples=4", "batch_size=20", "eval_batch_size=50", "max_train=60", "max_eval=20",
-        "toy_train_size=200", "toy_eval_size=50", "toy_points=50", "tensorboard=false",
-        "progress=false", "num_threads=1"]
+TINY = [
+    "max_iters=4",
+    "epochs=null",
+    "eval_every=100",
+    "checkpoint_every=2",
+    "log_every=1",
+    "num_samples=4",
+    "batch_size=20",
+    "eval_batch_size=50",
+    "max_train=60",
+    "max_eval=20",
+    "toy_train_size=200",
+    "toy_eval_size=50",
+    "toy_points=50",
+    "tensorboard=false",
+    "progress=false",
+    "num_threads=1",
+]
 SHRINK = {  # keep the architecture family, cut the cost (log-det of 3072x3072 convolutions)
     "mnist-glow": ["steps=1", "hidden=16"],  # the paper's layer types, not its 512-wide conditioners
     "mnist-glow-small": ["steps=2"],
@@ -45,11 +59,19 @@ def test_every_preset_trains_evaluates_and_samples(name, tmp_path, capsys):
     if name.startswith(("mnist", "cifar")):
         extra.append("data=synthetic-" + ("mnist" if name.startswith("mnist") else "cifar10"))
     run = tmp_path / "run"
-    assert main(["train", "--config", name, "--out", str(run), "--device", "cpu"] + cli_sets(TINY + extra)) == 0
+    assert (
+        main(["train", "--config", name, "--out", str(run), "--device", "cpu"] + cli_sets(TINY + extra)) == 0
+    )
     out = capsys.readouterr().out
     assert "test NLL" in out and "bits/dim" in out
-    for f in ("config.yaml", "metrics.csv", "results.json", "samples.png",
-              "checkpoints/last.pt", "checkpoints/best.pt"):
+    for f in (
+        "config.yaml",
+        "metrics.csv",
+        "results.json",
+        "samples.png",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+    ):
         assert (run / f).is_file(), f
     assert (run / "density.png").is_file() == name.startswith("toy2d")
     if name.startswith("cifar"):
@@ -58,14 +80,19 @@ def test_every_preset_trains_evaluates_and_samples(name, tmp_path, capsys):
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["split"] == "val" and metrics["nll"] == metrics["nll"]  # finite, not NaN
     assert ("kl" in metrics) == name.startswith("toy2d")
-    assert main(["sample", str(run / "checkpoints" / "last.pt"), "-n", "6", "--out", str(tmp_path / "s.png")]) == 0
+    assert (
+        main(["sample", str(run / "checkpoints" / "last.pt"), "-n", "6", "--out", str(tmp_path / "s.png")])
+        == 0
+    )
     assert (tmp_path / "s.png").stat().st_size > 0
 
 
 def test_toy_run_writes_tensorboard_events_and_metrics(tmp_path, capsys):
     run = tmp_path / "run"
     items = [s for s in TINY if not s.startswith("tensorboard")] + ["tensorboard=true"]
-    assert main(["train", "--config", "toy2d-sine", "--loss", "dsm", "--out", str(run)] + cli_sets(items)) == 0
+    assert (
+        main(["train", "--config", "toy2d-sine", "--loss", "dsm", "--out", str(run)] + cli_sets(items)) == 0
+    )
     assert any((run / "tensorboard").iterdir())
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
     for col in ("loss", "val_nll", "val_bpd", "grad_norm", "ms_per_iter", "lr"):
@@ -78,7 +105,12 @@ def test_default_train_end_to_end_with_fewer_iterations(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "ebflow", "train", "--set", "epochs=3", "--set", "eval_every=12"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "digits-fc" in proc.stdout and "bits/dim" in proc.stdout
     (run,) = (tmp_path / "runs").iterdir()
@@ -113,8 +145,19 @@ def test_corrupted_checkpoint_gives_a_clear_error_not_a_traceback(tmp_path, caps
 
 
 def test_missing_mnist_offline_is_a_clear_error(tmp_path, capsys):
-    code = main(["train", "--config", "mnist-fc", "--out", str(tmp_path / "r"), "--set",
-                 f"data_dir={tmp_path}", "--set", "download=false"])
+    code = main(
+        [
+            "train",
+            "--config",
+            "mnist-fc",
+            "--out",
+            str(tmp_path / "r"),
+            "--set",
+            f"data_dir={tmp_path}",
+            "--set",
+            "download=false",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "train-images-idx3-ubyte" in err and str(tmp_path) in err
@@ -137,7 +180,9 @@ def test_sample_refine_runs_in_the_model_input_space(tmp_path, use_map, capsys):
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), "--set", f"map={use_map}"] + cli_sets(TINY)) == 0
     out = tmp_path / "refined.png"
-    assert main(["sample", str(run), "-n", "9", "--refine", "5", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert main(["sample", str(run), "-n", "9", "--refine", "5", "--out", str(out)]) == 0, (
+        capsys.readouterr().err
+    )
     assert out.stat().st_size > 0
 
 

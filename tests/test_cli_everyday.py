@@ -49,8 +49,13 @@ def _env():
 
 def test_a_reader_that_closes_the_pipe_is_no_error():
     # the read end is closed before the command (still importing torch) writes anything
-    proc = subprocess.Popen([sys.executable, "-m", "ebflow", "configs", "--keys"], cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ebflow", "configs", "--keys"],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0, err
@@ -58,8 +63,14 @@ def test_a_reader_that_closes_the_pipe_is_no_error():
 
 
 def test_configs_piped_into_head_exits_0():
-    proc = subprocess.run(["bash", "-o", "pipefail", "-c", f"{sys.executable} -m ebflow configs | head -1"],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", f"{sys.executable} -m ebflow configs | head -1"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "error" not in proc.stderr.lower()
     assert proc.stdout.split()[0] == next(iter(list_presets()))
@@ -92,18 +103,36 @@ def _parsers(parser: argparse.ArgumentParser, name: str = "ebflow"):
 
 def test_every_option_of_every_command_has_help_text():
     parsers = list(_parsers(build_parser()))
-    assert {n for n, _ in parsers} >= {"ebflow train", "ebflow eval", "ebflow sample", "ebflow configs",
-                                       "ebflow inpaint", "ebflow reproduce"}
-    missing = [f"{name}: {'/'.join(a.option_strings) or a.dest}" for name, p in parsers for a in p._actions
-               if not isinstance(a, argparse._SubParsersAction)
-               and (not a.help or a.help == argparse.SUPPRESS or not a.help.strip())]
+    assert {n for n, _ in parsers} >= {
+        "ebflow train",
+        "ebflow eval",
+        "ebflow sample",
+        "ebflow configs",
+        "ebflow inpaint",
+        "ebflow reproduce",
+    }
+    missing = [
+        f"{name}: {'/'.join(a.option_strings) or a.dest}"
+        for name, p in parsers
+        for a in p._actions
+        if not isinstance(a, argparse._SubParsersAction)
+        and (not a.help or a.help == argparse.SUPPRESS or not a.help.strip())
+    ]
     assert not missing, missing
 
 
-@pytest.mark.parametrize("command, shown", [
-    ("eval", "(default: test)"), ("sample", "(default: 64)"), ("sample", "(default: 0)"), ("inpaint", "(default: constant)"),
-    ("configs", "--show NAME"), ("train", "(default: digits-fc)"), ("reproduce", "(default: 0)"),
-])
+@pytest.mark.parametrize(
+    "command, shown",
+    [
+        ("eval", "(default: test)"),
+        ("sample", "(default: 64)"),
+        ("sample", "(default: 0)"),
+        ("inpaint", "(default: constant)"),
+        ("configs", "--show NAME"),
+        ("train", "(default: digits-fc)"),
+        ("reproduce", "(default: 0)"),
+    ],
+)
 def test_help_of_every_command_shows_defaults(command, shown, capsys):
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
@@ -136,8 +165,19 @@ def test_sample_grid_cells_are_separated_by_grey_gaps(digits_run, tmp_path):
 @pytest.mark.parametrize("download", ["true", "false"])
 def test_a_mistyped_data_dir_is_refused_never_created(download, tmp_path, capsys):
     typo = tmp_path / "dtaa"
-    code = main(["train", "--config", "mnist-fc", "--out", str(tmp_path / "r"), "--set", f"data_dir={typo}",
-                 "--set", f"download={download}"])
+    code = main(
+        [
+            "train",
+            "--config",
+            "mnist-fc",
+            "--out",
+            str(tmp_path / "r"),
+            "--set",
+            f"data_dir={typo}",
+            "--set",
+            f"download={download}",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert str(typo) in err and "data_dir" in err and len(err.strip().splitlines()) == 1
@@ -155,8 +195,9 @@ def test_configs_prints_one_short_line_per_preset_and_show_gives_the_full_descri
     assert len(desc) > 200  # long enough to be cut in the list
     assert main(["configs", "--show", name]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["description"] == desc
-    assert "--show NAME" in " ".join(build_parser()._subparsers._group_actions[0].choices["configs"]
-                                     .format_help().split())
+    assert "--show NAME" in " ".join(
+        build_parser()._subparsers._group_actions[0].choices["configs"].format_help().split()
+    )
 
 
 # -- ebflow.load_run -------------------------------------------------------------------------------------

@@ -9,8 +9,19 @@ from ebflow.experiment.config.resolve import list_presets, load_preset, parse_ov
 from ebflow.experiment.config.schema import FIELDS, validate_config
 
 PRESETS = [
-    "toy2d-sine", "toy2d-swirl", "toy2d-checkerboard", "mm10-full", "mm10-tril", "mm10-triu",
-    "mm10-lu", "digits-fc", "mnist-fc", "mnist-cnn", "mnist-glow", "mnist-glow-small", "cifar-fc",
+    "toy2d-sine",
+    "toy2d-swirl",
+    "toy2d-checkerboard",
+    "mm10-full",
+    "mm10-tril",
+    "mm10-triu",
+    "mm10-lu",
+    "digits-fc",
+    "mnist-fc",
+    "mnist-cnn",
+    "mnist-glow",
+    "mnist-glow-small",
+    "cifar-fc",
     "cifar-cnn",
 ]
 
@@ -31,7 +42,11 @@ def test_presets_validate_and_keep_their_name(name):
 def test_recipes_follow_the_design():
     fc, cnn, cifar = resolve_config("mnist-fc"), resolve_config("mnist-cnn"), resolve_config("cifar-fc")
     assert (fc.optim.optimizer, fc.optim.lr, fc.training.batch_size, fc.optim.ema_decay) == (
-        "rmsprop", 1e-4, 100, 0.999)
+        "rmsprop",
+        1e-4,
+        100,
+        0.999,
+    )
     assert fc.objective.sigma == fc.objective.eps == 1.0 and cnn.objective.sigma == cnn.objective.eps == 0.1
     assert fc.preprocessing.logit_smoothness == 0.5 and cnn.preprocessing.logit_smoothness == 0.75
     assert cifar.objective.energy_reg == 1.024 and fc.objective.energy_reg == 0.0
@@ -62,10 +77,26 @@ def test_unknown_key_suggests_the_close_one():
 
 @pytest.mark.parametrize(
     "key, value",
-    [("sigma", -1.0), ("sigma", 0), ("lr", 0), ("lr", -1e-3), ("eps", -0.1), ("ema_decay", 1.0),
-     ("batch_size", 0), ("loss", "mle"), ("data", "imagenet"), ("kernel_size", 4),
-     ("logit_shift", 0.5), ("lr", float("nan")), ("grad_clip", {"fdsm": 5}), ("grad_clip", -1),
-     ("lr", "fast"), ("batch_size", 1.5), ("map", 1), ("max_iters", True)],
+    [
+        ("sigma", -1.0),
+        ("sigma", 0),
+        ("lr", 0),
+        ("lr", -1e-3),
+        ("eps", -0.1),
+        ("ema_decay", 1.0),
+        ("batch_size", 0),
+        ("loss", "mle"),
+        ("data", "imagenet"),
+        ("kernel_size", 4),
+        ("logit_shift", 0.5),
+        ("lr", float("nan")),
+        ("grad_clip", {"fdsm": 5}),
+        ("grad_clip", -1),
+        ("lr", "fast"),
+        ("batch_size", 1.5),
+        ("map", 1),
+        ("max_iters", True),
+    ],
 )
 def test_out_of_range_values_are_rejected_with_the_key(key, value):
     with pytest.raises(ConfigError, match=repr(key)):
@@ -142,21 +173,40 @@ def test_recipes_per_objective_follow_design_4_2():
         assert _recipe("cifar-cnn", loss, "spectral_norm") == (sn,)
     for preset in ("mnist-fc", "mnist-cnn", "cifar-fc", "cifar-cnn"):
         c = resolve_config(preset)
-        assert (c.optim.optimizer, c.optim.lr, c.training.batch_size, c.optim.ema_decay, c.optim.ema_warmup,
-                c.model.weight_init) == ("rmsprop", 1e-4, 100, 0.999, True, "negative_identity")
+        assert (
+            c.optim.optimizer,
+            c.optim.lr,
+            c.training.batch_size,
+            c.optim.ema_decay,
+            c.optim.ema_warmup,
+            c.model.weight_init,
+        ) == ("rmsprop", 1e-4, 100, 0.999, True, "negative_identity")
     cifar = resolve_config("cifar-fc")
     assert cifar.training.augment is True and cifar.data.val_size == 10000
     glow = resolve_config("mnist-glow", {"loss": "dsm"})
-    assert (glow.optim.optimizer, glow.optim.lr, glow.optim.weight_decay, glow.optim.grad_clip,
-            glow.objective.energy_reg, glow.preprocessing.logit_smoothness, glow.training.epochs,
-            glow.optim.lr_decay, glow.objective.sigma) == ("adam", 1e-5, 0.0, 500.0, 78.4, 1.0, 80, 1.0, 0.1)
+    assert (
+        glow.optim.optimizer,
+        glow.optim.lr,
+        glow.optim.weight_decay,
+        glow.optim.grad_clip,
+        glow.objective.energy_reg,
+        glow.preprocessing.logit_smoothness,
+        glow.training.epochs,
+        glow.optim.lr_decay,
+        glow.objective.sigma,
+    ) == ("adam", 1e-5, 0.0, 500.0, 78.4, 1.0, 80, 1.0, 0.1)
     assert _recipe("toy2d-sine", "ml", "lr", "batch_size", "max_iters") == (5e-4, 2048, 50001)
     assert _recipe("toy2d-sine", "dsm", "lr") == (1e-4,)
     assert _recipe("toy2d-swirl", "ml", "lr") == (5e-3,)
     assert _recipe("toy2d-checkerboard", "ssm", "lr", "batch_size", "max_iters") == (1e-4, 10000, 100001)
     assert _recipe("toy2d-sine", "fdssm", "eps", "toy_eval_size") == (0.1, 10000)
     assert _recipe("mm10-lu", "ml", "num_layers", "optimizer", "lr", "max_iters", "batch_size") == (
-        11, "adam", 1e-3, 10001, 2048)
+        11,
+        "adam",
+        1e-3,
+        10001,
+        2048,
+    )
 
 
 def test_explicit_override_beats_the_per_loss_recipe():
@@ -175,9 +225,20 @@ def test_no_map_dsm_needs_the_drop_switch():
     assert c.objective.drop_out_of_domain is True
 
 
-@pytest.mark.parametrize("key, bad", [("num_layers", 100_000), ("blocks", 257), ("hidden", 16385),
-                                      ("depth", 65), ("convs_per_block", 65), ("kernel_size", 65),
-                                      ("levels", 9), ("steps", 257), ("slices", 4097)])
+@pytest.mark.parametrize(
+    "key, bad",
+    [
+        ("num_layers", 100_000),
+        ("blocks", 257),
+        ("hidden", 16385),
+        ("depth", 65),
+        ("convs_per_block", 65),
+        ("kernel_size", 65),
+        ("levels", 9),
+        ("steps", 257),
+        ("slices", 4097),
+    ],
+)
 def test_model_size_keys_are_bounded(key, bad):
     """A typo such as num_layers=100000 must not try to allocate tens of GB."""
     with pytest.raises(ConfigError, match=repr(key)):

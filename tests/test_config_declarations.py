@@ -16,9 +16,10 @@ import ebflow.experiment.training.loop as trainer_module
 from ebflow import architectures, prior, utils
 from ebflow.errors import ConfigError
 from ebflow.experiment.config import builders, schema, sections
+from ebflow.experiment.config.keys import key
 from ebflow.experiment.config.resolve import parse_overrides, resolve_config
 from ebflow.experiment.config.schema import FIELDS, derive_fields, validate_config
-from ebflow.experiment.config.sections import KEY_PATHS, SECTIONS, key
+from ebflow.experiment.config.sections import KEY_PATHS, SECTIONS
 from ebflow.experiment.data import datasets
 from ebflow.experiment.parallel import gradient_sync
 from ebflow.experiment.rundir.checkpoint import load_checkpoint
@@ -88,12 +89,19 @@ def test_value_types_come_from_the_annotation():
 
 # -- choice lists are their registries ---------------------------------------------------------
 REGISTRIES = {
-    "loss": lambda: OBJECTIVES, "data": lambda: datasets.LOADERS, "model": lambda: builders.MODEL_FAMILIES,
-    "optimizer": lambda: builders.OPTIMIZERS, "weight_init": lambda: builders.WEIGHT_INITS,
-    "prior": lambda: prior.PRIORS, "parameterization": lambda: architectures.DENSE_FLOW_PARAMETERIZATIONS,
-    "conditioner": lambda: architectures.CONDITIONERS, "shift_activation": lambda: SHIFT_ACTIVATIONS,
-    "glow_activation": lambda: CONDITIONER_ACTIVATIONS, "glow_split_activation": lambda: CONDITIONER_ACTIVATIONS,
-    "projection": lambda: PROJECTIONS, "grad_sync": lambda: gradient_sync.GRAD_SYNC_MODES,
+    "loss": lambda: OBJECTIVES,
+    "data": lambda: datasets.LOADERS,
+    "model": lambda: builders.MODEL_FAMILIES,
+    "optimizer": lambda: builders.OPTIMIZERS,
+    "weight_init": lambda: builders.WEIGHT_INITS,
+    "prior": lambda: prior.PRIORS,
+    "parameterization": lambda: architectures.DENSE_FLOW_PARAMETERIZATIONS,
+    "conditioner": lambda: architectures.CONDITIONERS,
+    "shift_activation": lambda: SHIFT_ACTIVATIONS,
+    "glow_activation": lambda: CONDITIONER_ACTIVATIONS,
+    "glow_split_activation": lambda: CONDITIONER_ACTIVATIONS,
+    "projection": lambda: PROJECTIONS,
+    "grad_sync": lambda: gradient_sync.GRAD_SYNC_MODES,
 }
 
 
@@ -108,9 +116,16 @@ def test_every_key_with_a_fixed_set_of_values_takes_it_from_a_registry():
     assert with_choices == set(REGISTRIES) | {"dtype"}  # dtype: the two float types torch trains in
 
 
-@pytest.mark.parametrize("name, registry", [
-    ("optimizer", builders.OPTIMIZERS), ("model", builders.MODEL_FAMILIES), ("data", datasets.LOADERS),
-    ("loss", OBJECTIVES), ("prior", prior.PRIORS)])
+@pytest.mark.parametrize(
+    "name, registry",
+    [
+        ("optimizer", builders.OPTIMIZERS),
+        ("model", builders.MODEL_FAMILIES),
+        ("data", datasets.LOADERS),
+        ("loss", OBJECTIVES),
+        ("prior", prior.PRIORS),
+    ],
+)
 def test_a_new_registry_entry_is_a_new_choice(monkeypatch, name, registry):
     """A choice list typed again next to the registry would miss the planted entry."""
     monkeypatch.setitem(registry, "planted", next(iter(registry.values())))
@@ -140,14 +155,16 @@ def test_library_choice_lists_follow_their_types_and_builders():
 def test_the_device_key_is_checked_by_the_device_pattern():
     for ok in ("auto", "cpu", "cuda", "cuda:3"):
         assert validate_config({"max_iters": 1, "device": ok}).runtime.device == ok
-    with pytest.raises(ConfigError, match="'device' must be auto|cpu|cuda|cuda:N"):
+    with pytest.raises(ConfigError, match=r"'device' must be auto\|cpu\|cuda\|cuda:N"):
         validate_config({"max_iters": 1, "device": "gpu"})
 
 
 # -- per_loss is the only per-objective mechanism -------------------------------------------------
 def test_a_grad_clip_mapping_is_refused_with_a_pointer_to_per_loss():
-    for bad in ({"max_iters": 1, "grad_clip": {"fdssm": 5}},
-                {"max_iters": 1, "per_loss": {"fdssm": {"grad_clip": {"fdssm": 5}}}}):
+    for bad in (
+        {"max_iters": 1, "grad_clip": {"fdssm": 5}},
+        {"max_iters": 1, "per_loss": {"fdssm": {"grad_clip": {"fdssm": 5}}}},
+    ):
         with pytest.raises(ConfigError, match=r"'grad_clip'.*per_loss: \{loss: \{grad_clip: value\}\}"):
             validate_config(bad)
     with pytest.raises(ConfigError, match="per_loss"):
@@ -156,12 +173,15 @@ def test_a_grad_clip_mapping_is_refused_with_a_pointer_to_per_loss():
         resolve_config("digits-fc", {"grad_clip": {"fdssm": 5.0}})
 
 
-@pytest.mark.parametrize("preset, clips", [
-    ("digits-fc", {"fdssm": 5.0}),
-    ("toy2d-sine", {"ml": 1.0, "ssm": 0.5, "dsm": 0.5, "fdssm": 0.5}),
-    ("toy2d-swirl", {"ml": 1.0, "sml": 10.0, "ssm": 5.0, "dsm": 5.0, "fdssm": 1.25}),
-    ("toy2d-checkerboard", {"ml": 10.0, "sml": 10.0, "ssm": 5.0, "dsm": 5.0, "fdssm": 5.0}),
-])
+@pytest.mark.parametrize(
+    "preset, clips",
+    [
+        ("digits-fc", {"fdssm": 5.0}),
+        ("toy2d-sine", {"ml": 1.0, "ssm": 0.5, "dsm": 0.5, "fdssm": 0.5}),
+        ("toy2d-swirl", {"ml": 1.0, "sml": 10.0, "ssm": 5.0, "dsm": 5.0, "fdssm": 1.25}),
+        ("toy2d-checkerboard", {"ml": 10.0, "sml": 10.0, "ssm": 5.0, "dsm": 5.0, "fdssm": 5.0}),
+    ],
+)
 def test_per_loss_grad_clip_applies_to_its_objective_only(preset, clips):
     """The presets that had a grad_clip mapping give every objective the same clip as before."""
     for loss in OBJECTIVES:
@@ -171,8 +191,9 @@ def test_per_loss_grad_clip_applies_to_its_objective_only(preset, clips):
 
 
 @pytest.mark.parametrize("loss, clip", [("fdssm", 5.0), ("ssm", None)])
-def test_a_preset_with_a_per_loss_clip_clips_the_training_steps_of_that_loss_only(tmp_path, monkeypatch,
-                                                                                   loss, clip):
+def test_a_preset_with_a_per_loss_clip_clips_the_training_steps_of_that_loss_only(
+    tmp_path, monkeypatch, loss, clip
+):
     seen: list[float | None] = []
     real = trainer_module.optimization_step
 
@@ -181,17 +202,27 @@ def test_a_preset_with_a_per_loss_clip_clips_the_training_steps_of_that_loss_onl
         return real(model, objective, optimizer, x, grad_clip, **kw)
 
     monkeypatch.setattr(trainer_module, "optimization_step", spy)
-    config = resolve_config("digits-fc", {**QUIET, "loss": loss, "max_iters": 2, "epochs": None,
-                                          "eval_every": 2, "checkpoint_every": 2})
+    config = resolve_config(
+        "digits-fc",
+        {**QUIET, "loss": loss, "max_iters": 2, "epochs": None, "eval_every": 2, "checkpoint_every": 2},
+    )
     train(config, tmp_path / "r", final_outputs=False)
     assert seen == [clip, clip]
 
 
 # -- the unreleased shims are gone ---------------------------------------------------------------------
-@pytest.mark.parametrize("owner, name", [
-    (utils, "renamed_keyword"), (Dense, "parameterisation"), (ActNorm, "initialize_from"),
-    (step, "optimisation_step"), (schema, "RENAMED_KEYS"), (schema, "grad_clip_for"),
-    (architectures, "PARAMETERISATIONS")])
+@pytest.mark.parametrize(
+    "owner, name",
+    [
+        (utils, "renamed_keyword"),
+        (Dense, "parameterisation"),
+        (ActNorm, "initialize_from"),
+        (step, "optimisation_step"),
+        (schema, "RENAMED_KEYS"),
+        (schema, "grad_clip_for"),
+        (architectures, "PARAMETERISATIONS"),
+    ],
+)
 def test_the_unreleased_compatibility_shims_are_gone(owner, name):
     assert not hasattr(owner, name)
     with pytest.raises(TypeError):
@@ -201,14 +232,26 @@ def test_the_unreleased_compatibility_shims_are_gone(owner, name):
 
 
 # -- one TrainState ----------------------------------------------------------------------------------
-CHECKPOINT_COUNTERS = {"step", "epoch", "batch_in_epoch", "train_seconds", "skipped_steps",
-                       "consecutive_nonfinite", "dropped_examples", "seen_examples", "best_val_nll", "run_id",
-                       "device_type"}
+CHECKPOINT_COUNTERS = {
+    "step",
+    "epoch",
+    "batch_in_epoch",
+    "train_seconds",
+    "compile_seconds",
+    "skipped_steps",
+    "consecutive_nonfinite",
+    "dropped_examples",
+    "seen_examples",
+    "best_val_nll",
+    "run_id",
+    "device_type",
+}
 
 
 def test_checkpoints_keep_their_keys_and_read_back_into_a_train_state(tmp_path):
-    config = resolve_config("digits-fc", {**QUIET, "max_iters": 3, "epochs": None, "eval_every": 3,
-                                          "checkpoint_every": 3})
+    config = resolve_config(
+        "digits-fc", {**QUIET, "max_iters": 3, "epochs": None, "eval_every": 3, "checkpoint_every": 3}
+    )
     result = train(config, tmp_path / "r")
     state = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")
     assert {f.name for f in dataclasses.fields(TrainState)} == CHECKPOINT_COUNTERS <= set(state)
@@ -221,8 +264,15 @@ def test_checkpoints_keep_their_keys_and_read_back_into_a_train_state(tmp_path):
 
 
 def test_an_older_checkpoint_without_the_later_counters_loads_and_a_missing_counter_fails():
-    old = {"step": 7, "epoch": 1, "batch_in_epoch": 2, "train_seconds": 1.5, "skipped_steps": 0,
-           "consecutive_nonfinite": 0, "best_val_nll": 3.25}
+    old = {
+        "step": 7,
+        "epoch": 1,
+        "batch_in_epoch": 2,
+        "train_seconds": 1.5,
+        "skipped_steps": 0,
+        "consecutive_nonfinite": 0,
+        "best_val_nll": 3.25,
+    }
     state = TrainState.from_checkpoint(old)
     assert (state.step, state.seen_examples, state.dropped_examples, state.run_id) == (7, 0, 0, None)
     assert isinstance(state.train_seconds, float) and isinstance(state.step, int)
@@ -232,7 +282,19 @@ def test_an_older_checkpoint_without_the_later_counters_loads_and_a_missing_coun
 
 
 def test_train_result_derives_its_metrics_from_the_counters():
-    r = TrainResult(step=10, train_seconds=2.0, seen_examples=40, dropped_examples=10,
-                    run_dir=Path("r"), world_size=2, global_batch=8)
-    assert (r.ms_per_iter, r.examples_per_second, r.batch_per_process, r.dropped_fraction) == (200.0, 40.0, 4, 0.25)
+    r = TrainResult(
+        step=10,
+        train_seconds=2.0,
+        seen_examples=40,
+        dropped_examples=10,
+        run_dir=Path("r"),
+        world_size=2,
+        global_batch=8,
+    )
+    assert (r.ms_per_iter, r.examples_per_second, r.batch_per_process, r.dropped_fraction) == (
+        200.0,
+        40.0,
+        4,
+        0.25,
+    )
     assert TrainResult(run_dir=r.run_dir).run_metrics()["examples_per_s"] is None

@@ -24,20 +24,42 @@ from ebflow.layers import Conv2d, Dense, ResidualSmoothLeakyReLU, SmoothLeakyReL
 #: check the tests themselves on a machine without a GPU).
 DEVICE = os.environ.get("EBFLOW_CUDA_TEST_DEVICE", "cuda")
 GPUS = torch.cuda.device_count() if DEVICE == "cuda" else 2
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
 
-TINY = ["--set", "data=synthetic-mnist", "--set", "max_train=400", "--set", "max_eval=200",
-        "--set", "max_iters=20", "--set", "epochs=null", "--set", "eval_every=10",
-        "--set", "checkpoint_every=10", "--set", "num_samples=8", "--set", "tensorboard=false",
-        "--set", "progress=false"]
+TINY = [
+    "--set",
+    "data=synthetic-mnist",
+    "--set",
+    "max_train=400",
+    "--set",
+    "max_eval=200",
+    "--set",
+    "max_iters=20",
+    "--set",
+    "epochs=null",
+    "--set",
+    "eval_every=10",
+    "--set",
+    "checkpoint_every=10",
+    "--set",
+    "num_samples=8",
+    "--set",
+    "tensorboard=false",
+    "--set",
+    "progress=false",
+]
 
 
 @pytest.mark.parametrize("loss", ["ml", "sml", "ssm", "dsm", "fdssm"])
 @pytest.mark.parametrize("preset", ["mnist-fc", "mnist-cnn"])
 def test_a_training_run_per_objective_on_the_gpu(tmp_path, preset, loss):
     run = tmp_path / "run"
-    assert main(["train", "--config", preset, "--loss", loss, "--device", DEVICE, "--out", str(run), *TINY]) == 0
+    assert (
+        main(["train", "--config", preset, "--loss", loss, "--device", DEVICE, "--out", str(run), *TINY]) == 0
+    )
     results = json.loads((run / "results.json").read_text())
     assert results["device"].startswith(DEVICE) and results["iterations"] == 20
     assert torch.isfinite(torch.tensor(results["test_nll"]))
@@ -86,12 +108,29 @@ def test_inpainting_on_the_gpu_is_reproducible():
 
 @pytest.mark.skipif(GPUS < 2, reason="needs 2 GPUs")
 def test_two_process_ddp_on_two_gpus(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ebflow",
-           "train", "--config", "mnist-fc", "--loss", "dsm", "--device", DEVICE, "--out",
-           str(tmp_path / "run"), *TINY]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "ebflow",
+        "train",
+        "--config",
+        "mnist-fc",
+        "--loss",
+        "dsm",
+        "--device",
+        DEVICE,
+        "--out",
+        str(tmp_path / "run"),
+        *TINY,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
-                          cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        cmd, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1]
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["processes"] == 2

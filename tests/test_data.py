@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import pickle
 
@@ -11,7 +12,10 @@ import torch
 
 from ebflow.errors import ConfigError, InputError
 from ebflow.experiment.config.resolve import resolve_config
-from ebflow.experiment.data.datasets import DataUnavailableError, check_data, load_data, mm10_sample, read_idx
+from ebflow.experiment.data.datasets import load_data
+from ebflow.experiment.data.image_sets import read_idx
+from ebflow.experiment.data.splits import DataUnavailableError, check_data
+from ebflow.experiment.data.toys import mm10_sample
 
 
 def _data_config(name, **overrides):
@@ -45,8 +49,10 @@ def write_fake_cifar(folder, per_batch=10, seed=0):
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                 b"labels": list(rng.integers(0, 10, per_batch))}
+        batch = {
+            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            b"labels": list(rng.integers(0, 10, per_batch)),
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
     return folder
@@ -118,9 +124,11 @@ def test_val_size_must_leave_training_images(tmp_path):
 
 def test_local_cifar_batches(tmp_path):
     folder = write_fake_cifar(tmp_path / "cifar-10-batches-py")
-    d = load_data(_data_config("cifar-fc", data_dir=str(tmp_path), val_size=5, download=False))
-    assert d.train.shape == (45, 3, 32, 32) and d.val.shape == (5, 3, 32, 32)
-    assert d.test.shape == (10, 3, 32, 32)
+    # data_dir may name the folder that holds the unpacked archive, or the archive's folder itself
+    for data_dir in (tmp_path, folder):
+        d = load_data(_data_config("cifar-fc", data_dir=str(data_dir), val_size=5, download=False))
+        assert d.train.shape == (45, 3, 32, 32) and d.val.shape == (5, 3, 32, 32)
+        assert d.test.shape == (10, 3, 32, 32)
 
 
 def test_cifar_batch_with_code_is_refused(tmp_path):
@@ -150,6 +158,14 @@ def test_points_file_with_nan_is_rejected_at_load_time(tmp_path):
         load_data(_data_config("mm10-full", data="points", data_file=str(bad)))
 
 
+def test_points_without_a_file_is_a_config_error_even_in_a_hand_built_config():
+    """validate_config wants data_file for data=points; a DataConfig changed by hand (no
+    validation) gets the same ConfigError from load_data, not a TypeError from Path(None)."""
+    cfg = dataclasses.replace(_data_config("mm10-full"), dataset="points", data_file=None)
+    with pytest.raises(ConfigError, match="data_file"):
+        load_data(cfg)
+
+
 def test_check_data_rejects_non_finite_and_empty():
     with pytest.raises(InputError, match="non-finite"):
         check_data(torch.tensor([[0.0, float("nan")]]), "x")
@@ -157,7 +173,9 @@ def test_check_data_rejects_non_finite_and_empty():
         check_data(torch.zeros(0, 2), "x")
 
 
-@pytest.mark.parametrize("name, shape", [("synthetic-mnist", (1, 28, 28)), ("synthetic-cifar10", (3, 32, 32))])
+@pytest.mark.parametrize(
+    "name, shape", [("synthetic-mnist", (1, 28, 28)), ("synthetic-cifar10", (3, 32, 32))]
+)
 def test_synthetic_stand_ins_have_the_real_shapes(name, shape):
     d = load_data(_data_config("mnist-fc", data=name, max_train=20, max_eval=5))
     assert d.event_shape == shape and d.train.shape[0] == 20 and d.test.shape[0] == 5

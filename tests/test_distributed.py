@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from kill_at_step import KILL_ENV as FAULT_ENV
 
 from ebflow.experiment.config.builders import build_model, build_objective, build_preprocessing
 from ebflow.experiment.config.resolve import parse_overrides, resolve_config
@@ -31,12 +30,26 @@ from ebflow.experiment.parallel.gradient_sync import make_gradient_sync
 from ebflow.experiment.parallel.process_group import SINGLE_PROCESS, Distributed
 from ebflow.experiment.rundir.checkpoint import load_checkpoint
 from ebflow.experiment.training.run import train
+from kill_at_step import KILL_ENV as FAULT_ENV
 
 WORLD = 2
 STEPS = 6
-COMMON = dict(tensorboard=False, progress=False, num_threads=1, dtype="float64", epochs=None,
-              max_iters=STEPS, eval_every=3, checkpoint_every=100, log_every=2, num_samples=4,
-              max_train=96, max_eval=60, batch_size=16, eval_batch_size=25)
+COMMON = dict(
+    tensorboard=False,
+    progress=False,
+    num_threads=1,
+    dtype="float64",
+    epochs=None,
+    max_iters=STEPS,
+    eval_every=3,
+    checkpoint_every=100,
+    log_every=2,
+    num_samples=4,
+    max_train=96,
+    max_eval=60,
+    batch_size=16,
+    eval_batch_size=25,
+)
 # name -> (preset, overrides); every run trains on 2 processes in the worker
 RUNS = {
     "dsm": ("digits-fc", {"loss": "dsm"}),
@@ -45,8 +58,17 @@ RUNS = {
     "ml": ("digits-fc", {"loss": "ml"}),
     "sml": ("digits-fc", {"loss": "sml"}),
     "fdssm": ("digits-fc", {"loss": "fdssm"}),
-    "esm": ("toy2d-sine", {"loss": "esm", "blocks": 2, "hidden": 8, "toy_train_size": 96,
-                           "toy_eval_size": 60, "toy_points": 20}),
+    "esm": (
+        "toy2d-sine",
+        {
+            "loss": "esm",
+            "blocks": 2,
+            "hidden": 8,
+            "toy_train_size": 96,
+            "toy_eval_size": 60,
+            "toy_points": 20,
+        },
+    ),
     # rank 1 alone gets a NaN loss at its 2nd step and an InputError at its 4th
     "bad-on-rank1": ("digits-fc", {"loss": "dsm"}),
 }
@@ -84,8 +106,9 @@ def _grad_setup(name: str):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     objective = build_objective(config.objective)
-    noise = objective.draw_noise(tuple(x.shape), dtype=x.dtype, device=x.device,
-                                 generator=torch.Generator().manual_seed(7))
+    noise = objective.draw_noise(
+        tuple(x.shape), dtype=x.dtype, device=x.device, generator=torch.Generator().manual_seed(7)
+    )
     return model, objective, x, noise
 
 
@@ -157,8 +180,11 @@ def _gradient_check(ctx: Distributed, out: Path) -> None:
             local_noise = None if noise is None else noise.narrow(objective.noise_batch_dim, rows.start, 4)
             # this process's own gradient first (before DDP hooks exist on the parameters)
             torch.manual_seed(100 + ctx.rank)  # SML: each process draws its own model samples
-            (objective(model, x[rows], noise=local_noise) if local_noise is not None
-             else objective(model, x[rows])).backward()
+            (
+                objective(model, x[rows], noise=local_noise)
+                if local_noise is not None
+                else objective(model, x[rows])
+            ).backward()
             local = _grads(model)
             for p in model.parameters():
                 p.grad = None
@@ -181,10 +207,13 @@ def _capture_trainer_state() -> None:
         try:
             real_run(self, log)
         finally:
-            _LAST_STATE["state"] = {"model": {k: v.clone() for k, v in self.model.state_dict().items()},
-                                    "ema": {k: v.clone() for k, v in self.ema.shadow.items()},
-                                    "step": self.counters.step, "skipped": self.counters.skipped_steps,
-                                    "ema_updates": self.ema.num_updates}
+            _LAST_STATE["state"] = {
+                "model": {k: v.clone() for k, v in self.model.state_dict().items()},
+                "ema": {k: v.clone() for k, v in self.ema.shadow.items()},
+                "step": self.counters.step,
+                "skipped": self.counters.skipped_steps,
+                "ema_updates": self.ema.num_updates,
+            }
 
     training.Trainer.run = run
 
@@ -192,10 +221,10 @@ def _capture_trainer_state() -> None:
 # -- helpers for the tests ----------------------------------------------------------------------------
 def _torchrun(args: list[str], env_extra: dict | None = None, timeout: int = 300):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={WORLD}", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
-                          cwd=Path(__file__).resolve().parents[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", *args]
+    return subprocess.run(
+        cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parents[1]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +243,7 @@ def _restore_threads(restore_threads):
 def _assert_states_close(a: dict, b: dict, rtol: float, atol: float) -> None:
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
 
 
 # -- tests ------------------------------------------------------------------------------------------
@@ -275,17 +304,19 @@ def test_averaged_gradient_is_the_gradient_of_the_global_batch(worker_out, mode)
         key = f"{mode}-{name}"
         synced = [r[key]["synced"] for r in ranks]
         local = [r[key]["local"] for r in ranks]
-        for a, b in zip(*synced):
+        for a, b in zip(*synced, strict=True):
             assert torch.equal(a, b), f"{key}: ranks hold different averaged gradients"
-        assert any(not torch.equal(a, b) for a, b in zip(*local)), f"{key}: same data on both ranks"
-        mean = [(a + b) / 2 for a, b in zip(*local)]
-        for s, m in zip(synced[0], mean):
+        assert any(not torch.equal(a, b) for a, b in zip(*local, strict=True)), (
+            f"{key}: same data on both ranks"
+        )
+        mean = [(a + b) / 2 for a, b in zip(*local, strict=True)]
+        for s, m in zip(synced[0], mean, strict=True):
             torch.testing.assert_close(s, m, rtol=1e-12, atol=1e-12)
         if name == "sml":
             continue
         model, objective, x, noise = _grad_setup(name)
         (objective(model, x, noise=noise) if noise is not None else objective(model, x)).backward()
-        for s, g in zip(synced[0], _grads(model)):
+        for s, g in zip(synced[0], _grads(model), strict=True):
             torch.testing.assert_close(s, g, rtol=1e-9, atol=1e-10)
 
 
@@ -297,11 +328,35 @@ def test_single_process_has_no_gradient_sync():
 
 
 def test_torchrun_cli_run_killed_and_resumed_equals_the_single_process_run(tmp_path):
-    sets = ["max_iters=8", "epochs=null", "checkpoint_every=4", "eval_every=4", "log_every=2",
-            "num_samples=4", "tensorboard=false", "progress=false", "num_threads=1",
-            "dtype=float64", "max_train=96", "max_eval=60", "batch_size=16", "eval_batch_size=25"]
-    args = ["-m", "ebflow", "train", "--config", "digits-fc", "--loss", "dsm", "--device", "cpu",
-            "--seed", "2"] + [a for s in sets for a in ("--set", s)]
+    sets = [
+        "max_iters=8",
+        "epochs=null",
+        "checkpoint_every=4",
+        "eval_every=4",
+        "log_every=2",
+        "num_samples=4",
+        "tensorboard=false",
+        "progress=false",
+        "num_threads=1",
+        "dtype=float64",
+        "max_train=96",
+        "max_eval=60",
+        "batch_size=16",
+        "eval_batch_size=25",
+    ]
+    args = [
+        "-m",
+        "ebflow",
+        "train",
+        "--config",
+        "digits-fc",
+        "--loss",
+        "dsm",
+        "--device",
+        "cpu",
+        "--seed",
+        "2",
+    ] + [a for s in sets for a in ("--set", s)]
     run = tmp_path / "run"
     launcher = [str(Path(__file__).with_name("kill_at_step.py"))]  # the tests' fault injection
     killed = _torchrun(launcher + args[2:] + ["--out", str(run)], {FAULT_ENV: "6"})
@@ -313,8 +368,7 @@ def test_torchrun_cli_run_killed_and_resumed_equals_the_single_process_run(tmp_p
     assert resumed.stdout.count("finished:") == 1 and "examples/s" in resumed.stdout
     assert "test NLL" in resumed.stdout
 
-    config = resolve_config("digits-fc", {**parse_overrides(sets), "loss": "dsm", "seed": 2,
-                                          "device": "cpu"})
+    config = resolve_config("digits-fc", {**parse_overrides(sets), "loss": "dsm", "seed": 2, "device": "cpu"})
     train(config, tmp_path / "single", final_outputs=False)
     a = load_checkpoint(run / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "single" / "checkpoints" / "last.pt")

@@ -42,11 +42,15 @@ def test_non_finite_input_is_rejected(bad):
 
 def test_dtype_and_type_mismatch_are_named():
     model = coupling_flow(2, blocks=1)
-    with pytest.raises(InputError, match="dtype torch.float64 but the model has dtype torch.float32"):
+    with pytest.raises(InputError, match=r"dtype torch\.float64 but the model has dtype torch\.float32"):
         model.energy(torch.randn(3, 2, dtype=torch.float64))
-    with pytest.raises(InputError, match=r"expected a floating tensor of dtype float32, got int64; convert with x.to\(model.dtype\)"):
+    with pytest.raises(
+        InputError,
+        match=r"expected a floating tensor of dtype float32, got int64; "
+        r"convert with x\.to\(model\.dtype\)",
+    ):
         model.energy(torch.ones(3, 2, dtype=torch.int64))
-    with pytest.raises(InputError, match="torch.Tensor"):
+    with pytest.raises(InputError, match=r"torch\.Tensor"):
         model.energy([[0.0, 1.0]])
     with pytest.raises(InputError, match="empty batch"):
         model.energy(torch.randn(0, 2))
@@ -158,3 +162,19 @@ def test_sml_noise_of_the_wrong_size_is_named():
         make_objective("sml")(model, x, noise=torch.randn(4, 2))
     with pytest.raises(ConfigError, match="dtype and device"):
         make_objective("sml")(model, x, noise=torch.randn(4, 3, dtype=torch.float64))
+
+
+def test_ml_training_loss_shows_a_singular_weight_as_a_non_finite_loss():
+    """ml_loss skips the per-layer singularity checks (no device reads in a training step): an
+    exactly singular weight gives an infinite loss, which the trainer's one finiteness read
+    catches; model.log_prob, with or without gradients, still raises."""
+    from ebflow import ml_loss
+
+    layer = Dense(3, parameterization="tril")
+    with torch.no_grad():
+        layer.weight[1, 1] = 0.0
+    model = EBFlow([layer], (3,))
+    x = torch.randn(2, 3)
+    assert torch.isinf(ml_loss(model, x).loss).all()
+    with pytest.raises(SingularLayerError, match="singular"):
+        model.log_prob(x)

@@ -161,7 +161,7 @@ def test_glow_split_prior_factors_out_half_of_the_channels():
     assert model.latent_shape == (16,)
     x = torch.randn(8, 1, 4, 4, dtype=torch.float64)
     initialised(model, x)
-    split_at = [i for i, l in enumerate(model.layers) if type(l).__name__ == "Flatten"][0]
+    split_at = next(i for i, l in enumerate(model.layers) if type(l).__name__ == "Flatten")
     with torch.no_grad():
         h = x
         for layer in model.layers[:split_at]:  # level 1 and its split prior: (4, 2, 2)

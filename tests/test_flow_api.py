@@ -26,8 +26,10 @@ def _model(image: bool = False) -> EBFlow:
 
 
 @pytest.mark.parametrize("image", [False, True])
-@pytest.mark.parametrize("shape, expected", [(4, (4,)), ((4,), (4,)), (torch.Size([2, 3]), (2, 3)),
-                                             ((), ()), ((1, 2, 1), (1, 2, 1))])
+@pytest.mark.parametrize(
+    "shape, expected",
+    [(4, (4,)), ((4,), (4,)), (torch.Size([2, 3]), (2, 3)), ((), ()), ((1, 2, 1), (1, 2, 1))],
+)
 def test_sample_takes_a_sample_shape(image, shape, expected):
     model = _model(image)
     x = model.sample(shape, generator=torch.Generator().manual_seed(1))

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import initialised, perturb
-from helpers import RowMixing, brute_force_log_prob, spy_on_linear_algebra
 from torch import nn
 
+from conftest import initialised, perturb
 from ebflow import EBFlow, make_objective
 from ebflow.errors import ConfigError, InputError, SingularLayerError
 from ebflow.layers import (
@@ -26,6 +25,7 @@ from ebflow.layers import (
     SmoothLeakyReLU,
 )
 from ebflow.layers.generic_conv import circular_conv2d
+from helpers import RowMixing, brute_force_log_prob, spy_on_linear_algebra
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,6 +40,7 @@ def reflect_conv() -> nn.Conv2d:
         conv.weight.mul_(0.1)
         conv.weight[:, :, 1, 1] += torch.eye(2)
     return conv
+
 
 LAYERS = {
     "custom-subclass": lambda: RowMixing(SHAPE),
@@ -119,8 +120,8 @@ def test_circular_convolution_by_fft_equals_the_direct_one(kernel_size, dilation
     grads = {}
     for name, layer, y in (("direct", direct, y_direct), ("fft", fft, y_fft)):  # second order, as SM needs
         (score,) = torch.autograd.grad(y.sin().sum(), x, create_graph=True)
-        grads[name] = torch.autograd.grad((score ** 2).sum(), (x, layer.weight, layer.bias))
-    for a, b in zip(grads["fft"], grads["direct"]):
+        grads[name] = torch.autograd.grad((score**2).sum(), (x, layer.weight, layer.bias))
+    for a, b in zip(grads["fft"], grads["direct"], strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
 
 
@@ -141,8 +142,17 @@ def test_float32_layer_builds_its_matrix_in_float64():
 
 
 # -- score matching never needs determinants ---------------------------------------------------------
-LAYER_CLASSES = (LinearFlowLayer, GenericLinear, LinearMap, GroupedConv2d, DepthwiseConv2d,
-                 DilatedConv2d, CircularConv2d, DCT, RowMixing)
+LAYER_CLASSES = (
+    LinearFlowLayer,
+    GenericLinear,
+    LinearMap,
+    GroupedConv2d,
+    DepthwiseConv2d,
+    DilatedConv2d,
+    CircularConv2d,
+    DCT,
+    RowMixing,
+)
 
 
 @pytest.fixture
@@ -150,8 +160,18 @@ def forbid_linear_algebra(monkeypatch):
     """``activate()`` makes every determinant / inverse / factorisation routine and every
     derived-matrix method of the generic layers (the circular convolution's ``spectrum`` too)
     raise when called. The FFT itself is allowed: the circular convolution's map uses it."""
-    methods = ("log_abs_det", "_log_abs_det", "_factorize", "inverse", "_inverse_with", "matrix",
-               "shift", "spectrum", "dense_log_abs_det", "dense_inverse")
+    methods = (
+        "log_abs_det",
+        "_log_abs_det",
+        "_factorize",
+        "inverse",
+        "_inverse_with",
+        "matrix",
+        "shift",
+        "spectrum",
+        "dense_log_abs_det",
+        "dense_inverse",
+    )
     return lambda: spy_on_linear_algebra(monkeypatch, LAYER_CLASSES, methods)
 
 
@@ -162,8 +182,9 @@ def every_generic_layer_model() -> EBFlow:
     return EBFlow(layers, SHAPE).double()
 
 
-@pytest.mark.parametrize("name, options", [("ssm", {}), ("dsm", {"sigma": 0.1}), ("fdssm", {"eps": 0.1}),
-                                           ("esm", {})])
+@pytest.mark.parametrize(
+    "name, options", [("ssm", {}), ("dsm", {"sigma": 0.1}), ("fdssm", {"eps": 0.1}), ("esm", {})]
+)
 def test_score_matching_never_calls_linear_algebra_of_generic_layers(name, options, forbid_linear_algebra):
     x = torch.randn(4, *SHAPE, dtype=torch.float64)
     model = every_generic_layer_model()
@@ -193,13 +214,16 @@ def test_log_partition_is_differentiable_for_maximum_likelihood():
 
 
 # -- construction-time checks --------------------------------------------------------------------------
-@pytest.mark.parametrize("fn, problem", [
-    (torch.tanh, "not affine: f\\(a \\+ c\\)"),
-    (lambda x: x + x.pow(2), "not affine"),
-    (lambda x: x - x.mean(0, keepdim=True), "examples are not independent"),
-    (lambda x: x[..., :2], "same shape"),
-    (lambda x: x.sum(), "same shape"),
-])
+@pytest.mark.parametrize(
+    "fn, problem",
+    [
+        (torch.tanh, "not affine: f\\(a \\+ c\\)"),
+        (lambda x: x + x.pow(2), "not affine"),
+        (lambda x: x - x.mean(0, keepdim=True), "examples are not independent"),
+        (lambda x: x[..., :2], "same shape"),
+        (lambda x: x.sum(), "same shape"),
+    ],
+)
 def test_the_linearity_and_shape_check_fires(fn, problem):
     with pytest.raises(ConfigError, match=problem):
         LinearMap(fn, (3, 4))
@@ -272,7 +296,9 @@ def test_dct_on_vectors_inside_a_vector_model():
 
 
 def test_flattened_events_work_too():
-    model = EBFlow([Flatten(SHAPE), LinearMap(nn.Linear(32, 32), (32,)), SmoothLeakyReLU(0.3)], SHAPE).double()
+    model = EBFlow(
+        [Flatten(SHAPE), LinearMap(nn.Linear(32, 32), (32,)), SmoothLeakyReLU(0.3)], SHAPE
+    ).double()
     x = torch.randn(3, *SHAPE, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(model.log_prob(x), brute_force_log_prob(model, x), atol=1e-8, rtol=0)
@@ -285,8 +311,9 @@ def test_conv_flow_takes_any_convolution_layer():
     from ebflow.layers import CircularConv2d
 
     torch.manual_seed(0)
-    model = conv_flow((1, 4, 4), blocks=2, convs_per_block=2, kernel_size=3,
-                      conv=lambda shape, k: CircularConv2d(shape, k)).double()
+    model = conv_flow(
+        (1, 4, 4), blocks=2, convs_per_block=2, kernel_size=3, conv=lambda shape, k: CircularConv2d(shape, k)
+    ).double()
     convs = [l for l in model.layers if isinstance(l, CircularConv2d)]
     assert [tuple(l.event_shape) for l in convs] == [(1, 4, 4), (1, 4, 4), (4, 2, 2), (4, 2, 2)]
     assert not any(type(l).__name__ == "Conv2d" for l in model.layers)

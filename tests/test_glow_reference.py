@@ -16,8 +16,9 @@ from ebflow.experiment.config.resolve import resolve_config
 from ebflow.layers import ActNorm, AffineCoupling, ChannelScale, Conv1x1, cnn_conditioner
 from ebflow.layers.split import _FirstPart
 
-REFERENCE = dict(activation="leaky_relu", split_activation="relu", output_scale=True, alternate=False,
-                 train_actnorm=False)
+REFERENCE = dict(
+    activation="leaky_relu", split_activation="relu", output_scale=True, alternate=False, train_actnorm=False
+)
 
 
 def _unwrap(layer: nn.Module) -> nn.Module:
@@ -58,18 +59,42 @@ def _perturb(model, scale: float = 0.3) -> None:
 def test_the_preset_resolves_to_the_reference_recipe():
     for loss, sigma in (("ssm", 0.1), ("dsm", 0.1)):
         c = resolve_config("mnist-glow", {"loss": loss})
-        assert (c.optim.optimizer, c.optim.lr, c.optim.weight_decay, c.optim.grad_clip, c.optim.lr_decay,
-                c.optim.ema_decay, c.optim.ema_warmup) == ("adam", 1e-5, 0.0, 500.0, 1.0, 0.999, True)
-        assert (c.training.epochs, c.training.batch_size, c.data.val_size, c.objective.slices,
-                c.objective.projection, c.objective.sigma) == (80, 100, 10000, 1, "rademacher", sigma)
+        assert (
+            c.optim.optimizer,
+            c.optim.lr,
+            c.optim.weight_decay,
+            c.optim.grad_clip,
+            c.optim.lr_decay,
+            c.optim.ema_decay,
+            c.optim.ema_warmup,
+        ) == ("adam", 1e-5, 0.0, 500.0, 1.0, 0.999, True)
+        assert (
+            c.training.epochs,
+            c.training.batch_size,
+            c.data.val_size,
+            c.objective.slices,
+            c.objective.projection,
+            c.objective.sigma,
+        ) == (80, 100, 10000, 1, "rademacher", sigma)
         # the reference's lambda 0.1 on a loss that is not divided by D: 0.1 * 784 on ours
         assert c.objective.energy_reg == pytest.approx(0.1 * 784)
         assert (c.preprocessing.map, c.preprocessing.logit_smoothness, c.preprocessing.logit_shift) == (
-            True, 1.0, 1e-6)
+            True,
+            1.0,
+            1e-6,
+        )
         m = c.model
-        assert (m.family, m.levels, m.steps, m.hidden, m.glow_activation, m.glow_split_activation,
-                m.glow_output_scale, m.glow_alternate, m.glow_train_actnorm) == (
-            "glow", 2, 16, 512, "leaky_relu", "relu", True, False, False)
+        assert (
+            m.family,
+            m.levels,
+            m.steps,
+            m.hidden,
+            m.glow_activation,
+            m.glow_split_activation,
+            m.glow_output_scale,
+            m.glow_alternate,
+            m.glow_train_actnorm,
+        ) == ("glow", 2, 16, 512, "leaky_relu", "relu", True, False, False)
     description = resolve_config("mnist-glow").runtime.description
     assert "weight decay 0" in description and "*.W" in description
 
@@ -83,9 +108,19 @@ def test_the_preset_builds_the_reference_conditioners():
         assert not coupling.swap and coupling.scale_bound == 2.0
         first, act1, middle, act2, last, scale = coupling.conditioner
         c = coupling.event_shape[0]
-        assert (first.in_channels, first.out_channels, first.kernel_size, first.padding) == (c // 2, 512, (3, 3), (1, 1))
+        assert (first.in_channels, first.out_channels, first.kernel_size, first.padding) == (
+            c // 2,
+            512,
+            (3, 3),
+            (1, 1),
+        )
         assert (middle.in_channels, middle.out_channels, middle.kernel_size) == (512, 512, (1, 1))
-        assert (last.in_channels, last.out_channels, last.kernel_size, last.padding) == (512, c, (3, 3), (1, 1))
+        assert (last.in_channels, last.out_channels, last.kernel_size, last.padding) == (
+            512,
+            c,
+            (3, 3),
+            (1, 1),
+        )
         assert type(act1) is act and type(act2) is act
         if act is nn.LeakyReLU:
             assert act1.negative_slope == act2.negative_slope == 0.1
@@ -112,8 +147,13 @@ def test_the_preset_model_has_the_reference_parameter_count():
 def test_the_small_variant_keeps_the_earlier_model():
     config = resolve_config("mnist-glow-small")
     assert config.runtime.description.startswith("NOT the paper's model")
-    assert (config.model.hidden, config.model.glow_activation, config.model.glow_output_scale,
-            config.model.glow_alternate, config.model.glow_train_actnorm) == (64, "silu", False, True, True)
+    assert (
+        config.model.hidden,
+        config.model.glow_activation,
+        config.model.glow_output_scale,
+        config.model.glow_alternate,
+        config.model.glow_train_actnorm,
+    ) == (64, "silu", False, True, True)
     assert (config.optim.weight_decay, config.objective.energy_reg) == (0.0, pytest.approx(78.4))
     small = config.updated(steps=2)
     torch.manual_seed(0)
@@ -180,7 +220,7 @@ def test_glow_options_are_validated_and_each_changes_the_model():
         resolve_config("mnist-glow", {"glow_split_activation": "gelu"})
     # split_activation defaults to activation
     default = glow_flow((1, 4, 4), levels=2, steps=1, hidden=4, activation="leaky_relu")
-    assert all(isinstance(c.conditioner[1], nn.LeakyReLU) for c in sum(_couplings(default), []))
+    assert all(isinstance(c.conditioner[1], nn.LeakyReLU) for level in _couplings(default) for c in level)
     relu = glow_flow((1, 4, 4), levels=2, steps=1, hidden=4, activation="leaky_relu", split_activation="relu")
     assert isinstance(_couplings(relu)[1][0].conditioner[1], nn.ReLU)
     # alternate: which half conditions
@@ -190,9 +230,17 @@ def test_glow_options_are_validated_and_each_changes_the_model():
     off = glow_flow((1, 4, 4), levels=2, steps=1, hidden=4, output_scale=False)
     assert not any(isinstance(m, ChannelScale) for m in off.modules())
     # the config keys reach the builder
-    config = resolve_config("mnist-glow", {"steps": 1, "hidden": 4, "glow_alternate": True,
-                                           "glow_output_scale": False, "glow_train_actnorm": True,
-                                           "glow_activation": "relu"})
+    config = resolve_config(
+        "mnist-glow",
+        {
+            "steps": 1,
+            "hidden": 4,
+            "glow_alternate": True,
+            "glow_output_scale": False,
+            "glow_train_actnorm": True,
+            "glow_activation": "relu",
+        },
+    )
     model = build_model(config.model, (1, 4, 4), None, use_map=True)
     assert all(p.requires_grad for p in model.parameters())
     assert not any(isinstance(m, ChannelScale) for m in model.modules())
@@ -209,7 +257,7 @@ def test_frozen_actnorm_gets_no_gradient_and_keeps_its_data_initialisation():
     x = torch.randn(6, 1, 4, 4, dtype=torch.float64)
     _perturb(model)  # in place, no autograd: the frozen parameters move too; reset them
     with torch.no_grad():
-        for a, b in zip(actnorms, before):
+        for a, b in zip(actnorms, before, strict=True):
             a.log_scale.copy_(b)
     make_objective("ssm")(model, x).backward()
     assert all(p.grad is None for a in actnorms for p in a.parameters())
@@ -225,7 +273,9 @@ def test_exact_log_likelihood_equals_the_change_of_variables_by_brute_force():
     d = 16
     expected = []
     for xi in x:
-        jac = torch.autograd.functional.jacobian(lambda v: model(v.view(1, 1, 4, 4)).reshape(-1), xi.reshape(-1))
+        jac = torch.autograd.functional.jacobian(
+            lambda v: model(v.view(1, 1, 4, 4)).reshape(-1), xi.reshape(-1)
+        )
         z = model(xi.view(1, 1, 4, 4)).reshape(-1)
         log_normal = -0.5 * z.pow(2).sum() - 0.5 * d * math.log(2 * math.pi)
         expected.append(log_normal + torch.linalg.slogdet(jac.reshape(d, d))[1])
@@ -241,7 +291,9 @@ def test_ssm_and_dsm_with_leaky_relu_conditioners_equal_their_definitions():
     x = torch.randn(4, 1, 4, 4, dtype=torch.float64)
     d, lam = 16, 0.1
     ssm = make_objective("ssm", energy_reg=lam * d)
-    v = ssm.draw_noise(tuple(x.shape), dtype=x.dtype, device=x.device, generator=torch.Generator().manual_seed(1))
+    v = ssm.draw_noise(
+        tuple(x.shape), dtype=x.dtype, device=x.device, generator=torch.Generator().manual_seed(1)
+    )
     xg = x.clone().requires_grad_(True)
     e = model.energy(xg)
     score = -torch.autograd.grad(e.sum(), xg, create_graph=True)[0]

@@ -4,6 +4,8 @@ rank of every launcher, GPUs spread over concurrent cells, and TF32 off in exact
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 
@@ -30,10 +32,13 @@ def test_devices_compare_by_type_and_index():
 def test_a_generator_must_be_on_the_device_it_draws_for():
     cpu = torch.Generator()
     assert check_generator(cpu, device="cpu") is cpu and check_generator(None, device="cuda:0") is None
-    with pytest.raises(InputError, match=r"generator is on device cpu but the model is on cuda:0.*"
-                                         r"torch.Generator\(device='cuda:0'\)"):
+    with pytest.raises(
+        InputError,
+        match=r"generator is on device cpu but the model is on cuda:0.*"
+        r"torch.Generator\(device='cuda:0'\)",
+    ):
         check_generator(cpu, device="cuda:0")
-    with pytest.raises(ConfigError, match="torch.Generator or None"):
+    with pytest.raises(ConfigError, match=r"torch\.Generator or None"):
         check_generator(123, device="cpu")
 
 
@@ -51,8 +56,14 @@ def test_inpainting_checks_its_generator_against_the_model_device(monkeypatch):
     model = EBFlow([Dense(4)], (4,))
     monkeypatch.setattr(EBFlow, "device", property(lambda self: torch.device("cuda", 0)))
     with pytest.raises(InputError, match="generator is on device cpu"):
-        inpaint_images(model, None, torch.rand(2, 4), torch.ones(4, dtype=torch.bool), steps=1,
-                       generator=torch.Generator())
+        inpaint_images(
+            model,
+            None,
+            torch.rand(2, 4),
+            torch.ones(4, dtype=torch.bool),
+            steps=1,
+            generator=torch.Generator(),
+        )
 
 
 def test_a_linear_map_without_parameters_follows_to():
@@ -65,13 +76,16 @@ def test_a_linear_map_without_parameters_follows_to():
 
 
 # -- launchers -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("env, rank, world, expected", [
-    ({"LOCAL_RANK": "3"}, 7, 8, 3),                       # torchrun
-    ({"SLURM_LOCALID": "1"}, 5, 8, 1),                    # srun without torchrun
-    ({"OMPI_COMM_WORLD_LOCAL_RANK": "2"}, 2, 4, 2),       # mpirun (Open MPI)
-    ({"LOCAL_RANK": "0", "SLURM_LOCALID": "1"}, 1, 2, 0),  # torchrun under srun: torchrun's wins
-    ({}, 0, 1, 0),                                        # one process
-])
+@pytest.mark.parametrize(
+    "env, rank, world, expected",
+    [
+        ({"LOCAL_RANK": "3"}, 7, 8, 3),  # torchrun
+        ({"SLURM_LOCALID": "1"}, 5, 8, 1),  # srun without torchrun
+        ({"OMPI_COMM_WORLD_LOCAL_RANK": "2"}, 2, 4, 2),  # mpirun (Open MPI)
+        ({"LOCAL_RANK": "0", "SLURM_LOCALID": "1"}, 1, 2, 0),  # torchrun under srun: torchrun's wins
+        ({}, 0, 1, 0),  # one process
+    ],
+)
 def test_local_rank_of_each_launcher(monkeypatch, env, rank, world, expected):
     for var in LOCAL_RANK_VARS:
         monkeypatch.delenv(var, raising=False)
@@ -108,7 +122,7 @@ def test_the_benchmark_refuses_a_gpu_the_machine_lacks():
     from benchmarks import BenchConfig, _check_config
 
     missing = f"cuda:{torch.cuda.device_count()}"
-    with pytest.raises(ConfigError, match="GPU|CUDA"):
+    with pytest.raises(ConfigError, match=r"GPU|CUDA"):
         _check_config(BenchConfig(device=missing))
 
 
@@ -116,11 +130,16 @@ def test_the_benchmark_refuses_a_gpu_the_machine_lacks():
 class _FlagProbe(FlowLayer):
     """The identity, recording the TF32 flags in force when it runs."""
 
-    seen: list[tuple[bool, bool, str]] = []
+    seen: ClassVar[list[tuple[bool, bool, str]]] = []
 
     def _record(self) -> None:
-        self.seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-                          torch.get_float32_matmul_precision()))
+        self.seen.append(
+            (
+                torch.backends.cuda.matmul.allow_tf32,
+                torch.backends.cudnn.allow_tf32,
+                torch.get_float32_matmul_precision(),
+            )
+        )
 
     def forward(self, x):
         self._record()
@@ -133,8 +152,11 @@ class _FlagProbe(FlowLayer):
 
 @pytest.fixture
 def tf32_on():
-    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-              torch.get_float32_matmul_precision())
+    before = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.get_float32_matmul_precision(),
+    )
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.set_float32_matmul_precision("high")
@@ -153,17 +175,19 @@ def test_exact_computations_run_without_tf32_and_restore_the_settings(tf32_on):
     model.forward_with_log_det(x)
     evaluate_nll(model, x, None, True, batch_size=2)
     assert len(_FlagProbe.seen) >= 6 and set(_FlagProbe.seen) == {(False, False, "highest")}
-    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-            torch.get_float32_matmul_precision()) == (True, True, "high")
+    assert (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.get_float32_matmul_precision(),
+    ) == (True, True, "high")
     _FlagProbe.seen.clear()
     model.energy(x)  # training-side calls keep the user's settings
     assert _FlagProbe.seen == [(True, True, "high")]
 
 
 def test_full_precision_restores_the_settings_after_an_error(tf32_on):
-    with pytest.raises(RuntimeError):
-        with full_precision():
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), full_precision():
+        raise RuntimeError("boom")
     assert torch.backends.cudnn.allow_tf32 and torch.get_float32_matmul_precision() == "high"
 
 
@@ -179,8 +203,17 @@ def test_training_leaves_every_global_generator_alone(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(("all", seed)))
     monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: seeded.append(("one", seed)))
     before = torch.get_rng_state()
-    config = resolve_config("digits-fc", {"max_iters": 2, "epochs": None, "tensorboard": False,
-                                          "progress": False, "num_threads": 1, "num_samples": 2})
+    config = resolve_config(
+        "digits-fc",
+        {
+            "max_iters": 2,
+            "epochs": None,
+            "tensorboard": False,
+            "progress": False,
+            "num_threads": 1,
+            "num_samples": 2,
+        },
+    )
     train(config, tmp_path / "r")
     assert torch.equal(torch.get_rng_state(), before)
     assert seeded == []
@@ -192,8 +225,17 @@ def test_resuming_on_another_kind_of_device_warns(tmp_path):
     from ebflow.experiment.rundir.checkpoint import load_checkpoint, save_checkpoint
     from ebflow.experiment.training.run import train
 
-    config = resolve_config("digits-fc", {"max_iters": 2, "epochs": None, "tensorboard": False,
-                                          "progress": False, "num_threads": 1, "num_samples": 2})
+    config = resolve_config(
+        "digits-fc",
+        {
+            "max_iters": 2,
+            "epochs": None,
+            "tensorboard": False,
+            "progress": False,
+            "num_threads": 1,
+            "num_samples": 2,
+        },
+    )
     train(config, tmp_path / "r")
     path = tmp_path / "r" / "checkpoints" / "last.pt"
     state = load_checkpoint(path)

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from ebflow import EBFlow, ImagePreprocessing, dense_flow, make_objective
+from ebflow.datasets import load_digits
 from ebflow.errors import ConfigError, InputError
 from ebflow.experiment.images.inpainting import mask_from_spec, save_inpainting_grid
 from ebflow.inpainting import PreprocessedSpaceEnergy, inpaint_images, inpainting_grid, make_mask
 
-DIGITS_BINS = 17  # scikit-learn digits: 8x8, pixel levels 0..16 (as ebflow.data loads them)
+DIGITS_BINS = 17  # the digits shipped with ebflow: 8x8, pixel levels 0..16
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -19,9 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    images = torch.from_numpy(load_digits().images.astype(np.float32)).unsqueeze(1)
+    images, _ = load_digits()
     perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(0))
     images = images[perm]
     return images[300:], images[:300]  # train, test
@@ -130,9 +129,20 @@ def test_inpainting_with_ula_smoothness_and_schedule_runs(digits, digits_model):
     _, test = digits
     model, pre = digits_model
     g = torch.Generator().manual_seed(2)
-    result = inpaint_images(model, pre, test[:8], make_mask("left", (1, 8, 8)), steps=30,
-                            step_size=0.05, metropolis=False, schedule="geometric",
-                            final_step_size=0.005, smoothness=1.0, denoise_sigma=0.5, generator=g)
+    result = inpaint_images(
+        model,
+        pre,
+        test[:8],
+        make_mask("left", (1, 8, 8)),
+        steps=30,
+        step_size=0.05,
+        metropolis=False,
+        schedule="geometric",
+        final_step_size=0.005,
+        smoothness=1.0,
+        denoise_sigma=0.5,
+        generator=g,
+    )
     assert result.acceptance_rate is None
     assert result.mse_after < result.mse_before
     assert result.step_size == pytest.approx(0.005)
@@ -143,8 +153,9 @@ def test_grid_has_three_rows_of_enlarged_images(tmp_path, digits, digits_model):
 
     _, test = digits
     model, pre = digits_model
-    result = inpaint_images(model, pre, test[:5], make_mask("top", (1, 8, 8)), steps=5,
-                            generator=torch.Generator().manual_seed(3))
+    result = inpaint_images(
+        model, pre, test[:5], make_mask("top", (1, 8, 8)), steps=5, generator=torch.Generator().manual_seed(3)
+    )
     out = save_inpainting_grid(result, tmp_path / "sub" / "grid.png", max_value=DIGITS_BINS - 1)
     with Image.open(out) as img:
         width, height = img.size
@@ -193,8 +204,21 @@ def digits_run(tmp_path_factory):
     from ebflow.cli import main
 
     run_dir = tmp_path_factory.mktemp("runs") / "digits"
-    code = main(["train", "--out", str(run_dir), "--device", "cpu", "--set", "max_iters=60",
-                 "--set", "progress=false", "--set", "tensorboard=false"])
+    code = main(
+        [
+            "train",
+            "--out",
+            str(run_dir),
+            "--device",
+            "cpu",
+            "--set",
+            "max_iters=60",
+            "--set",
+            "progress=false",
+            "--set",
+            "tensorboard=false",
+        ]
+    )
     assert code == 0
     return run_dir
 
@@ -205,17 +229,49 @@ def test_cli_inpaint_runs_end_to_end_on_the_digits_default(digits_run, tmp_path,
     from ebflow.cli import main
 
     out = tmp_path / "inpaint.png"
-    code = main(["inpaint", str(digits_run), "--mask", "bottom", "--steps", "20", "--num-images", "4",
-                 "--device", "cpu", "--out", str(out)])
+    code = main(
+        [
+            "inpaint",
+            str(digits_run),
+            "--mask",
+            "bottom",
+            "--steps",
+            "20",
+            "--num-images",
+            "4",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     text = capsys.readouterr().out
     assert code == 0, text
     assert "masked-region MSE" in text and "before" in text and "after" in text
     assert "MALA acceptance" in text
     with Image.open(out) as img:
         assert img.size == (4 * 66 + 2, 3 * 66 + 2)
-    code = main(["inpaint", str(digits_run), "--mask", "random:0.3", "--steps", "5", "--ula",
-                 "--step-size", "0.01", "--num-images", "2", "--device", "cpu",
-                 "--denoise-sigma", "0", "--out", str(tmp_path / "ula.png")])
+    code = main(
+        [
+            "inpaint",
+            str(digits_run),
+            "--mask",
+            "random:0.3",
+            "--steps",
+            "5",
+            "--ula",
+            "--step-size",
+            "0.01",
+            "--num-images",
+            "2",
+            "--device",
+            "cpu",
+            "--denoise-sigma",
+            "0",
+            "--out",
+            str(tmp_path / "ula.png"),
+        ]
+    )
     assert code == 0 and (tmp_path / "ula.png").is_file()
 
 
@@ -226,14 +282,57 @@ def test_cli_inpaint_reports_bad_masks_and_step_sizes(digits_run, tmp_path, caps
 
     wrong = tmp_path / "wrong.png"
     Image.fromarray(np.full((5, 5), 255, dtype=np.uint8)).save(wrong)
-    assert main(["inpaint", str(digits_run), "--mask", str(wrong), "--steps", "2", "--device", "cpu",
-                 "--out", str(tmp_path / "x.png")]) == 2
+    assert (
+        main(
+            [
+                "inpaint",
+                str(digits_run),
+                "--mask",
+                str(wrong),
+                "--steps",
+                "2",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "x.png"),
+            ]
+        )
+        == 2
+    )
     assert "5x5" in capsys.readouterr().err
-    assert main(["inpaint", str(digits_run), "--step-size", "0", "--steps", "2", "--device", "cpu",
-                 "--out", str(tmp_path / "x.png")]) == 2
+    assert (
+        main(
+            [
+                "inpaint",
+                str(digits_run),
+                "--step-size",
+                "0",
+                "--steps",
+                "2",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "x.png"),
+            ]
+        )
+        == 2
+    )
     assert "step-size" in capsys.readouterr().err
-    assert main(["inpaint", str(digits_run), "--mask", "diagonal", "--device", "cpu",
-                 "--out", str(tmp_path / "x.png")]) == 2
+    assert (
+        main(
+            [
+                "inpaint",
+                str(digits_run),
+                "--mask",
+                "diagonal",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "x.png"),
+            ]
+        )
+        == 2
+    )
     assert "unknown mask" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
@@ -242,8 +341,10 @@ def test_cli_sample_refine_applies_langevin_steps(digits_run, tmp_path, capsys):
     from ebflow.cli import main
 
     out = tmp_path / "refined.png"
-    assert main(["sample", str(digits_run), "-n", "4", "--refine", "10", "--device", "cpu",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["sample", str(digits_run), "-n", "4", "--refine", "10", "--device", "cpu", "--out", str(out)])
+        == 0
+    )
     assert out.is_file()
 
 
@@ -265,10 +366,12 @@ def test_cli_inpaint_checks_options_before_loading(tmp_path, capsys):
     from ebflow.cli import main
 
     missing = str(tmp_path / "no-run")
-    for extra, message in ((["--average", "5", "--steps", "2"], "--average"),
-                           (["--denoise-sigma", "-1"], "denoise"),
-                           (["--out", str(tmp_path / "grid.txt")], ".png"),
-                           (["--steps", "-1"], "--steps")):
+    for extra, message in (
+        (["--average", "5", "--steps", "2"], "--average"),
+        (["--denoise-sigma", "-1"], "denoise"),
+        (["--out", str(tmp_path / "grid.txt")], ".png"),
+        (["--steps", "-1"], "--steps"),
+    ):
         assert main(["inpaint", missing, *extra]) == 2
         assert message in capsys.readouterr().err
     assert main(["inpaint", missing, "--device", "cpu"]) == 2

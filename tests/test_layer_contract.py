@@ -19,9 +19,13 @@ from helpers import spy_on_linear_algebra
 
 #: Exported abstract bases: they define the contract and have no instances of their own.
 BASES = {"FlowLayer", "LinearFlowLayer", "GenericLinear"}
-EXPORTED = sorted(name for name in layers.__all__
-                  if inspect.isclass(getattr(layers, name)) and issubclass(getattr(layers, name), FlowLayer)
-                  and name not in BASES)
+EXPORTED = sorted(
+    name
+    for name in layers.__all__
+    if inspect.isclass(getattr(layers, name))
+    and issubclass(getattr(layers, name), FlowLayer)
+    and name not in BASES
+)
 
 
 @pytest.fixture(autouse=True)
@@ -43,8 +47,10 @@ def jacobian_log_abs_det(f, x: torch.Tensor) -> torch.Tensor:
     """log|det| of the Jacobian of ``f`` at each example of ``x``, by autograd and slogdet."""
     out = []
     for xi in x:
+
         def flat(v: torch.Tensor) -> torch.Tensor:
             return f(v.reshape(1, *x.shape[1:])).reshape(-1)
+
         out.append(torch.linalg.slogdet(torch.autograd.functional.jacobian(flat, xi.reshape(-1)))[1])
     return torch.stack(out)
 
@@ -65,14 +71,15 @@ def test_log_det_is_the_jacobians_and_inverse_undoes_forward(name):
     for layer, x in examples_of(name):
         y, logdet = layer(x)
         assert logdet.shape == (x.shape[0],) and y.shape[0] == x.shape[0]
-        expected = jacobian_log_abs_det(lambda v: layer(v)[0], x)
+        expected = jacobian_log_abs_det(lambda v, layer=layer: layer(v)[0], x)
         torch.testing.assert_close(logdet, expected, atol=1e-9, rtol=1e-9)
         torch.testing.assert_close(layer.inverse(y), x, atol=1e-8, rtol=1e-8)
         if isinstance(layer, LinearFlowLayer):  # transform is y alone; log|det A| is constant
             torch.testing.assert_close(layer.transform(x), y, atol=1e-12, rtol=0)
             with torch.no_grad():
-                torch.testing.assert_close(layer.log_abs_det(tuple(x.shape[1:])).double(),
-                                           expected[0], atol=1e-9, rtol=1e-9)
+                torch.testing.assert_close(
+                    layer.log_abs_det(tuple(x.shape[1:])).double(), expected[0], atol=1e-9, rtol=1e-9
+                )
 
 
 def _writes(layer: FlowLayer):
@@ -90,8 +97,14 @@ def _writes(layer: FlowLayer):
     for p in params:
         flat = p.detach().reshape(-1)
         order = flat.abs().argsort()  # swap two small entries: the map stays invertible
-        pair = next(((int(order[i]), int(order[i + 1])) for i in range(flat.numel() - 1)
-                     if abs(float(flat[order[i]] - flat[order[i + 1]])) > 1e-3), None)
+        pair = next(
+            (
+                (int(order[i]), int(order[i + 1]))
+                for i in range(flat.numel() - 1)
+                if abs(float(flat[order[i]] - flat[order[i + 1]])) > 1e-3
+            ),
+            None,
+        )
         if pair is None:
             continue
         i, j = pair

@@ -24,8 +24,9 @@ class _StructuredScale(_Scale):
     dense = False
 
     def _log_abs_det(self, event_shape):
-        return torch.tensor(self.dim * torch.log(torch.tensor(2.0, dtype=torch.float64)).item(),
-                            dtype=torch.float64)
+        return torch.tensor(
+            self.dim * torch.log(torch.tensor(2.0, dtype=torch.float64)).item(), dtype=torch.float64
+        )
 
     def _factorize(self, event_shape):
         return None
@@ -47,15 +48,17 @@ def test_a_structured_subclass_is_not_refused_for_its_size_but_the_dense_path_is
 
 def test_a_tensor_captured_from_outside_the_layer_gets_an_error_that_says_what_to_do():
     weight = torch.eye(3) + 0.1 * torch.randn(3, 3)
-    with pytest.raises(ConfigError, match="captured from outside.*register_buffer"):
+    with pytest.raises(ConfigError, match=r"captured from outside.*register_buffer"):
         LinearMap(lambda x: x @ weight.T, (3,))
     # cast inside the map: accepted, and exact
     layer = LinearMap(lambda x: x @ weight.to(x.dtype).T, (3,))
     torch.testing.assert_close(layer.matrix().float(), weight, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("module", [nn.BatchNorm1d(3), nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.1)),
-                                    nn.InstanceNorm1d(3, affine=True)])
+@pytest.mark.parametrize(
+    "module",
+    [nn.BatchNorm1d(3), nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.1)), nn.InstanceNorm1d(3, affine=True)],
+)
 def test_modules_with_train_eval_behaviour_are_refused_by_linear_map(module):
     with pytest.raises(ConfigError, match="train and eval mode"):
         LinearMap(module, (3,))
@@ -66,7 +69,9 @@ def test_a_plain_module_is_accepted_by_linear_map():
 
 
 def test_layers_of_different_dtypes_are_refused_and_one_dtype_is_the_models():
-    with pytest.raises(ConfigError, match="mix dtypes: layer 0 \\(Dense\\) is float64, layer 2 \\(Dense\\) is float32"):
+    with pytest.raises(
+        ConfigError, match="mix dtypes: layer 0 \\(Dense\\) is float64, layer 2 \\(Dense\\) is float32"
+    ):
         EBFlow([Dense(3).double(), SmoothLeakyReLU(0.3), Dense(3)], (3,))
     model = EBFlow([Dense(3).double(), SmoothLeakyReLU(0.3), Dense(3).double()], (3,))
     assert model.dtype == torch.float64

@@ -46,8 +46,12 @@ def test_actnorm_data_dependent_initialisation_is_explicit():
 def test_actnorm_used_before_initialisation_raises_a_clear_error():
     layer = ActNorm(2)
     x = torch.randn(4, 2)
-    for use in (lambda: layer.transform(x), lambda: layer(x), lambda: layer.inverse(x),
-                lambda: layer.log_abs_det((2,))):
+    for use in (
+        lambda: layer.transform(x),
+        lambda: layer(x),
+        lambda: layer.inverse(x),
+        lambda: layer.log_abs_det((2,)),
+    ):
         with pytest.raises(ConfigError, match=r"ActNorm is not initialized: call model.initialize\(x\)"):
             use()
     with pytest.raises(ConfigError, match="not initialized"):
@@ -110,8 +114,10 @@ def test_image_coupling_keeps_shape():
     torch.testing.assert_close(layer.inverse(y), x)
 
 
-@pytest.mark.parametrize("cls, alpha", [(SmoothLeakyReLU, 0.3), (SmoothLeakyReLU, 0.01),
-                                         (ResidualSmoothLeakyReLU, 0.3), (LeakyReLU, 0.2)])
+@pytest.mark.parametrize(
+    "cls, alpha",
+    [(SmoothLeakyReLU, 0.3), (SmoothLeakyReLU, 0.01), (ResidualSmoothLeakyReLU, 0.3), (LeakyReLU, 0.2)],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_elementwise_inverse_far_in_the_tails(cls, alpha, dtype):
     layer = cls(alpha)
@@ -196,7 +202,9 @@ def test_random_orthogonal_is_orthogonal_and_reproducible():
     """torch.nn.init.orthogonal_ on a float64 draw: the same matrix for the same RNG state."""
     q = random_orthogonal(6, torch.Generator().manual_seed(0))
     assert q.dtype == torch.get_default_dtype()
-    torch.testing.assert_close(q.double() @ q.double().T, torch.eye(6, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        q.double() @ q.double().T, torch.eye(6, dtype=torch.float64), atol=1e-6, rtol=0
+    )
     torch.testing.assert_close(random_orthogonal(6, torch.Generator().manual_seed(0)), q, atol=0, rtol=0)
     torch.manual_seed(3)
     a = random_orthogonal(5)

@@ -7,6 +7,7 @@ density is exactly Gaussian, with mean ``-W^{-1} b`` and precision ``W^T W``.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from ebflow.mcmc import (
     refine_samples,
     ula,
 )
-
+from ebflow.mcmc.schedules import step_sizes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,7 +34,8 @@ def gaussian_flow(d: int, seed: int = 0) -> tuple[EBFlow, torch.Tensor, torch.Te
     g = torch.Generator().manual_seed(seed)
     layer = Dense(d).double()
     with torch.no_grad():
-        layer.weight.copy_(torch.eye(d, dtype=torch.float64) + 0.6 * torch.randn(d, d, generator=g, dtype=torch.float64))
+        noise = torch.randn(d, d, generator=g, dtype=torch.float64)
+        layer.weight.copy_(torch.eye(d, dtype=torch.float64) + 0.6 * noise)
         layer.bias.copy_(torch.randn(d, generator=g, dtype=torch.float64))
     model = EBFlow([layer], (d,)).double()
     w, b = layer.weight.detach(), layer.bias.detach()
@@ -42,8 +44,15 @@ def gaussian_flow(d: int, seed: int = 0) -> tuple[EBFlow, torch.Tensor, torch.Te
 
 def run_and_collect(model, x0, *, burn_in: int, rounds: int, thin: int, generator, **options):
     """Adaptive burn-in, then fixed-step MALA; returns (stacked samples, acceptance rate, step)."""
-    warm = mala(model, x0, burn_in, default_step_size(model, x0, options.get("mask")),
-                target_acceptance=0.574, generator=generator, **options)
+    warm = mala(
+        model,
+        x0,
+        burn_in,
+        default_step_size(model, x0, options.get("mask")),
+        target_acceptance=0.574,
+        generator=generator,
+        **options,
+    )
     step = float(warm.step_size.median())
     x, kept, rates = warm.samples, [], []
     for _ in range(rounds):
@@ -117,7 +126,8 @@ def test_smoothness_pull_is_a_gaussian_smoothness_prior():
     dense = next(l for l in model.layers if isinstance(l, Dense))
     g = torch.Generator().manual_seed(6)
     with torch.no_grad():
-        dense.weight.copy_(torch.eye(9, dtype=torch.float64) + 0.3 * torch.randn(9, 9, generator=g, dtype=torch.float64))
+        noise = torch.randn(9, 9, generator=g, dtype=torch.float64)
+        dense.weight.copy_(torch.eye(9, dtype=torch.float64) + 0.3 * noise)
         dense.bias.zero_()
     lam = 4.0
     basis = torch.eye(9, dtype=torch.float64).view(9, 1, 3, 3)
@@ -127,8 +137,9 @@ def test_smoothness_pull_is_a_gaussian_smoothness_prior():
     cov_tilted = torch.linalg.inv(w.T @ w + lam * rough.T @ rough)
     cov_plain = torch.linalg.inv(w.T @ w)
     x0 = torch.zeros(300, 1, 3, 3, dtype=torch.float64)
-    samples, _, _ = run_and_collect(model, x0, burn_in=200, rounds=25, thin=8, generator=g,
-                                    smoothness=lam, blur_sigma=1.0)
+    samples, _, _ = run_and_collect(
+        model, x0, burn_in=200, rounds=25, thin=8, generator=g, smoothness=lam, blur_sigma=1.0
+    )
     emp = torch.cov(samples.reshape(-1, 9).T)
     assert relative_error(cov_plain, cov_tilted) > 0.3  # the pull changes the law a lot...
     assert relative_error(emp, cov_tilted) < 0.12  # ...and MALA samples the tilted law
@@ -140,7 +151,7 @@ def test_step_size_schedules_end_at_the_final_step():
     for schedule in ("linear", "geometric", "cosine"):
         res = ula(model, x0, 20, 0.1, schedule=schedule, final_step_size=0.001)
         assert torch.allclose(res.step_size, torch.full((5,), 0.001, dtype=torch.float64))
-    res = ula(model, x0, 10, 0.1, schedule=lambda i, n: 0.5 ** i)
+    res = ula(model, x0, 10, 0.1, schedule=lambda i, n: 0.5**i)
     assert math.isclose(float(res.step_size[0]), 0.1 * 0.5**9)
 
 
@@ -207,8 +218,11 @@ def test_non_positive_step_size_is_rejected(step):
 def test_mask_that_does_not_match_the_data_is_rejected():
     model, _, _ = gaussian_flow(3)
     x0 = torch.zeros(4, 3, dtype=torch.float64)
-    for bad in (torch.ones(2, dtype=torch.bool), torch.ones(5, 3, dtype=torch.bool),
-                torch.ones(4, 3, 1, dtype=torch.bool)):
+    for bad in (
+        torch.ones(2, dtype=torch.bool),
+        torch.ones(5, 3, dtype=torch.bool),
+        torch.ones(4, 3, 1, dtype=torch.bool),
+    ):
         with pytest.raises(InputError, match="mask of shape"):
             mala(model, x0, 2, 0.1, mask=bad)
     with pytest.raises(InputError, match="no coordinate"):
@@ -242,8 +256,22 @@ def test_bad_options_are_rejected():
         langevin(model, x0, -1, 0.1)
 
 
+def test_step_sizes_checks_its_own_inputs():
+    """``step_sizes`` is public in ebflow.mcmc.schedules: a bad first step size is a ConfigError,
+    not a complex number (negative ** fraction) or a ZeroDivisionError from the geometric decay."""
+    for bad in (-0.1, 0.0, math.inf, math.nan):
+        with pytest.raises(ConfigError, match="step size must be finite and > 0"):
+            step_sizes(bad, 0.01, "geometric", 5)
+    for schedule in ("linear", "geometric", "cosine"):
+        with pytest.raises(ConfigError, match="needs final_step_size"):
+            step_sizes(0.1, None, schedule, 5)
+        sizes = step_sizes(0.1, 0.01, schedule, 5)
+        assert sizes[0] == pytest.approx(0.1) and sizes[-1] == pytest.approx(0.01)
+    assert step_sizes(0.1, None, "constant", 3) == [0.1, 0.1, 0.1]
+
+
 def test_divergence_is_reported_by_ula_and_rejected_by_mala():
-    model, mean, _ = gaussian_flow(3)
+    model, _, _ = gaussian_flow(3)
     x0 = torch.zeros(8, 3, dtype=torch.float64)
     with pytest.raises(EBFlowError, match="diverged"):
         ula(model, x0, 2000, 50.0, generator=torch.Generator().manual_seed(0))
@@ -262,9 +290,57 @@ def test_gaussian_blur_has_torchvision_kernel_with_replicate_padding(sigma):
     k = [2 * r + 1] * 2
     ours = gaussian_blur(x, sigma)
     padded = torch.nn.functional.pad(x, (r, r, r, r), mode="replicate")
-    torch.testing.assert_close(ours, tv.gaussian_blur(padded, k, [sigma, sigma])[..., r:-r, r:-r],
-                               atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        ours, tv.gaussian_blur(padded, k, [sigma, sigma])[..., r:-r, r:-r], atol=1e-12, rtol=0
+    )
     interior = (..., slice(r, -r), slice(r, -r))
-    torch.testing.assert_close(ours[interior], tv.gaussian_blur(x, k, [sigma, sigma])[interior],
-                               atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        ours[interior], tv.gaussian_blur(x, k, [sigma, sigma])[interior], atol=1e-12, rtol=0
+    )
     assert gaussian_blur(torch.randn(1, 1, 2, 2), 2.0).shape == (1, 1, 2, 2)  # tiny images work
+
+
+def _count_host_reads(monkeypatch) -> list[int]:
+    """Count every read of a tensor's value by the host (a device sync on a GPU)."""
+    count = [0]
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, **kwargs):
+            count[0] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return count
+
+
+@pytest.mark.parametrize("method", ["mala", "ula"])
+def test_chains_do_not_read_the_device_every_step(monkeypatch, method):
+    """MALA reads nothing per step (non-finite proposals are rejected on the device; the model's
+    input check is skipped for states already checked); ULA checks for divergence once per 10
+    steps. So 40 steps cost a handful of reads, not one or more per step."""
+    model = dense_flow((1, 4, 4)).double()
+    x0 = torch.randn(8, 1, 4, 4, dtype=torch.float64)
+    count = _count_host_reads(monkeypatch)
+    run = mala if method == "mala" else ula
+    run(model, x0, 40, 0.01, generator=torch.Generator().manual_seed(0))
+    assert count[0] <= (2 if method == "mala" else 5), f"{method}: {count[0]} reads in 40 steps"
+
+
+def test_ula_reports_its_first_non_finite_iteration_even_in_the_last_block():
+    """The divergence check runs every 10 steps and after the last one: a chain that blows up in
+    a 3-step run still raises, naming the first iteration whose state or energy was non-finite."""
+    model, _, _ = gaussian_flow(3)
+    x0 = torch.zeros(8, 3, dtype=torch.float64)
+    seen = []
+
+    def watch(i, x, g):
+        if not torch.isfinite(x).all() and not seen:
+            seen.append(i)
+
+    for steps in (3, 25):
+        seen.clear()
+        with pytest.raises(EBFlowError, match=r"diverged at iteration (\d+)") as err:
+            ula(model, x0, steps, 1e200, generator=torch.Generator().manual_seed(0), callback=watch)
+        first = int(re.search(r"iteration (\d+)", str(err.value)).group(1))
+        assert seen and first <= seen[0] < steps

@@ -45,8 +45,11 @@ def _load_example():
 def _private_uses(path: Path) -> list[str]:
     """Every ``obj._name`` attribute access and every import of a private ebflow name or module."""
     tree = ast.parse(path.read_text())
-    found = [f"line {n.lineno}: .{n.attr}" for n in ast.walk(tree)
-             if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__")]
+    found = [
+        f"line {n.lineno}: .{n.attr}"
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__")
+    ]
     for n in ast.walk(tree):
         if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith(("ebflow", ".")):
             names = [a.name for a in n.names] + n.module.split(".")
@@ -105,9 +108,17 @@ def test_every_option_of_every_built_in_objective_is_a_config_key():
 def test_an_option_without_a_config_key_fails_loudly(monkeypatch):
     """build_objective must not fall back to an option's default when its key is missing."""
     spec = OBJECTIVES["dsm"]
-    monkeypatch.setitem(OBJECTIVES, "dsm", ObjectiveSpec(
-        spec.fn, {**spec.defaults, "temperature": 1.0}, {**spec.checks, "temperature": lambda v: None},
-        noise=spec.noise, perturbs_input=True))
+    monkeypatch.setitem(
+        OBJECTIVES,
+        "dsm",
+        ObjectiveSpec(
+            spec.fn,
+            {**spec.defaults, "temperature": 1.0},
+            {**spec.checks, "temperature": lambda v: None},
+            noise=spec.noise,
+            perturbs_input=True,
+        ),
+    )
     with pytest.raises(ConfigError, match="temperature"):
         build_objective(resolve_config("digits-fc", {"loss": "dsm"}).objective)
 

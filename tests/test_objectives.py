@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import image_model_1ch, initialised, perturb
-from helpers import accumulated_leaves, spy_on_linear_algebra
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import image_model_1ch, initialised, perturb
 from ebflow import EBFlow, glow_flow, make_objective
 from ebflow.errors import ConfigError
 from ebflow.layers import (
@@ -26,11 +25,17 @@ from ebflow.layers import (
 )
 from ebflow.objectives import dsm_loss, esm_loss, fdssm_loss, sml_loss, ssm_loss
 from ebflow.objectives.losses import _fdssm_per_example
+from helpers import accumulated_leaves, spy_on_linear_algebra
 
 
 def tiny_model() -> EBFlow:
-    layers = [Dense(3), SmoothLeakyReLU(0.3), ActNorm(3), Dense(3, parameterization="lu"),
-              AffineCoupling((3,), hidden=4, depth=1)]
+    layers = [
+        Dense(3),
+        SmoothLeakyReLU(0.3),
+        ActNorm(3),
+        Dense(3, parameterization="lu"),
+        AffineCoupling((3,), hidden=4, depth=1),
+    ]
     return EBFlow(layers, (3,)).double()
 
 
@@ -58,14 +63,26 @@ def _finite_difference_check(model, loss_of_model, seed=0, h=1e-6, entries=6):
                 down = loss_of_model().item()
                 flat[i] = old
             numeric = (up - down) / (2 * h)
-            assert abs(numeric - grad[i].item()) <= 1e-5 * (1 + abs(numeric)), (p.shape, i, numeric, grad[i].item())
+            assert abs(numeric - grad[i].item()) <= 1e-5 * (1 + abs(numeric)), (
+                p.shape,
+                i,
+                numeric,
+                grad[i].item(),
+            )
 
 
 @pytest.mark.parametrize(
     "name, options",
-    [("ml", {}), ("ssm", {"slices": 2}), ("ssm", {"projection": "gaussian"}), ("dsm", {"sigma": 0.3}),
-     ("fdssm", {"eps": 0.1}), ("esm", {}), ("dsm", {"sigma": 0.3, "energy_reg": 0.1}),
-     ("esm", {"energy_reg": 0.1})],
+    [
+        ("ml", {}),
+        ("ssm", {"slices": 2}),
+        ("ssm", {"projection": "gaussian"}),
+        ("dsm", {"sigma": 0.3}),
+        ("fdssm", {"eps": 0.1}),
+        ("esm", {}),
+        ("dsm", {"sigma": 0.3, "energy_reg": 0.1}),
+        ("esm", {"energy_reg": 0.1}),
+    ],
 )
 def test_parameter_gradients_match_finite_differences(name, options):
     x = torch.randn(8, 3, dtype=torch.float64)
@@ -86,7 +103,7 @@ def test_sml_gradient_is_energy_difference_with_samples_held_fixed():
     samples = model.sample(16)
     model.zero_grad()
     (model.energy(x).mean() - model.energy(samples).mean()).backward()
-    for a, p in zip(auto, _params(model)):
+    for a, p in zip(auto, _params(model), strict=True):
         torch.testing.assert_close(a, p.grad)
     _finite_difference_check(model, lambda: model.energy(x).mean() - model.energy(samples).mean())
 
@@ -99,7 +116,7 @@ def test_sml_gradient_matches_ml_gradient_in_expectation():
     ml = [p.grad.clone() for p in _params(model)]
     model.zero_grad()
     make_objective("sml", num_samples=400_000)(model, x).backward()
-    for g_ml, p in zip(ml, _params(model)):
+    for g_ml, p in zip(ml, _params(model), strict=True):
         torch.testing.assert_close(p.grad, g_ml, atol=0.02 * (1 + float(g_ml.abs().max())), rtol=0)
 
 
@@ -144,7 +161,9 @@ def test_fdssm_converges_to_sliced_score_matching_as_eps_shrinks():
     assert abs(estimate - exact) < 0.02 * (1 + abs(exact)), (estimate, exact)
 
 
-@pytest.mark.parametrize("name, options", [("ssm", {"slices": 4}), ("dsm", {"sigma": 0.05}), ("fdssm", {"eps": 0.05})])
+@pytest.mark.parametrize(
+    "name, options", [("ssm", {"slices": 4}), ("dsm", {"sigma": 0.05}), ("fdssm", {"eps": 0.05})]
+)
 def test_gaussian_model_recovers_data_covariance(name, options):
     """A single dense layer with bias is a Gaussian model; score matching is consistent."""
     gen = torch.Generator().manual_seed(42)
@@ -180,16 +199,32 @@ def forbid_linear_algebra(monkeypatch):
 
 def every_linear_layer_model() -> EBFlow:
     layers = [
-        FixedAffine(2.0, 0.1), Conv2d(1, 3), ResidualSmoothLeakyReLU(0.3), Squeeze(), Conv1x1(4),
-        ActNorm(4), Flatten((4, 2, 2)), Dense(16, parameterization="full"), SmoothLeakyReLU(0.3),
-        Dense(16, parameterization="tril"), Dense(16, parameterization="triu"),
+        FixedAffine(2.0, 0.1),
+        Conv2d(1, 3),
+        ResidualSmoothLeakyReLU(0.3),
+        Squeeze(),
+        Conv1x1(4),
+        ActNorm(4),
+        Flatten((4, 2, 2)),
+        Dense(16, parameterization="full"),
+        SmoothLeakyReLU(0.3),
+        Dense(16, parameterization="tril"),
+        Dense(16, parameterization="triu"),
         Dense(16, parameterization="lu"),
     ]
     return EBFlow(layers, (1, 4, 4)).double()
 
 
-@pytest.mark.parametrize("name, options", [("ssm", {}), ("dsm", {"sigma": 0.1}), ("fdssm", {"eps": 0.1}),
-                                           ("esm", {}), ("dsm", {"sigma": 0.1, "energy_reg": 0.01})])
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("ssm", {}),
+        ("dsm", {"sigma": 0.1}),
+        ("fdssm", {"eps": 0.1}),
+        ("esm", {}),
+        ("dsm", {"sigma": 0.1, "energy_reg": 0.01}),
+    ],
+)
 def test_score_matching_never_calls_linear_algebra_of_linear_layers(name, options, forbid_linear_algebra):
     x = torch.randn(8, 1, 4, 4, dtype=torch.float64)
     models = (every_linear_layer_model().initialize(x), image_model_1ch().initialize(x))
@@ -235,17 +270,20 @@ def test_ml_loss_is_mean_negative_log_likelihood():
     torch.testing.assert_close(make_objective("ml")(model, x), -model.log_prob(x).mean())
 
 
-@pytest.mark.parametrize("name, options", [("ssm", {"slices": 3}), ("dsm", {"sigma": 0.2}), ("fdssm", {"eps": 0.1})])
+@pytest.mark.parametrize(
+    "name, options", [("ssm", {"slices": 3}), ("dsm", {"sigma": 0.2}), ("fdssm", {"eps": 0.1})]
+)
 def test_drawn_noise_makes_the_loss_shardable(name, options):
     """The loss of a batch equals the mean of the losses of its halves given the same noise."""
     x = torch.randn(8, 3, dtype=torch.float64)
     model = initialised(tiny_model(), x)
     objective = make_objective(name, **options)
-    noise = objective.draw_noise(tuple(x.shape), dtype=x.dtype, device=x.device,
-                                 generator=torch.Generator().manual_seed(3))
+    noise = objective.draw_noise(
+        tuple(x.shape), dtype=x.dtype, device=x.device, generator=torch.Generator().manual_seed(3)
+    )
     dim = objective.noise_batch_dim
     full = objective(model, x, noise=noise)
-    halves = [objective(model, x[i:i + 4], noise=noise.narrow(dim, i, 4)) for i in (0, 4)]
+    halves = [objective(model, x[i : i + 4], noise=noise.narrow(dim, i, 4)) for i in (0, 4)]
     torch.testing.assert_close(full, (halves[0] + halves[1]) / 2)
     again = objective(model, x, noise=noise)
     torch.testing.assert_close(full, again)
@@ -256,7 +294,9 @@ def test_drawn_noise_makes_the_loss_shardable(name, options):
         make_objective("ml")(model, x, noise=noise)
 
 
-@pytest.mark.parametrize("name, options", [("ml", {}), ("ssm", {}), ("dsm", {"sigma": 0.3}), ("fdssm", {"eps": 0.1})])
+@pytest.mark.parametrize(
+    "name, options", [("ml", {}), ("ssm", {}), ("dsm", {"sigma": 0.3}), ("fdssm", {"eps": 0.1})]
+)
 def test_parameter_gradients_of_a_convolutional_model_match_finite_differences(name, options):
     """Convolutions, squeeze, 1x1 conv, ActNorm and a CNN coupling, in float64."""
     x = torch.randn(4, 1, 4, 4, dtype=torch.float64)
@@ -271,8 +311,9 @@ def test_sml_draws_its_latent_noise_like_the_other_objectives():
     model = initialised(tiny_model(), x)
     objective = make_objective("sml", num_samples=16)
     assert objective.noise_batch_dim == 0
-    noise = objective.draw_noise(tuple(x.shape), dtype=x.dtype, device=x.device,
-                                 generator=torch.Generator().manual_seed(7))
+    noise = objective.draw_noise(
+        tuple(x.shape), dtype=x.dtype, device=x.device, generator=torch.Generator().manual_seed(7)
+    )
     assert noise.shape == (16, 3)
     # the same numbers as the model's own sampler with the same generator
     samples = model.sample(16, generator=torch.Generator().manual_seed(7))
@@ -285,7 +326,7 @@ def test_sml_draws_its_latent_noise_like_the_other_objectives():
     auto = [p.grad.clone() for p in _params(model)]
     model.zero_grad()
     expected.backward()
-    for a, p in zip(auto, _params(model)):
+    for a, p in zip(auto, _params(model), strict=True):
         torch.testing.assert_close(a, p.grad)
     # without num_samples: one latent draw per example of the batch
     assert make_objective("sml").draw_noise((5, 3), dtype=x.dtype, device=x.device).shape == (5, 3)
@@ -313,38 +354,52 @@ def test_sml_loss_of_a_batch_is_the_mean_of_its_halves_given_the_same_noise():
     x = torch.randn(8, 3, dtype=torch.float64)
     model = initialised(tiny_model(), x)
     objective = make_objective("sml")
-    noise = objective.draw_noise(tuple(x.shape), dtype=x.dtype, device=x.device,
-                                 generator=torch.Generator().manual_seed(3))
+    noise = objective.draw_noise(
+        tuple(x.shape), dtype=x.dtype, device=x.device, generator=torch.Generator().manual_seed(3)
+    )
     full = objective(model, x, noise=noise)
-    halves = [objective(model, x[i:i + 4], noise=noise.narrow(objective.noise_batch_dim, i, 4)) for i in (0, 4)]
+    halves = [
+        objective(model, x[i : i + 4], noise=noise.narrow(objective.noise_batch_dim, i, 4)) for i in (0, 4)
+    ]
     torch.testing.assert_close(full, (halves[0] + halves[1]) / 2)
 
 
 # -- one initial model for every objective -----------------------------------------------------------
 def _actnorm_state(model: EBFlow) -> list[torch.Tensor]:
-    return [t.detach().clone() for layer in model.layers if isinstance(layer, ActNorm)
-            for t in (layer.shift, layer.log_scale)]
+    return [
+        t.detach().clone()
+        for layer in model.layers
+        if isinstance(layer, ActNorm)
+        for t in (layer.shift, layer.log_scale)
+    ]
 
 
-@pytest.mark.parametrize("build, shape", [(tiny_model, (3,)), (image_model_1ch, (1, 4, 4))],
-                         ids=["vector", "image"])
+@pytest.mark.parametrize(
+    "build, shape", [(tiny_model, (3,)), (image_model_1ch, (1, 4, 4))], ids=["vector", "image"]
+)
 def test_every_objective_starts_from_the_same_initial_model(build, shape):
     """With an explicit model.initialize(x), DSM and FDSSM used as a library (whose first energy
     is of perturbed data) start from the same ActNorm parameters as SSM -- the statistics of the
     clean batch -- and computing a loss never changes them."""
     x = torch.randn(16, *shape, dtype=torch.float64) * 2 + 0.5
     states = {}
-    for name, options in (("ssm", {}), ("dsm", {"sigma": 0.5}), ("fdssm", {"eps": 0.5}), ("ml", {}),
-                          ("sml", {}), ("esm", {})):
+    for name, options in (
+        ("ssm", {}),
+        ("dsm", {"sigma": 0.5}),
+        ("fdssm", {"eps": 0.5}),
+        ("ml", {}),
+        ("sml", {}),
+        ("esm", {}),
+    ):
         torch.manual_seed(0)
         model = build()
         model.initialize(x)
         states[name] = _actnorm_state(model)
         make_objective(name, **options)(model, x).backward()
-        for before, after in zip(states[name], _actnorm_state(model)):
+        for before, after in zip(states[name], _actnorm_state(model), strict=True):
             torch.testing.assert_close(after, before, atol=0, rtol=0)
     for name in ("dsm", "fdssm", "ml", "sml", "esm"):
-        for a, b in zip(states[name], states["ssm"]):
+        for a, b in zip(states[name], states["ssm"], strict=True):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
     assert states["ssm"] and not all(bool((t == 0).all()) for t in states["ssm"])
 
@@ -364,8 +419,9 @@ def _esm_by_a_loop_of_hessian_vector_products(model, x):
     return (-trace + 0.5 * g_flat.pow(2).sum(1)) / d
 
 
-@pytest.mark.parametrize("build, shape", [(tiny_model, (3,)), (image_model_1ch, (1, 4, 4))],
-                         ids=["vector", "image"])
+@pytest.mark.parametrize(
+    "build, shape", [(tiny_model, (3,)), (image_model_1ch, (1, 4, 4))], ids=["vector", "image"]
+)
 def test_esm_matches_the_loop_of_hessian_vector_products_in_value_and_gradient(build, shape):
     x = torch.randn(6, *shape, dtype=torch.float64)
     model = initialised(build(), x, scale=0.2)
@@ -376,7 +432,7 @@ def test_esm_matches_the_loop_of_hessian_vector_products_in_value_and_gradient(b
     params = _params(model)
     g_got = torch.autograd.grad(got.loss.sum(), params, allow_unused=True)
     g_expected = torch.autograd.grad(expected.sum(), params, allow_unused=True)
-    for a, b in zip(g_got, g_expected):
+    for a, b in zip(g_got, g_expected, strict=True):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, atol=1e-10 * (1 + float(b.abs().max())), rtol=1e-10)
@@ -399,7 +455,9 @@ class _CountOps(TorchDispatchMode):
 
 def _no_prefix_model() -> EBFlow:
     """First layer non-linear: no linear prefix (the derivative in x is taken by torch.func alone)."""
-    return EBFlow([SmoothLeakyReLU(0.3), Dense(3), AffineCoupling((3,), hidden=4, depth=1), Dense(3)], (3,)).double()
+    return EBFlow(
+        [SmoothLeakyReLU(0.3), Dense(3), AffineCoupling((3,), hidden=4, depth=1), Dense(3)], (3,)
+    ).double()
 
 
 def _wide_conv_model() -> EBFlow:
@@ -407,13 +465,25 @@ def _wide_conv_model() -> EBFlow:
     return EBFlow([Conv2d(8, 3), ResidualSmoothLeakyReLU(0.3), Conv2d(8, 3)], (8, 2, 2)).double()
 
 
-FAST_PATH_MODELS = {"dense": (tiny_model, (3,)), "no-prefix": (_no_prefix_model, (3,)),
-                    "conv": (image_model_1ch, (1, 4, 4)), "wide-conv": (_wide_conv_model, (8, 2, 2))}
+FAST_PATH_MODELS = {
+    "dense": (tiny_model, (3,)),
+    "no-prefix": (_no_prefix_model, (3,)),
+    "conv": (image_model_1ch, (1, 4, 4)),
+    "wide-conv": (_wide_conv_model, (8, 2, 2)),
+}
 
 
-@pytest.mark.parametrize("name, options", [("ssm", {}), ("ssm", {"slices": 2}), ("dsm", {"sigma": 0.3}),
-                                           ("fdssm", {"eps": 0.1}), ("esm", {}),
-                                           ("dsm", {"sigma": 0.3, "energy_reg": 0.1})])
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("ssm", {}),
+        ("ssm", {"slices": 2}),
+        ("dsm", {"sigma": 0.3}),
+        ("fdssm", {"eps": 0.1}),
+        ("esm", {}),
+        ("dsm", {"sigma": 0.3, "energy_reg": 0.1}),
+    ],
+)
 @pytest.mark.parametrize("model_name", list(FAST_PATH_MODELS))
 def test_a_plain_backward_computes_the_parameter_gradients_only(name, options, model_name):
     """objective(model, x).backward() (the README's loop) does exactly the work of
@@ -438,7 +508,7 @@ def test_a_plain_backward_computes_the_parameter_gradients_only(name, options, m
     (v_plain, n_plain, g_plain), (v_params, n_params, g_params) = results
     assert n_plain == n_params
     assert torch.equal(v_plain, v_params)
-    for a, b in zip(g_plain, g_params):
+    for a, b in zip(g_plain, g_params, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
@@ -453,7 +523,7 @@ def _ssm_on_a_leaf(model, x, v):
     xl = x.detach().requires_grad_(True)
     (g,) = torch.autograd.grad(model.energy(xl).sum(), xl, create_graph=True)
     (hv,) = torch.autograd.grad((g * v).sum(), xl, create_graph=True)
-    per = (-(hv * v).reshape(x.shape[0], -1).sum(1) + 0.5 * g.pow(2).reshape(x.shape[0], -1).sum(1))
+    per = -(hv * v).reshape(x.shape[0], -1).sum(1) + 0.5 * g.pow(2).reshape(x.shape[0], -1).sum(1)
     return per / x[0].numel()
 
 
@@ -464,10 +534,15 @@ def test_the_fast_path_equals_autograd_on_a_leaf(model_name):
     model = initialised(build(), x, scale=0.2)
     eps, v = torch.randn_like(x), torch.randn_like(x)
     params = _params(model)
-    for got, expected in ((dsm_loss(model, x, 0.3, noise=eps).loss, _dsm_on_a_leaf(model, x, 0.3, eps)),
-                          (ssm_loss(model, x, noise=v[None]).loss, _ssm_on_a_leaf(model, x, v))):
-        torch.testing.assert_close(got, expected, atol=1e-12 * (1 + float(expected.detach().abs().max())), rtol=0)
-        for a, b in zip(torch.autograd.grad(got.sum(), params), torch.autograd.grad(expected.sum(), params)):
+    for got, expected in (
+        (dsm_loss(model, x, 0.3, noise=eps).loss, _dsm_on_a_leaf(model, x, 0.3, eps)),
+        (ssm_loss(model, x, noise=v[None]).loss, _ssm_on_a_leaf(model, x, v)),
+    ):
+        torch.testing.assert_close(
+            got, expected, atol=1e-12 * (1 + float(expected.detach().abs().max())), rtol=0
+        )
+        grads = (torch.autograd.grad(got.sum(), params), torch.autograd.grad(expected.sum(), params))
+        for a, b in zip(*grads, strict=True):
             torch.testing.assert_close(a, b, atol=1e-12 * (1 + float(b.abs().max())), rtol=0)
     # the public score with create_graph=True: same values, a graph to the parameters only
     xt = x + 0.3 * eps

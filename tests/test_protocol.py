@@ -29,10 +29,22 @@ def test_lr_applied_in_epoch_k_is_lr0_times_gamma_to_the_min_of_k_and_n(tmp_path
     epoch k runs at lr0 * gamma^min(k, N). Fails for a schedule shifted by one epoch
     (gamma^min(k+1, N)), one that never stops decaying, or one stepped per batch."""
     lr0, gamma, n, batch, train_size, epochs = 1e-3, 0.5, 2, 50, 200, 5
-    config = resolve_config("digits-fc", {**QUIET, "max_train": train_size, "batch_size": batch,
-                                          "epochs": epochs, "max_iters": None, "lr": lr0,
-                                          "lr_decay": gamma, "lr_decay_epochs": n, "eval_every": 1000,
-                                          "checkpoint_every": 1000, "log_every": 1})
+    config = resolve_config(
+        "digits-fc",
+        {
+            **QUIET,
+            "max_train": train_size,
+            "batch_size": batch,
+            "epochs": epochs,
+            "max_iters": None,
+            "lr": lr0,
+            "lr_decay": gamma,
+            "lr_decay_epochs": n,
+            "eval_every": 1000,
+            "checkpoint_every": 1000,
+            "log_every": 1,
+        },
+    )
     applied: list[float] = []
     real = trainer_module.optimization_step
 
@@ -49,8 +61,7 @@ def test_lr_applied_in_epoch_k_is_lr0_times_gamma_to_the_min_of_k_and_n(tmp_path
     # the CSV's lr column is the same schedule, read with the epoch it was logged at
     with open(tmp_path / "r" / "metrics.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["lr"]]
-    assert rows and all(float(r["lr"]) == pytest.approx(lr0 * gamma ** min(int(r["epoch"]), n))
-                        for r in rows)
+    assert rows and all(float(r["lr"]) == pytest.approx(lr0 * gamma ** min(int(r["epoch"]), n)) for r in rows)
 
 
 def test_best_checkpoint_is_the_lowest_validation_and_the_test_nll_comes_from_it(tmp_path, monkeypatch):
@@ -68,8 +79,18 @@ def test_best_checkpoint_is_the_lowest_validation_and_the_test_nll_comes_from_it
         return out
 
     monkeypatch.setattr(Trainer, "evaluate", evaluate)
-    config = resolve_config("digits-fc", {**QUIET, "max_iters": 12, "epochs": None, "eval_every": 2,
-                                          "checkpoint_every": 2, "log_every": 2, "lr": 3e-3})
+    config = resolve_config(
+        "digits-fc",
+        {
+            **QUIET,
+            "max_iters": 12,
+            "epochs": None,
+            "eval_every": 2,
+            "checkpoint_every": 2,
+            "log_every": 2,
+            "lr": 3e-3,
+        },
+    )
     result = train(config, tmp_path / "r")
     with open(tmp_path / "r" / "metrics.csv", newline="") as f:
         vals = [(int(r["step"]), float(r["val_nll"])) for r in csv.DictReader(f) if r["val_nll"]]

@@ -60,8 +60,18 @@ def test_unclipped_step_is_the_plain_gradient_step():
 
 def test_a_run_with_clipping_differs_from_one_without(tmp_path):
     """The CLI-level check the issue asked for: grad_clip changes the trained model."""
-    base = dict(QUIET, max_iters=15, epochs=None, eval_every=100, checkpoint_every=100,
-                num_samples=4, loss="fdssm", eps=0.5, lr=1e-2, optimizer="sgd")
+    base = dict(
+        QUIET,
+        max_iters=15,
+        epochs=None,
+        eval_every=100,
+        checkpoint_every=100,
+        num_samples=4,
+        loss="fdssm",
+        eps=0.5,
+        lr=1e-2,
+        optimizer="sgd",
+    )
     finals = []
     for clip in (None, 1e-3):
         config = resolve_config("digits-fc", {**base, "grad_clip": clip})
@@ -87,8 +97,9 @@ def test_score_matching_losses_are_per_dimension():
     eps, sigma = torch.randn(7, d, dtype=torch.float64), 0.3
     xt = (x + sigma * eps).requires_grad_(True)
     (gt,) = torch.autograd.grad(model.energy(xt).sum(), xt)
-    torch.testing.assert_close(dsm_loss(model, x, sigma, noise=eps).loss,
-                               0.5 * (gt - eps / sigma).pow(2).sum(1) / d)
+    torch.testing.assert_close(
+        dsm_loss(model, x, sigma, noise=eps).loss, 0.5 * (gt - eps / sigma).pow(2).sum(1) / d
+    )
     # FDSSM: the finite-difference sum divided by eps^2 only (|v| = eps)
     raw = torch.randn(7, d, dtype=torch.float64)
     step = 0.2
@@ -116,8 +127,13 @@ def test_cifar_energy_weight_is_the_references_lambda_on_ebflows_scale(preset):
     (B, C, H, W) batch, then divides by B*D: lambda * mean(E) / C, i.e. lambda * H * W on
     ebflow's scale (lambda E / D); FDSSM adds it once per example, divided by eps^2 only."""
     lam, (c, h, w) = 0.001, (3, 32, 32)
-    expected = {"ml": 0.0, "sml": 0.0, "ssm": lam * h * w, "dsm": lam * h * w,
-                "fdssm": lam * c * h * w / 0.1**2}
+    expected = {
+        "ml": 0.0,
+        "sml": 0.0,
+        "ssm": lam * h * w,
+        "dsm": lam * h * w,
+        "fdssm": lam * c * h * w / 0.1**2,
+    }
     for loss, weight in expected.items():
         assert resolve_config(preset, {"loss": loss}).objective.energy_reg == pytest.approx(weight)
 
@@ -186,9 +202,21 @@ def test_all_dropped_batch_gives_a_zero_gradient_not_an_error():
 
 
 def test_no_map_dsm_run_reports_dropped_examples(tmp_path):
-    config = resolve_config("digits-fc", dict(QUIET, loss="dsm", sigma=0.3, map=False, drop_out_of_domain=True,
-                                              max_iters=6, epochs=None, eval_every=3, checkpoint_every=3,
-                                              num_samples=4))
+    config = resolve_config(
+        "digits-fc",
+        dict(
+            QUIET,
+            loss="dsm",
+            sigma=0.3,
+            map=False,
+            drop_out_of_domain=True,
+            max_iters=6,
+            epochs=None,
+            eval_every=3,
+            checkpoint_every=3,
+            num_samples=4,
+        ),
+    )
     train(config, tmp_path / "run")
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["dropped_examples"] > 0 and 0 < results["dropped_fraction"] <= 1
@@ -198,12 +226,27 @@ def test_no_map_dsm_run_reports_dropped_examples(tmp_path):
 @pytest.mark.parametrize("sigma, everything", [(0.02, False), (50.0, True)])
 def test_train_command_says_how_many_examples_were_dropped(sigma, everything, tmp_path, capsys):
     from ebflow.cli import main
-    sets = dict(QUIET, sigma=sigma, map="false", drop_out_of_domain="true", max_iters=4, epochs="null",
-                eval_every=2, checkpoint_every=2, num_samples=4, tensorboard="false", progress="false")
+
+    sets = dict(
+        QUIET,
+        sigma=sigma,
+        map="false",
+        drop_out_of_domain="true",
+        max_iters=4,
+        epochs="null",
+        eval_every=2,
+        checkpoint_every=2,
+        num_samples=4,
+        tensorboard="false",
+        progress="false",
+    )
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert main(["train", "--config", "digits-fc", "--loss", "dsm", "--out", str(tmp_path / "run"), *args]) == 0
+        assert (
+            main(["train", "--config", "digits-fc", "--loss", "dsm", "--out", str(tmp_path / "run"), *args])
+            == 0
+        )
     out = capsys.readouterr().out
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     seen, dropped = 4 * resolve_config("digits-fc").training.batch_size, results["dropped_examples"]
@@ -218,15 +261,19 @@ def test_train_command_says_how_many_examples_were_dropped(sigma, everything, tm
 def test_negative_identity_initialisation():
     # the reference's FC recipe: W = -I and every bias exactly +1 (the bias is not negated)
     dense = Dense(6, init="negative_identity")
-    assert torch.equal(dense.weight.detach(), -torch.eye(6)) and torch.equal(dense.bias.detach(), torch.ones(6))
+    assert torch.equal(dense.weight.detach(), -torch.eye(6)) and torch.equal(
+        dense.bias.detach(), torch.ones(6)
+    )
     conv = Conv2d(2, 3, init="negative_identity")
     w = conv.weight.detach()
     assert torch.equal(w[:, :, 1, 1], -torch.eye(2)) and float(w.abs().sum()) == 2.0
     # conv bias: std of the reference's Xavier-normal kernel noise of gain 0.01, 0.01 / (k sqrt C)
     torch.manual_seed(0)
     for channels, k in ((1, 7), (16, 7), (4, 3)):
-        biases = torch.cat([Conv2d(channels, k, init="negative_identity").bias.detach() for _ in range(4000 // channels)])
-        expected = 0.01 / (k * channels ** 0.5)
+        biases = torch.cat(
+            [Conv2d(channels, k, init="negative_identity").bias.detach() for _ in range(4000 // channels)]
+        )
+        expected = 0.01 / (k * channels**0.5)
         assert abs(float(biases.std()) / expected - 1) < 0.08 and abs(float(biases.mean())) < 0.2 * expected
     config = resolve_config("mnist-fc")
     model = build_model(config.model, (1, 28, 28), ImagePreprocessing(0.5, 1e-6, 256), use_map=True)
@@ -250,8 +297,10 @@ def test_augmentation_flips_and_shifts_each_example():
     for i in range(0, 100, 17):
         for c in range(3):
             assert set(out[i, c].flatten().tolist()) <= set(x[i, c].flatten().tolist())
-    flipped = sum(bool(torch.equal(augment_images(x[:1], torch.Generator().manual_seed(s)), x[:1].flip(-1)))
-                  for s in range(200))
+    flipped = sum(
+        bool(torch.equal(augment_images(x[:1], torch.Generator().manual_seed(s)), x[:1].flip(-1)))
+        for s in range(200)
+    )
     assert 0 < flipped < 100  # flips happen (with no shift: 1/25 of the flips)
     # rows [start, start + B) of a global batch draw that global batch's numbers
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
@@ -262,8 +311,9 @@ def test_augmentation_flips_and_shifts_each_example():
 
 # -- results hold both EMA and raw weights ----------------------------------------------------------
 def test_results_report_ema_and_raw_nll(tmp_path):
-    config = resolve_config("digits-fc", dict(QUIET, max_iters=30, epochs=None, eval_every=10,
-                                              checkpoint_every=10, num_samples=4))
+    config = resolve_config(
+        "digits-fc", dict(QUIET, max_iters=30, epochs=None, eval_every=10, checkpoint_every=10, num_samples=4)
+    )
     train(config, tmp_path / "run")
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert math.isfinite(results["test_nll"]) and math.isfinite(results["test_raw_nll"])

@@ -13,13 +13,23 @@ from ebflow.architectures import coupling_flow, dense_flow
 from ebflow.errors import ConfigError
 from ebflow.experiment.config.builders import build_model, build_optimizer
 from ebflow.experiment.config.resolve import resolve_config
-from ebflow.experiment.data.datasets import load_data, mm10_sample, toy2d_base_points
+from ebflow.experiment.data.datasets import load_data
+from ebflow.experiment.data.toys import mm10_sample, toy2d_base_points
 from ebflow.experiment.training.loop import Trainer
 from ebflow.layers import Dense, LearnableSwish, ShiftScaleCoupling, random_orthogonal
 from ebflow.objectives import ml_loss, ssm_loss
 
-SMALL_TOY = {"toy_train_size": 400, "toy_points": 300, "toy_eval_size": 300, "blocks": 2, "hidden": 8,
-             "batch_size": 64, "max_iters": 2, "tensorboard": False, "progress": False}
+SMALL_TOY = {
+    "toy_train_size": 400,
+    "toy_points": 300,
+    "toy_eval_size": 300,
+    "blocks": 2,
+    "hidden": 8,
+    "batch_size": 64,
+    "max_iters": 2,
+    "tensorboard": False,
+    "progress": False,
+}
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -140,8 +150,9 @@ def test_learnable_swish_is_twice_differentiable_and_its_beta_trains():
 
 def test_separate_coupling_flow_is_exact_and_its_dense_biases_start_as_torch_linear():
     torch.manual_seed(1)
-    model = coupling_flow(2, blocks=3, hidden=8, depth=3, conditioner="separate",
-                          shift_activation="elu").double()
+    model = coupling_flow(
+        2, blocks=3, hidden=8, depth=3, conditioner="separate", shift_activation="elu"
+    ).double()
     model.initialize(torch.randn(100, 2, dtype=torch.float64))
     x = torch.randn(7, 2, dtype=torch.float64)
     _, log_det = model.forward_with_log_det(x)
@@ -176,8 +187,9 @@ def test_laplace_prior_density_sampling_and_ml():
     torch.testing.assert_close(prior.log_prob(z), ref)
     s = prior.sample((20000, 2), dtype=torch.float64, device=torch.device("cpu"), generator=_gen())
     assert abs(float(s.abs().mean()) - 1.0) < 0.03 and abs(float(s.mean())) < 0.03
-    assert torch.equal(s, prior.sample((20000, 2), dtype=torch.float64, device=torch.device("cpu"),
-                                       generator=_gen()))
+    assert torch.equal(
+        s, prior.sample((20000, 2), dtype=torch.float64, device=torch.device("cpu"), generator=_gen())
+    )
     with pytest.raises(ConfigError):
         Laplace(0.0)
     model = dense_flow((3,), num_layers=2, bias=False, prior=Laplace()).double()
@@ -211,8 +223,10 @@ def test_adamw_decays_the_weights_decoupled_and_equals_adam_without_decay():
 
 
 # -- mm10 model -------------------------------------------------------------------------------
-@pytest.mark.parametrize("preset,param", [("mm10-full", "full"), ("mm10-tril", "triu"),
-                                          ("mm10-triu", "tril"), ("mm10-lu", "triangular_pair")])
+@pytest.mark.parametrize(
+    "preset,param",
+    [("mm10-full", "full"), ("mm10-tril", "triu"), ("mm10-triu", "tril"), ("mm10-lu", "triangular_pair")],
+)
 def test_mm10_models_are_bias_free_with_laplace_prior_and_reference_matrices(preset, param):
     c = resolve_config(preset)
     assert c.model.parameterization == param
@@ -224,7 +238,9 @@ def test_mm10_models_are_bias_free_with_laplace_prior_and_reference_matrices(pre
     assert model.dtype == torch.float64
     w = dense[0].matrix()
     if param == "triangular_pair":
-        assert torch.equal(w, torch.tril(w)) and torch.equal(dense[1].matrix(), torch.triu(torch.ones(10, 10)).double())
+        assert torch.equal(w, torch.tril(w)) and torch.equal(
+            dense[1].matrix(), torch.triu(torch.ones(10, 10)).double()
+        )
     elif param in ("tril", "triu"):
         tri = torch.tril if param == "tril" else torch.triu
         assert torch.equal(w, tri(w)) and not torch.equal(w, torch.eye(10, dtype=w.dtype))
@@ -240,28 +256,35 @@ def test_orthogonal_init_of_a_triangular_dense_layer_is_the_triangle_of_an_ortho
     torch.manual_seed(5)
     torch.testing.assert_close(layer.weight.detach(), torch.tril(random_orthogonal(6)))
     with pytest.raises(ConfigError, match="dense"):
-        build_model(resolve_config("mnist-cnn", {"weight_init": "orthogonal"}).model, (1, 28, 28), None,
-                    use_map=True)
+        build_model(
+            resolve_config("mnist-cnn", {"weight_init": "orthogonal"}).model, (1, 28, 28), None, use_map=True
+        )
 
 
 # -- the recipes ----------------------------------------------------------------------------------
 # (optimizer, lr, clip on our per-dimension SM scale = reference / 2, shift activation, prior, weight norm)
 TOY_RECIPES = {
-    "toy2d-sine": {"ml": ("adam", 5e-4, 1.0, "swish", "laplace", False),
-                   "sml": ("adamw", 5e-4, None, "swish", "normal", False),
-                   "ssm": ("adam", 1e-4, 0.5, "swish", "normal", False),
-                   "dsm": ("adam", 1e-4, 0.5, "elu", "normal", False),
-                   "fdssm": ("adam", 1e-4, 0.5, "swish", "normal", False)},
-    "toy2d-swirl": {"ml": ("adam", 5e-3, 1.0, "elu", "laplace", False),
-                    "sml": ("adam", 1e-4, 10.0, "elu", "normal", False),
-                    "ssm": ("adam", 1e-4, 5.0, "swish", "normal", False),
-                    "dsm": ("adam", 1e-4, 5.0, "elu", "normal", False),
-                    "fdssm": ("adam", 1e-4, 1.25, "elu", "normal", False)},
-    "toy2d-checkerboard": {"ml": ("adamw", 1e-4, 10.0, "elu", "laplace", False),
-                           "sml": ("adamw", 1e-4, 10.0, "elu", "normal", False),
-                           "ssm": ("adamw", 1e-4, 5.0, "swish", "normal", False),
-                           "dsm": ("adamw", 1e-4, 5.0, "elu", "normal", False),
-                           "fdssm": ("adam", 1e-4, 5.0, "elu", "normal", True)},
+    "toy2d-sine": {
+        "ml": ("adam", 5e-4, 1.0, "swish", "laplace", False),
+        "sml": ("adamw", 5e-4, None, "swish", "normal", False),
+        "ssm": ("adam", 1e-4, 0.5, "swish", "normal", False),
+        "dsm": ("adam", 1e-4, 0.5, "elu", "normal", False),
+        "fdssm": ("adam", 1e-4, 0.5, "swish", "normal", False),
+    },
+    "toy2d-swirl": {
+        "ml": ("adam", 5e-3, 1.0, "elu", "laplace", False),
+        "sml": ("adam", 1e-4, 10.0, "elu", "normal", False),
+        "ssm": ("adam", 1e-4, 5.0, "swish", "normal", False),
+        "dsm": ("adam", 1e-4, 5.0, "elu", "normal", False),
+        "fdssm": ("adam", 1e-4, 1.25, "elu", "normal", False),
+    },
+    "toy2d-checkerboard": {
+        "ml": ("adamw", 1e-4, 10.0, "elu", "laplace", False),
+        "sml": ("adamw", 1e-4, 10.0, "elu", "normal", False),
+        "ssm": ("adamw", 1e-4, 5.0, "swish", "normal", False),
+        "dsm": ("adamw", 1e-4, 5.0, "elu", "normal", False),
+        "fdssm": ("adam", 1e-4, 5.0, "elu", "normal", True),
+    },
 }
 
 
@@ -269,13 +292,31 @@ TOY_RECIPES = {
 def test_toy_presets_follow_the_reference_configs(preset):
     for loss, expected in TOY_RECIPES[preset].items():
         c = resolve_config(preset, {"loss": loss})
-        got = (c.optim.optimizer, c.optim.lr, c.optim.grad_clip, c.model.shift_activation, c.model.prior,
-               c.model.weight_norm)
+        got = (
+            c.optim.optimizer,
+            c.optim.lr,
+            c.optim.grad_clip,
+            c.model.shift_activation,
+            c.model.prior,
+            c.model.weight_norm,
+        )
         assert got == expected, (preset, loss)
-        assert (c.model.family, c.model.conditioner, c.model.blocks, c.model.hidden, c.model.depth,
-                c.model.dtype) == ("coupling", "separate", 10, 64, 3, "float64")
-        assert (c.objective.sigma, c.objective.eps, c.data.toy_noise, c.optim.weight_decay,
-                c.optim.ema_decay, c.optim.ema_warmup) == (0.375, 0.1, 0.375, 0.0, 0.999, True)
+        assert (
+            c.model.family,
+            c.model.conditioner,
+            c.model.blocks,
+            c.model.hidden,
+            c.model.depth,
+            c.model.dtype,
+        ) == ("coupling", "separate", 10, 64, 3, "float64")
+        assert (
+            c.objective.sigma,
+            c.objective.eps,
+            c.data.toy_noise,
+            c.optim.weight_decay,
+            c.optim.ema_decay,
+            c.optim.ema_warmup,
+        ) == (0.375, 0.1, 0.375, 0.0, 0.999, True)
         assert (c.data.toy_train_size, c.data.toy_points, c.data.toy_eval_size) == (50000, 10000, 10000)
         big = preset == "toy2d-checkerboard"
         assert (c.training.batch_size, c.training.max_iters) == ((10000, 100001) if big else (2048, 50001))
@@ -284,10 +325,24 @@ def test_toy_presets_follow_the_reference_configs(preset):
 @pytest.mark.parametrize("preset", ["mm10-full", "mm10-tril", "mm10-triu", "mm10-lu"])
 def test_mm10_presets_follow_the_reference_configs(preset):
     c = resolve_config(preset)
-    assert (c.objective.loss, c.optim.optimizer, c.optim.lr, c.optim.grad_clip, c.optim.ema_decay,
-            c.training.batch_size, c.training.max_iters) == ("ml", "adam", 1e-3, 500.0, 0.0, 2048, 10001)
-    assert (c.model.num_layers, c.model.bias, c.model.prior, c.model.actnorm, c.model.alpha,
-            c.model.weight_init, c.model.dtype) == (11, False, "laplace", True, 0.3, "orthogonal", "float64")
+    assert (
+        c.objective.loss,
+        c.optim.optimizer,
+        c.optim.lr,
+        c.optim.grad_clip,
+        c.optim.ema_decay,
+        c.training.batch_size,
+        c.training.max_iters,
+    ) == ("ml", "adam", 1e-3, 500.0, 0.0, 2048, 10001)
+    assert (
+        c.model.num_layers,
+        c.model.bias,
+        c.model.prior,
+        c.model.actnorm,
+        c.model.alpha,
+        c.model.weight_init,
+        c.model.dtype,
+    ) == (11, False, "laplace", True, 0.3, "orthogonal", "float64")
     assert (c.data.toy_train_size, c.data.toy_eval_size) == (50000, 10000)
 
 
@@ -298,13 +353,23 @@ def test_coupling_keys_reach_the_model():
 
     elu = build(shift_activation="elu", weight_norm=True)
     couplings = [l for l in elu.layers if isinstance(l, ShiftScaleCoupling)]
-    assert len(couplings) == 2 and all(isinstance(m, torch.nn.ELU) for c in couplings
-                                       for m in c.shift_net if not isinstance(m, torch.nn.Linear))
-    assert all(torch.nn.utils.parametrize.is_parametrized(l, "weight")
-               for l in elu.layers if isinstance(l, Dense))
+    assert len(couplings) == 2 and all(
+        isinstance(m, torch.nn.ELU)
+        for c in couplings
+        for m in c.shift_net
+        if not isinstance(m, torch.nn.Linear)
+    )
+    assert all(
+        torch.nn.utils.parametrize.is_parametrized(l, "weight") for l in elu.layers if isinstance(l, Dense)
+    )
     swish = build(shift_activation="swish", weight_norm=False)
-    assert all(isinstance(m, LearnableSwish) for l in swish.layers if isinstance(l, ShiftScaleCoupling)
-               for m in l.shift_net if not isinstance(m, torch.nn.Linear))
+    assert all(
+        isinstance(m, LearnableSwish)
+        for l in swish.layers
+        if isinstance(l, ShiftScaleCoupling)
+        for m in l.shift_net
+        if not isinstance(m, torch.nn.Linear)
+    )
     assert not any(torch.nn.utils.parametrize.is_parametrized(l) for l in swish.layers)
     joint = build(conditioner="joint")
     assert not any(isinstance(l, ShiftScaleCoupling) for l in joint.layers)
@@ -314,7 +379,9 @@ def test_sml_maps_its_standard_normal_draws_to_the_laplace_prior():
     n = torch.randn(40000, dtype=torch.float64, generator=_gen())
     z = Laplace(2.0).from_standard_normal(n)
     assert abs(float(z.abs().mean()) - 2.0) < 0.05 and bool((torch.sign(z) == torch.sign(n)).all())
-    torch.testing.assert_close(torch.distributions.Laplace(0.0, 2.0).cdf(z), torch.distributions.Normal(0.0, 1.0).cdf(n))
+    torch.testing.assert_close(
+        torch.distributions.Laplace(0.0, 2.0).cdf(z), torch.distributions.Normal(0.0, 1.0).cdf(n)
+    )
     torch.manual_seed(0)
     model = dense_flow((3,), num_layers=2, prior=Laplace()).double()
     x = torch.randn(5, 3, dtype=torch.float64)

@@ -12,10 +12,28 @@ from ebflow.errors import ConfigError
 from ebflow.experiment.reproduce.report import _claims, collect, render_report, zoom_limits
 from ebflow.experiment.reproduce.tables import TABLES, cells_of
 
-TINY = ["--set", "data=synthetic-mnist", "--set", "max_train=200", "--set", "max_eval=100",
-        "--set", "eval_every=5", "--set", "checkpoint_every=5", "--set", "log_every=5",
-        "--set", "num_samples=4", "--set", "tensorboard=false", "--set", "batch_size=50",
-        "--threads", "1"]
+TINY = [
+    "--set",
+    "data=synthetic-mnist",
+    "--set",
+    "max_train=200",
+    "--set",
+    "max_eval=100",
+    "--set",
+    "eval_every=5",
+    "--set",
+    "checkpoint_every=5",
+    "--set",
+    "log_every=5",
+    "--set",
+    "num_samples=4",
+    "--set",
+    "tensorboard=false",
+    "--set",
+    "batch_size=50",
+    "--threads",
+    "1",
+]
 
 
 def test_tables_hold_the_papers_values():
@@ -24,8 +42,11 @@ def test_tables_hold_the_papers_values():
     assert {c.loss: c.paper for c in TABLES["cifar-cnn"]}["fdssm"] == 11766.0
     ablation = {c.name: c for c in TABLES["ablation"]}
     assert len(ablation) == 18
-    assert ablation["fc-dsm-noema-nomap"].overrides == {"ema_decay": 0.0, "map": False,
-                                                         "drop_out_of_domain": True}
+    assert ablation["fc-dsm-noema-nomap"].overrides == {
+        "ema_decay": 0.0,
+        "map": False,
+        "drop_out_of_domain": True,
+    }
     assert ablation["cnn-ssm-ema-nomap"].overrides == {"map": False}
     assert ablation["fc-fdssm-ema-map"].paper == 1104.1
     assert {c.name for c in TABLES["mm10"]} == {"full", "tril", "triu", "lu"}
@@ -35,7 +56,10 @@ def test_tables_hold_the_papers_values():
 def test_cell_selection():
     assert [c.loss for c in cells_of("mnist-fc", ["ml", "dsm"])] == ["ml", "dsm"]
     assert {c.name for c in cells_of("ablation", only=["fc-ssm-*"])} == {
-        "fc-ssm-noema-nomap", "fc-ssm-ema-nomap", "fc-ssm-ema-map"}
+        "fc-ssm-noema-nomap",
+        "fc-ssm-ema-nomap",
+        "fc-ssm-ema-map",
+    }
     with pytest.raises(ConfigError, match="unknown table"):
         cells_of("imagenet")
     with pytest.raises(ConfigError, match="no cell"):
@@ -44,8 +68,20 @@ def test_cell_selection():
 
 def test_reproduce_trains_resumes_and_reports(tmp_path, capsys):
     out = tmp_path / "rep"
-    args = ["reproduce", "mnist-fc", "--objectives", "ml", "dsm", "--budget-minutes", "0.01",
-            "--parallel", "2", "--out", str(out), *TINY]
+    args = [
+        "reproduce",
+        "mnist-fc",
+        "--objectives",
+        "ml",
+        "dsm",
+        "--budget-minutes",
+        "0.01",
+        "--parallel",
+        "2",
+        "--out",
+        str(out),
+        *TINY,
+    ]
     assert main(args) == 0, capsys.readouterr().err
     table = out / "mnist-fc"
     for cell in ("ml", "dsm"):
@@ -84,8 +120,17 @@ def test_reproduce_continues_finished_cells_to_more_epochs(tmp_path, capsys):
     """``--set epochs=N`` reaches resumed cells: a cell that stopped at 1 epoch continues to 2
     (4 steps of batch 50 per epoch); a non-resumable key (lr) shapes new cells only."""
     out = tmp_path / "rep"
-    base = ["reproduce", "mnist-fc", "--objectives", "dsm", "--out", str(out), *TINY,
-            "--set", "max_iters=null"]
+    base = [
+        "reproduce",
+        "mnist-fc",
+        "--objectives",
+        "dsm",
+        "--out",
+        str(out),
+        *TINY,
+        "--set",
+        "max_iters=null",
+    ]
     assert main([*base, "--set", "epochs=1"]) == 0, capsys.readouterr().err
     run = out / "mnist-fc" / "dsm"
     first = json.loads((run / "results.json").read_text())
@@ -105,11 +150,26 @@ def test_report_marks_cells_not_run_and_checks_the_claims(tmp_path):
     records = collect("mnist-fc", cells, tmp_path)
     assert {r["status"] for r in records} == {"not run"}
     fake = []
-    for r, ours in zip(records, (1093.0, 1094.0, 1095.0, 1100.0, 1200.0)):
-        fake.append({**r, "status": "finished", "ours": ours, "diff": ours - r["paper"],
-                     "rel_diff": (ours - r["paper"]) / r["paper"],
-                     "results": {"test_nll": ours, "iterations": 10, "checkpoint_step": 8, "train_seconds": 60.0,
-                                 "ms_per_iter": 6.0, "test_bpd": 2.0, "device": "cpu", "threads": 1}})
+    for r, ours in zip(records, (1093.0, 1094.0, 1095.0, 1100.0, 1200.0), strict=True):
+        fake.append(
+            {
+                **r,
+                "status": "finished",
+                "ours": ours,
+                "diff": ours - r["paper"],
+                "rel_diff": (ours - r["paper"]) / r["paper"],
+                "results": {
+                    "test_nll": ours,
+                    "iterations": 10,
+                    "checkpoint_step": 8,
+                    "train_seconds": 60.0,
+                    "ms_per_iter": 6.0,
+                    "test_bpd": 2.0,
+                    "device": "cpu",
+                    "threads": 1,
+                },
+            }
+        )
     text = render_report("mnist-fc", fake, "test machine")
     assert "Within 1 % of the paper: 4 of 5" in text
     assert "iterations (evaluated / trained)" in text and text.count("| 8 / 10 |") == 5
@@ -117,27 +177,44 @@ def test_report_marks_cells_not_run_and_checks_the_claims(tmp_path):
 
 
 def test_zoomed_plot_range_shows_the_paper_and_the_end_of_each_curve_not_its_start():
-    records = [{"curve": [(0.0, 5000.0), (60.0, 1300.0), (120.0, 1110.0), (180.0, 1112.0)],
-                "paper": 1092.4, "metric": "nll"},
-               {"curve": [(0.0, 4000.0), (60.0, 1150.0)], "paper": 1104.1, "metric": "nll"}]
+    records = [
+        {
+            "curve": [(0.0, 5000.0), (60.0, 1300.0), (120.0, 1110.0), (180.0, 1112.0)],
+            "paper": 1092.4,
+            "metric": "nll",
+        },
+        {"curve": [(0.0, 4000.0), (60.0, 1150.0)], "paper": 1104.1, "metric": "nll"},
+    ]
     lo, hi = zoom_limits(records)
     assert lo < 1092.4 and hi > 1150.0  # the paper's lines, every best and last value
     assert hi < 1300.0  # the early values (1,300 .. 5,000 nats) are outside the zoom
     assert zoom_limits([{"curve": [], "paper": None, "metric": "nll"}]) is None
     # a cell still running (its last value 1,420) does not widen the zoom of the finished ones
     finished = [{**r, "status": "finished"} for r in records]
-    running = {"curve": [(0.0, 3000.0), (2.0, 1420.0)], "paper": 1104.1, "metric": "nll", "status": "unfinished"}
+    running = {
+        "curve": [(0.0, 3000.0), (2.0, 1420.0)],
+        "paper": 1104.1,
+        "metric": "nll",
+        "status": "unfinished",
+    }
     assert zoom_limits([*finished, running]) == zoom_limits(finished)
 
 
-@pytest.mark.parametrize("dropped, claim", [(0.5, "EMA helps, MaP helps."),
-                                             (1.0, "dropped every example")])
+@pytest.mark.parametrize("dropped, claim", [(0.5, "EMA helps, MaP helps."), (1.0, "dropped every example")])
 def test_ablation_claims_skip_cells_that_dropped_every_example(dropped, claim):
     records = []
-    for cell, ours in zip(cells_of("ablation", only=["cnn-dsm-*"]), (3000.0, 2900.0, 1200.0)):
+    for cell, ours in zip(cells_of("ablation", only=["cnn-dsm-*"]), (3000.0, 2900.0, 1200.0), strict=True):
         share = dropped if "nomap" in cell.name else 0.0
-        records.append({"cell": cell.name, "loss": cell.loss, "paper": cell.paper, "status": "finished",
-                        "ours": ours, "results": {"dropped_fraction": share}})
+        records.append(
+            {
+                "cell": cell.name,
+                "loss": cell.loss,
+                "paper": cell.paper,
+                "status": "finished",
+                "ours": ours,
+                "results": {"dropped_fraction": share},
+            }
+        )
     line = next(t for t in _claims("ablation", records) if t.startswith("- CNN DSM"))
     assert claim in line and ("helps" in line) is (dropped < 1)
 
@@ -159,11 +236,39 @@ def test_cifar_rows_run_end_to_end_on_cifar_format_files(tmp_path, table, capsys
 
     data = write_fake_cifar(tmp_path / "cifar-10-batches-py", per_batch=40)
     out = tmp_path / "rep"
-    sets = ["--set", "val_size=50", "--set", "max_eval=40", "--set", "eval_every=2",
-            "--set", "checkpoint_every=2", "--set", "num_samples=4", "--set", "tensorboard=false",
-            "--set", "batch_size=25"]
-    code = main(["reproduce", table, "--objectives", "dsm", "--budget-minutes", "0.01",
-                 "--data-dir", str(tmp_path), "--out", str(out), "--threads", "1", *sets])
+    sets = [
+        "--set",
+        "val_size=50",
+        "--set",
+        "max_eval=40",
+        "--set",
+        "eval_every=2",
+        "--set",
+        "checkpoint_every=2",
+        "--set",
+        "num_samples=4",
+        "--set",
+        "tensorboard=false",
+        "--set",
+        "batch_size=25",
+    ]
+    code = main(
+        [
+            "reproduce",
+            table,
+            "--objectives",
+            "dsm",
+            "--budget-minutes",
+            "0.01",
+            "--data-dir",
+            str(tmp_path),
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+            *sets,
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     results = json.loads((out / table / "dsm" / "results.json").read_text())
     assert results["iterations"] > 0

@@ -38,8 +38,11 @@ def run(tmp_path, capsys):
 
 
 def _write_lock(run: Path, pid: int, host: str | None = None) -> None:
-    (run / LOCK_FILE).write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(),
-                                             "started": "2026-01-01T00:00:00", "token": "x"}))
+    (run / LOCK_FILE).write_text(
+        json.dumps(
+            {"pid": pid, "host": host or socket.gethostname(), "started": "2026-01-01T00:00:00", "token": "x"}
+        )
+    )
 
 
 def _dead_pid() -> int:
@@ -65,9 +68,16 @@ def test_a_new_run_holds_the_lock_while_it_trains_and_removes_it(tmp_path, monke
 
 def test_a_second_trainer_of_a_run_refuses_in_one_line(run, capsys):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from ebflow.experiment.rundir.lock import RunLock; "
-                               f"RunLock({str(run)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from ebflow.experiment.rundir.lock import RunLock; "
+            f"RunLock({str(run)!r}).acquire(); print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         before = (run / "checkpoints" / "last.pt").read_bytes(), (run / "metrics.csv").read_text()
@@ -114,9 +124,22 @@ def _training_steps(path: Path) -> list[int]:
 def test_a_resume_after_a_kill_logs_no_step_twice(tmp_path, capsys):
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "EBFLOW_TEST_KILL_AT_STEP": "3"}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "kill_at_step.py"), "train", "--out", str(run),
-                           "--device", "cpu"] + cli_sets(TINY_CLI + ["max_iters=6"]),
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "kill_at_step.py"),
+            "train",
+            "--out",
+            str(run),
+            "--device",
+            "cpu",
+        ]
+        + cli_sets(TINY_CLI + ["max_iters=6"]),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert _training_steps(run / "metrics.csv") == [1, 2, 3]  # the checkpoint is at step 2
     assert (run / LOCK_FILE).is_file()  # left behind by the killed process

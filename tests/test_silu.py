@@ -31,7 +31,7 @@ def _tower(f, x: torch.Tensor, orders: int) -> list[torch.Tensor]:
 def test_every_derivative_order_equals_torchs_silu():
     x = (torch.randn(LARGE, dtype=torch.float64) * 6).requires_grad_()
     ours, torchs = _tower(silu, x, 7), _tower(F.silu, x, 7)
-    for order, (a, b) in enumerate(zip(ours, torchs)):
+    for order, (a, b) in enumerate(zip(ours, torchs, strict=True)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-13, msg=f"order {order}")
         if order:
             torch.testing.assert_close(silu_derivative(x.detach(), order), b.detach(), rtol=0, atol=1e-13)
@@ -73,8 +73,9 @@ def test_couplings_use_it_by_default():
     assert not any(isinstance(m, nn.SiLU) for m in layer.modules())
 
 
-@pytest.mark.parametrize("name,options", [("ssm", {}), ("dsm", {"sigma": 0.1}), ("fdssm", {"eps": 0.1}),
-                                          ("ml", {}), ("esm", {})])
+@pytest.mark.parametrize(
+    "name,options", [("ssm", {}), ("dsm", {"sigma": 0.1}), ("fdssm", {"eps": 0.1}), ("ml", {}), ("esm", {})]
+)
 def test_a_glow_model_trains_exactly_as_with_torchs_silu(name, options, monkeypatch):
     """Same loss and parameter gradients (float64) with the closed forms forced on for every
     tensor as with torch.nn.SiLU: the third-order derivatives of SSM included."""
@@ -99,7 +100,7 @@ def test_a_glow_model_trains_exactly_as_with_torchs_silu(name, options, monkeypa
         results.append((loss.detach(), grads))
     (loss_a, grads_a), (loss_b, grads_b) = results
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-12, atol=1e-12)
-    for a, b in zip(grads_a, grads_b):
+    for a, b in zip(grads_a, grads_b, strict=True):
         if a is None or b is None:
             assert a is None and b is None
         else:

@@ -6,27 +6,33 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import accumulated_leaves, brute_force_log_prob
 
 from ebflow import EBFlow, conv_flow, make_objective
 from ebflow.errors import ConfigError
 from ebflow.layers import Conv2d, ResidualSmoothLeakyReLU, SmoothLeakyReLU, Squeeze
 from ebflow.objectives import ml_loss
+from helpers import accumulated_leaves, brute_force_log_prob
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _perturb_originals(model: torch.nn.Module, scale: float = 0.4) -> None:
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             p.add_(scale * torch.randn_like(p))
 
 
 def sn_model(power_steps: int = 30) -> EBFlow:
     """Two spectrally normalised convolutions (3x3, 5x5) around non-linearities, then a squeeze
     and a plain convolution on 4 channels: 1x4x4 events (D = 16)."""
-    layers = [Conv2d(1, 3, spectral_norm=True), ResidualSmoothLeakyReLU(0.3), Conv2d(1, 5, spectral_norm=True),
-              SmoothLeakyReLU(0.3), Squeeze(), Conv2d(4, 3, spectral_norm=True)]
+    layers = [
+        Conv2d(1, 3, spectral_norm=True),
+        ResidualSmoothLeakyReLU(0.3),
+        Conv2d(1, 5, spectral_norm=True),
+        SmoothLeakyReLU(0.3),
+        Squeeze(),
+        Conv2d(4, 3, spectral_norm=True),
+    ]
     model = EBFlow(layers, (1, 4, 4)).double()
     _perturb_originals(model)
     for _ in range(power_steps):  # converge the power iterations (train mode: a step per access)
@@ -95,8 +101,12 @@ def test_inverse_and_samples_are_exact_for_the_normalised_weight():
     with torch.no_grad():
         torch.testing.assert_close(model.inverse(model(x)), x, atol=1e-9, rtol=0)
         samples = model.sample(5, generator=torch.Generator().manual_seed(0))
-        z = model.prior.sample((5, *model.latent_shape), dtype=torch.float64, device=model.device,
-                               generator=torch.Generator().manual_seed(0))
+        z = model.prior.sample(
+            (5, *model.latent_shape),
+            dtype=torch.float64,
+            device=model.device,
+            generator=torch.Generator().manual_seed(0),
+        )
         torch.testing.assert_close(model(samples), z, atol=1e-9, rtol=0)
 
 
@@ -129,15 +139,23 @@ def test_state_dict_round_trip_keeps_the_normalisation():
     assert any(k.endswith("parametrizations.weight.original") for k in state)
     assert any(k.endswith("parametrizations.weight.0._u") for k in state)
     torch.manual_seed(99)
-    other = EBFlow([Conv2d(1, 3, spectral_norm=True), ResidualSmoothLeakyReLU(0.3),
-                    Conv2d(1, 5, spectral_norm=True), SmoothLeakyReLU(0.3), Squeeze(),
-                    Conv2d(4, 3, spectral_norm=True)], (1, 4, 4)).double()
+    other = EBFlow(
+        [
+            Conv2d(1, 3, spectral_norm=True),
+            ResidualSmoothLeakyReLU(0.3),
+            Conv2d(1, 5, spectral_norm=True),
+            SmoothLeakyReLU(0.3),
+            Squeeze(),
+            Conv2d(4, 3, spectral_norm=True),
+        ],
+        (1, 4, 4),
+    ).double()
     other.load_state_dict(state)
     model.eval(), other.eval()
     x = torch.randn(4, 1, 4, 4, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(other.log_prob(x), model.log_prob(x), atol=0, rtol=0)
-        for a, b in zip(_convs(model), _convs(other)):
+        for a, b in zip(_convs(model), _convs(other), strict=True):
             assert torch.equal(a.weight, b.weight)
 
 
@@ -156,8 +174,9 @@ def test_a_loss_runs_one_power_step_per_layer_and_uses_one_map():
     torch.testing.assert_close(loss.detach(), expected, atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("name, options", [("dsm", {"sigma": 0.1}), ("ssm", {}), ("ml", {}),
-                                           ("fdssm", {"eps": 0.1})])
+@pytest.mark.parametrize(
+    "name, options", [("dsm", {"sigma": 0.1}), ("ssm", {}), ("ml", {}), ("fdssm", {"eps": 0.1})]
+)
 def test_training_steps_work_and_change_the_weight(name, options):
     torch.manual_seed(6)
     model = conv_flow((1, 8, 8), blocks=2, kernel_size=3, init="negative_identity", spectral_norm=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ebflow import EBFlow
-from ebflow.experiment.data.datasets import ToyMixture
+from ebflow.experiment.data.splits import ToyMixture
 from ebflow.experiment.evaluation.toy_metrics import (
     fisher_divergence,
     kl_divergence,
@@ -33,9 +33,19 @@ def test_mixture_density_integrates_to_one_and_matches_brute_force():
     cell = float(g[1] - g[0]) ** 2
     assert float(dens.sum()) * cell == pytest.approx(1.0, abs=1e-3)
     x = torch.randn(5, 2, dtype=torch.float64)
-    brute = torch.stack([
-        torch.distributions.MultivariateNormal(c, 0.16 * torch.eye(2, dtype=torch.float64)).log_prob(x)
-        for c in centres]).exp().mean(0).log()
+    brute = (
+        torch.stack(
+            [
+                torch.distributions.MultivariateNormal(c, 0.16 * torch.eye(2, dtype=torch.float64)).log_prob(
+                    x
+                )
+                for c in centres
+            ]
+        )
+        .exp()
+        .mean(0)
+        .log()
+    )
     torch.testing.assert_close(mixture_log_prob(mix, x), brute)
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from kill_at_step import KILL_ENV as FAULT_ENV
 
 from ebflow.errors import ConfigError
 from ebflow.experiment.config.builders import build_model, build_preprocessing
@@ -21,6 +20,7 @@ from ebflow.experiment.rundir.checkpoint import CheckpointError, load_checkpoint
 from ebflow.experiment.rundir.load import load_run
 from ebflow.experiment.training.run import train
 from ebflow.experiment.training.state import TrainingDivergedError
+from kill_at_step import KILL_ENV as FAULT_ENV
 
 QUIET = dict(tensorboard=False, progress=False, num_threads=1)
 
@@ -34,8 +34,9 @@ def _run(args, env_extra=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     # a run to be killed goes through the tests' fault-injection launcher
     launcher = [str(Path(__file__).with_name("kill_at_step.py"))] if FAULT_ENV in env else ["-m", "ebflow"]
-    return subprocess.run([sys.executable, *launcher, *args], env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, *launcher, *args], env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def _equal_states(a: dict, b: dict) -> bool:
@@ -43,8 +44,17 @@ def _equal_states(a: dict, b: dict) -> bool:
 
 
 def test_killed_and_resumed_run_ends_with_the_uninterrupted_parameters(tmp_path):
-    sets = ["max_iters=40", "epochs=null", "checkpoint_every=10", "eval_every=20", "log_every=5",
-            "num_samples=4", "tensorboard=false", "progress=false", "num_threads=1"]
+    sets = [
+        "max_iters=40",
+        "epochs=null",
+        "checkpoint_every=10",
+        "eval_every=20",
+        "log_every=5",
+        "num_samples=4",
+        "tensorboard=false",
+        "progress=false",
+        "num_threads=1",
+    ]
     args = ["train", "--config", "digits-fc", "--seed", "3"] + [a for s in sets for a in ("--set", s)]
     killed = tmp_path / "killed"
     first = _run(args + ["--out", str(killed)], {FAULT_ENV: "25"})
@@ -53,9 +63,19 @@ def test_killed_and_resumed_run_ends_with_the_uninterrupted_parameters(tmp_path)
     resumed = _run(["train", "--resume", str(killed)])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
-    config = resolve_config("digits-fc", {**QUIET, "max_iters": 40, "epochs": None, "seed": 3,
-                                          "checkpoint_every": 10, "eval_every": 20, "log_every": 5,
-                                          "num_samples": 4})
+    config = resolve_config(
+        "digits-fc",
+        {
+            **QUIET,
+            "max_iters": 40,
+            "epochs": None,
+            "seed": 3,
+            "checkpoint_every": 10,
+            "eval_every": 20,
+            "log_every": 5,
+            "num_samples": 4,
+        },
+    )
     train(config, tmp_path / "straight")
     a = load_checkpoint(killed / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
@@ -70,8 +90,19 @@ def test_killed_and_resumed_run_ends_with_the_uninterrupted_parameters(tmp_path)
 
 
 def _tiny(name="digits-fc", **overrides):
-    return resolve_config(name, {**QUIET, "max_iters": 6, "epochs": None, "eval_every": 3,
-                                 "checkpoint_every": 3, "log_every": 1, "num_samples": 4, **overrides})
+    return resolve_config(
+        name,
+        {
+            **QUIET,
+            "max_iters": 6,
+            "epochs": None,
+            "eval_every": 3,
+            "checkpoint_every": 3,
+            "log_every": 1,
+            "num_samples": 4,
+            **overrides,
+        },
+    )
 
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
@@ -108,8 +139,7 @@ def test_consecutive_non_finite_steps_stop_with_a_usable_checkpoint(tmp_path, mo
 
     monkeypatch.setattr(training, "optimization_step", breaks_after_three)
     with pytest.raises(TrainingDivergedError, match=f"{limit} consecutive steps were skipped"):
-        train(_tiny(max_iters=50, max_nonfinite=limit, checkpoint_every=100, eval_every=100),
-              tmp_path / "r")
+        train(_tiny(max_iters=50, max_nonfinite=limit, checkpoint_every=100, eval_every=100), tmp_path / "r")
     run = load_run(tmp_path / "r" / "checkpoints" / "last.pt")
     assert run.step == stop_step
     assert all(torch.isfinite(p).all() for p in run.model.parameters())
@@ -169,7 +199,7 @@ def test_mismatched_checkpoint_gives_a_clear_error(tmp_path):
         train(None, tmp_path / "r", resume=True)
     config_file = tmp_path / "r" / "config.yaml"
     config_file.write_text(config_file.read_text().replace("num_layers: 2", "num_layers: 3"))
-    with pytest.raises(CheckpointError, match="best.pt' does not belong"):  # best.pt is checked too
+    with pytest.raises(CheckpointError, match=r"best\.pt' does not belong"):  # best.pt is checked too
         train(None, tmp_path / "r", resume=True)
     (tmp_path / "r" / "checkpoints" / "best.pt").unlink()
     with pytest.raises(CheckpointError, match="does not match") as info:
@@ -206,8 +236,11 @@ def test_num_threads_applies_to_the_run_only(tmp_path, monkeypatch):
 
     seen = []
     real = training.optimization_step
-    monkeypatch.setattr(training, "optimization_step",
-                        lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+    monkeypatch.setattr(
+        training,
+        "optimization_step",
+        lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1],
+    )
     torch.set_num_threads(2)
     train(_tiny(max_iters=2, num_threads=1), tmp_path / "r")
     assert seen == [1, 1] and torch.get_num_threads() == 2

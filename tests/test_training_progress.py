@@ -24,8 +24,15 @@ from ebflow.experiment.training.state import TrainingDivergenceWarning
 from helpers import cli_sets
 
 QUIET = dict(tensorboard=False, progress=False, num_threads=1, num_samples=4)
-SMALL = ["max_train=100", "max_eval=50", "batch_size=50", "num_samples=4", "tensorboard=false",
-         "num_threads=1", "checkpoint_every=100"]
+SMALL = [
+    "max_train=100",
+    "max_eval=50",
+    "batch_size=50",
+    "num_samples=4",
+    "tensorboard=false",
+    "num_threads=1",
+    "checkpoint_every=100",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -47,9 +54,21 @@ def _no_cli_handler():
 
 
 def _config(**kw):
-    return resolve_config("digits-fc", {**QUIET, "max_train": 100, "max_eval": 50, "batch_size": 50,
-                                        "epochs": None, "max_iters": 6, "eval_every": 2, "log_every": 1,
-                                        "checkpoint_every": 100, **kw})
+    return resolve_config(
+        "digits-fc",
+        {
+            **QUIET,
+            "max_train": 100,
+            "max_eval": 50,
+            "batch_size": 50,
+            "epochs": None,
+            "max_iters": 6,
+            "eval_every": 2,
+            "log_every": 1,
+            "checkpoint_every": 100,
+            **kw,
+        },
+    )
 
 
 # -- the bar and the validation lines ----------------------------------------------------------
@@ -57,11 +76,19 @@ def test_cli_shows_each_validation_as_a_line_and_loss_and_val_nll_in_the_bar(tmp
     """Fails when the validation line is not printed (or lacks step, NLL, bits/dim, time) or the
     bar's postfix lacks the loss or the latest validation NLL."""
     run = tmp_path / "run"
-    assert main(["train", "--out", str(run)] + cli_sets(SMALL + ["max_iters=6", "epochs=null", "eval_every=2",
-                                                              "log_every=1", "progress=true"])) == 0
+    assert (
+        main(
+            ["train", "--out", str(run)]
+            + cli_sets(SMALL + ["max_iters=6", "epochs=null", "eval_every=2", "log_every=1", "progress=true"])
+        )
+        == 0
+    )
     captured = capsys.readouterr()
-    lines = re.findall(r"^step (\d+): val NLL ([\d.]+) nats, ([\d.]+) bits/dim \(([\d.]+) s of training\)$",
-                       captured.out, flags=re.M)
+    lines = re.findall(
+        r"^step (\d+): val NLL ([\d.]+) nats, ([\d.]+) bits/dim \(([\d.]+) s of training\)$",
+        captured.out,
+        flags=re.M,
+    )
     assert [int(s) for s, *_ in lines] == [2, 4, 6]
     with open(run / "metrics.csv", newline="") as f:
         csv_vals = [float(r["val_nll"]) for r in csv.DictReader(f) if r["val_nll"]]
@@ -74,9 +101,23 @@ def test_time_budget_alone_gives_a_bar_over_training_seconds_with_a_total_and_an
     """With only max_minutes, the bar counts training seconds to the budget (a total and a
     remaining time); fails for the old step bar without a total ('6it [..., ?it/s]')."""
     run = tmp_path / "run"
-    assert main(["train", "--out", str(run)] + cli_sets(SMALL + ["max_iters=null", "epochs=null", "max_minutes=0.02",
-                                                              "eval_every=1000", "log_every=5",
-                                                              "progress=true"])) == 0
+    assert (
+        main(
+            ["train", "--out", str(run)]
+            + cli_sets(
+                SMALL
+                + [
+                    "max_iters=null",
+                    "epochs=null",
+                    "max_minutes=0.02",
+                    "eval_every=1000",
+                    "log_every=5",
+                    "progress=true",
+                ]
+            )
+        )
+        == 0
+    )
     bar = capsys.readouterr().err
     assert re.search(r"\d+/1 s of training \[\d+:\d+<\d+:\d+", bar), bar[-500:]
     assert "1/1 s of training" in bar  # it ends at the budget
@@ -88,7 +129,8 @@ def test_every_validation_rewrites_curves_png(tmp_path, monkeypatch):
     real, calls = progress_module.save_curves, []
 
     def spy(metrics_csv, out, **kw):
-        calls.append(sum(1 for r in csv.DictReader(open(metrics_csv, newline="")) if r["val_nll"]))
+        with open(metrics_csv, newline="") as f:
+            calls.append(sum(1 for r in csv.DictReader(f) if r["val_nll"]))
         return real(metrics_csv, out, **kw)
 
     monkeypatch.setattr(progress_module, "save_curves", spy)
@@ -123,19 +165,51 @@ def test_tensorboard_groups_train_val_and_test_and_shows_samples_for_images(tmp_
     changed metrics.csv header."""
     train(_config(tensorboard=True), tmp_path / "r")
     tags = _tags(tmp_path / "r")
-    assert {"train/loss", "train/grad_norm", "train/lr", "val/nll", "val/bpd", "test/nll"} <= set(tags["scalars"])
+    assert {"train/loss", "train/grad_norm", "train/lr", "val/nll", "val/bpd", "test/nll"} <= set(
+        tags["scalars"]
+    )
     assert all(t.split("/")[0] in ("train", "val", "test") for t in tags["scalars"])
     assert tags["images"] == ["val/samples"]
     header = (tmp_path / "r" / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert header == CSV_COLUMNS == [
-        "step", "epoch", "train_s", "loss", "grad_norm", "ms_per_iter", "examples_per_s", "lr",
-        "skipped_steps", "dropped_examples", "val_nll", "val_bpd", "test_nll", "test_bpd", "kl", "fisher"]
+    assert (
+        header
+        == CSV_COLUMNS
+        == [
+            "step",
+            "epoch",
+            "train_s",
+            "loss",
+            "grad_norm",
+            "ms_per_iter",
+            "examples_per_s",
+            "lr",
+            "skipped_steps",
+            "dropped_examples",
+            "val_nll",
+            "val_bpd",
+            "test_nll",
+            "test_bpd",
+            "kl",
+            "fisher",
+        ]
+    )
 
 
 def test_tensorboard_has_no_images_for_point_data(tmp_path):
-    config = resolve_config("toy2d-sine", {**QUIET, "tensorboard": True, "max_iters": 4, "epochs": None,
-                                           "eval_every": 2, "toy_train_size": 200, "toy_eval_size": 50,
-                                           "toy_points": 50, "batch_size": 50})
+    config = resolve_config(
+        "toy2d-sine",
+        {
+            **QUIET,
+            "tensorboard": True,
+            "max_iters": 4,
+            "epochs": None,
+            "eval_every": 2,
+            "toy_train_size": 200,
+            "toy_eval_size": 50,
+            "toy_points": 50,
+            "batch_size": 50,
+        },
+    )
     train(config, tmp_path / "r")
     tags = _tags(tmp_path / "r")
     assert tags["images"] == [] and "test/kl" in tags["scalars"]
@@ -182,8 +256,11 @@ def test_the_library_prints_nothing_but_logs_to_a_users_handler(tmp_path, capsys
     with caplog.at_level(logging.INFO, logger="ebflow"):
         train(_config(), tmp_path / "r")
     assert capsys.readouterr() == ("", "")
-    assert [r.getMessage().split(":")[0] for r in caplog.records
-            if r.name == "ebflow.experiment.training.progress"] == ["step 2", "step 4", "step 6"]
+    assert [
+        r.getMessage().split(":")[0]
+        for r in caplog.records
+        if r.name == "ebflow.experiment.training.progress"
+    ] == ["step 2", "step 4", "step 6"]
 
 
 def test_cli_quiet_hides_the_log_and_verbose_is_accepted(tmp_path, capsys):
@@ -212,9 +289,14 @@ def test_reproduce_progress_counts_cells_estimates_the_time_left_and_shows_valid
     progress = TableProgress(tmp_path, ["b", "c"], skipped=1, budget_minutes=1.0, parallel=1)
     with caplog.at_level(logging.INFO, logger="ebflow"):
         progress.started("b")
-        _metrics(tmp_path / "b", [{"step": 10, "train_s": 20.0, "loss": 1.0},
-                                  {"step": 10, "train_s": 20.0, "val_nll": 123.456, "val_bpd": 2.5},
-                                  {"step": 15, "train_s": 30.0, "loss": 0.9}])
+        _metrics(
+            tmp_path / "b",
+            [
+                {"step": 10, "train_s": 20.0, "loss": 1.0},
+                {"step": 10, "train_s": 20.0, "val_nll": 123.456, "val_bpd": 2.5},
+                {"step": 15, "train_s": 30.0, "loss": 0.9},
+            ],
+        )
         progress.poll()
         progress.poll()  # nothing new: nothing shown
         progress.finished("b", 0)

@@ -14,9 +14,10 @@ import pytest
 import yaml
 
 from ebflow.errors import ConfigError
+from ebflow.experiment.config.keys import FrozenMapping
 from ebflow.experiment.config.resolve import dump_config, list_presets, resolve_config
 from ebflow.experiment.config.schema import DATASETS, FIELDS, LOSSES, RunConfig, validate_config
-from ebflow.experiment.config.sections import KEY_PATHS, SECTIONS, FrozenMapping
+from ebflow.experiment.config.sections import KEY_PATHS, SECTIONS
 from ebflow.experiment.data import datasets as data_module
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "ebflow"
@@ -131,8 +132,13 @@ def _flat_key_reads(path: Path) -> list[str]:
         target, key = None, None
         if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
             target, key = node.value, node.slice.value
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
-              and node.args and isinstance(node.args[0], ast.Constant)):
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "get"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+        ):
             target, key = node.func.value, node.args[0].value
         name = ast.unparse(target) if target is not None else ""
         if key in FIELDS and "config" in name.lower():

@@ -14,12 +14,15 @@ A run trained with ``ebflow train`` loads with :func:`ebflow.load_run` (the appl
 """
 
 import logging as _logging
+from typing import Any as _Any
 
 from . import layers
 from .architectures import conv_flow, coupling_flow, dense_flow, glow_flow
+from .compiled import compile_model
 from .ema import EMA
-from .errors import ConfigError, EBFlowError, InputError, SingularLayerError
+from .errors import ConfigError, EBFlowError, InputError, MissingDependencyError, SingularLayerError
 from .flow import EBFlow
+from .image_flow import ImageFlow
 from .objectives import (
     Objective,
     dsm_loss,
@@ -39,14 +42,36 @@ __version__ = "0.1.0"
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 __all__ = [
-    "EBFlow", "EMA", "ImagePreprocessing", "Laplace", "Objective", "StandardNormal", "layers",
-    "make_objective", "ml_loss", "sml_loss", "ssm_loss", "dsm_loss", "fdssm_loss", "esm_loss",
-    "coupling_flow", "dense_flow", "conv_flow", "glow_flow",
-    "EBFlowError", "InputError", "SingularLayerError", "ConfigError", "load_run",
+    "EBFlow",
+    "EMA",
+    "ImageFlow",
+    "ImagePreprocessing",
+    "Laplace",
+    "Objective",
+    "StandardNormal",
+    "layers",
+    "make_objective",
+    "ml_loss",
+    "sml_loss",
+    "ssm_loss",
+    "dsm_loss",
+    "fdssm_loss",
+    "esm_loss",
+    "coupling_flow",
+    "dense_flow",
+    "conv_flow",
+    "glow_flow",
+    "compile_model",
+    "EBFlowError",
+    "InputError",
+    "SingularLayerError",
+    "ConfigError",
+    "MissingDependencyError",
+    "load_run",
 ]
 
 
-def __getattr__(name: str):  # noqa: ANN202 - module attribute hook (PEP 562)
+def __getattr__(name: str) -> _Any:  # module attribute hook (PEP 562)
     """``ebflow.load_run``: the application's loader of trained runs, imported on first use,
     so that ``import ebflow`` (the library) never imports the application."""
     if name == "load_run":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -26,10 +27,16 @@ from .layers import (
     on_first_part,
 )
 from .layers.coupling import CONDITIONER_ACTIVATIONS, cnn_conditioner
-from .layers.dense import PARAMETERIZATIONS
+from .layers.dense import PARAMETERIZATIONS, DenseInit, Parameterization
 
-__all__ = ["coupling_flow", "dense_flow", "conv_flow", "glow_flow", "CONDITIONERS",
-           "DENSE_FLOW_PARAMETERIZATIONS"]
+__all__ = [
+    "coupling_flow",
+    "dense_flow",
+    "conv_flow",
+    "glow_flow",
+    "CONDITIONERS",
+    "DENSE_FLOW_PARAMETERIZATIONS",
+]
 
 #: Coupling conditioners of :func:`coupling_flow`.
 CONDITIONERS: tuple[str, ...] = ("joint", "separate")
@@ -39,8 +46,15 @@ DENSE_FLOW_PARAMETERIZATIONS: tuple[str, ...] = (*PARAMETERIZATIONS, "triangular
 
 
 def coupling_flow(
-    dim: int = 2, *, blocks: int = 10, hidden: int = 64, depth: int = 2, scale_bound: float = 2.0,
-    conditioner: str = "joint", shift_activation: str = "swish", weight_norm: bool = False,
+    dim: int = 2,
+    *,
+    blocks: int = 10,
+    hidden: int = 64,
+    depth: int = 2,
+    scale_bound: float = 2.0,
+    conditioner: str = "joint",
+    shift_activation: str = "swish",
+    weight_norm: bool = False,
     prior: nn.Module | None = None,
 ) -> EBFlow:
     """``blocks`` x [dense D x D, affine coupling (MLP), ActNorm] + a final dense layer (toy2d).
@@ -58,7 +72,7 @@ def coupling_flow(
 
     def dense() -> Dense:
         layer = Dense(dim)
-        if conditioner == "separate":
+        if conditioner == "separate" and layer.bias is not None:  # Dense(dim) has a bias
             bound = 1 / math.sqrt(dim)
             nn.init.uniform_(layer.bias, -bound, bound)
         if weight_norm:
@@ -68,11 +82,17 @@ def coupling_flow(
     layers: list[FlowLayer] = []
     for i in range(blocks):
         if conditioner == "separate":
-            coupling: FlowLayer = ShiftScaleCoupling(dim, condition_on_odd=i % 2 == 0, hidden=hidden,
-                                                     depth=depth, shift_activation=shift_activation)
+            coupling: FlowLayer = ShiftScaleCoupling(
+                dim,
+                condition_on_odd=i % 2 == 0,
+                hidden=hidden,
+                depth=depth,
+                shift_activation=shift_activation,
+            )
         else:
-            coupling = AffineCoupling((dim,), hidden=hidden, depth=depth, swap=bool(i % 2),
-                                      scale_bound=scale_bound)
+            coupling = AffineCoupling(
+                (dim,), hidden=hidden, depth=depth, swap=bool(i % 2), scale_bound=scale_bound
+            )
         layers += [dense(), coupling, ActNorm(dim)]
     layers.append(dense())
     return EBFlow(layers, (dim,), prior)
@@ -101,20 +121,32 @@ def dense_flow(
     two, a lower-triangular one (initialised by ``init``) then an upper-triangular one starting
     at all ones, both with free diagonals (``W = U L``). ``prior``: the latent distribution
     (default standard normal).
+
+    Example:
+        >>> import torch, ebflow
+        >>> model = ebflow.dense_flow((1, 8, 8), num_layers=2)
+        >>> [type(layer).__name__ for layer in model.layers]
+        ['Flatten', 'Dense', 'SmoothLeakyReLU', 'Dense', 'Reshape']
+        >>> model.log_prob(torch.randn(5, 1, 8, 8)).shape
+        torch.Size([5])
     """
     if parameterization not in DENSE_FLOW_PARAMETERIZATIONS:
-        raise ConfigError(f"unknown dense parameterization {parameterization!r}; "
-                          f"choose one of {', '.join(DENSE_FLOW_PARAMETERIZATIONS)}")
+        raise ConfigError(
+            f"unknown dense parameterization {parameterization!r}; "
+            f"choose one of {', '.join(DENSE_FLOW_PARAMETERIZATIONS)}"
+        )
     if num_layers < 1:
         raise ConfigError(f"num_layers must be >= 1, got {num_layers}")
     event_shape = tuple(event_shape)
     d = math.prod(event_shape)
+    dense_init = cast("DenseInit | None", init)  # Dense checks it
     layers: list[FlowLayer] = [] if len(event_shape) == 1 else [Flatten(event_shape)]
     for i in range(num_layers):
         if parameterization == "triangular_pair":
-            layers += _triangular_pair(d, bias=bias, init=init)
+            layers += _triangular_pair(d, bias=bias, init=dense_init)
         else:
-            layers.append(Dense(d, parameterization=parameterization, bias=bias, init=init))
+            kind = cast(Parameterization, parameterization)  # checked above
+            layers.append(Dense(d, parameterization=kind, bias=bias, init=dense_init))
         if i < num_layers - 1:
             layers.append(SmoothLeakyReLU(alpha))
             if actnorm:
@@ -124,7 +156,7 @@ def dense_flow(
     return EBFlow(layers, event_shape, prior)
 
 
-def _triangular_pair(d: int, *, bias: bool, init: str | None) -> list[FlowLayer]:
+def _triangular_pair(d: int, *, bias: bool, init: DenseInit | None) -> list[FlowLayer]:
     """``x -> U (L x)``: lower-triangular ``L`` (``init``), upper-triangular ``U`` = all ones
     at the start (the reference's ``x @ U_ref @ L_ref`` in the ``W x`` convention)."""
     lower = Dense(d, parameterization="tril", bias=bias, init=init)
@@ -158,8 +190,11 @@ def conv_flow(
             layers.append(Squeeze())
             c, h, w = 4 * c, h // 2, w // 2
         for i in range(convs_per_block):
-            layers.append(conv((c, h, w), kernel_size) if conv is not None
-                          else Conv2d(c, kernel_size, init=init, spectral_norm=spectral_norm))
+            layers.append(
+                conv((c, h, w), kernel_size)
+                if conv is not None
+                else Conv2d(c, kernel_size, init=init, spectral_norm=spectral_norm)
+            )
             if not (b == blocks - 1 and i == convs_per_block - 1):
                 layers.append(ResidualSmoothLeakyReLU(alpha))
     return EBFlow(layers, tuple(event_shape))
@@ -168,27 +203,42 @@ def conv_flow(
 def _conditioner_activation(name: str) -> Callable[[], nn.Module]:
     """The activation factory of a name of :data:`~ebflow.layers.CONDITIONER_ACTIVATIONS`."""
     if name not in CONDITIONER_ACTIVATIONS:
-        raise ConfigError(f"unknown conditioner activation {name!r}; "
-                          f"choose one of {', '.join(CONDITIONER_ACTIVATIONS)}")
+        raise ConfigError(
+            f"unknown conditioner activation {name!r}; choose one of {', '.join(CONDITIONER_ACTIVATIONS)}"
+        )
     return CONDITIONER_ACTIVATIONS[name]
 
 
 def _glow_coupling(
-    shape: tuple[int, int, int], *, hidden: int, activation: str, output_scale: bool, swap: bool,
+    shape: tuple[int, int, int],
+    *,
+    hidden: int,
+    activation: str,
+    output_scale: bool,
+    swap: bool,
 ) -> AffineCoupling:
     """An affine coupling on ``(C, H, W)`` whose CNN conditioner maps the conditioning half
     (the first ``C // 2`` channels, the last ones when ``swap``) to a log-scale and a shift."""
     c = shape[0]
     n_cond = c - c // 2 if swap else c // 2
-    conditioner = cnn_conditioner(n_cond, 2 * (c - n_cond), hidden, _conditioner_activation(activation),
-                                  output_scale=output_scale)
+    conditioner = cnn_conditioner(
+        n_cond, 2 * (c - n_cond), hidden, _conditioner_activation(activation), output_scale=output_scale
+    )
     return AffineCoupling(shape, swap=swap, conditioner=conditioner)
 
 
 def glow_flow(
-    event_shape: Sequence[int], *, levels: int = 2, steps: int = 16, hidden: int = 64,
-    split_prior: bool = True, activation: str = "silu", split_activation: str | None = None,
-    output_scale: bool = False, alternate: bool = True, train_actnorm: bool = True,
+    event_shape: Sequence[int],
+    *,
+    levels: int = 2,
+    steps: int = 16,
+    hidden: int = 64,
+    split_prior: bool = True,
+    activation: str = "silu",
+    split_activation: str | None = None,
+    output_scale: bool = False,
+    alternate: bool = True,
+    train_actnorm: bool = True,
 ) -> EBFlow:
     r"""Glow-style multi-scale flow: per level a squeeze and ``steps`` x [ActNorm, 1x1 conv,
     affine coupling]. With ``split_prior``, every level but the last ends with a split prior --
@@ -224,15 +274,28 @@ def glow_flow(
         c, h, w = 4 * c, h // 2, w // 2
         for s in range(steps):
             actnorm, conv = ActNorm(c).requires_grad_(train_actnorm), Conv1x1(c)
-            coupling = _glow_coupling((c, h, w), hidden=hidden, activation=activation,
-                                      output_scale=output_scale, swap=alternate and bool(s % 2))
+            coupling = _glow_coupling(
+                (c, h, w),
+                hidden=hidden,
+                activation=activation,
+                output_scale=output_scale,
+                swap=alternate and bool(s % 2),
+            )
             for layer in (actnorm, conv, coupling):
                 add(layer, (c, h, w))
         if split_prior and level < levels - 1:
             if c < 2:
                 raise ConfigError(f"cannot split {c} channel(s) at level {level + 1}")
-            add(_glow_coupling((c, h, w), hidden=hidden, activation=split_activation,
-                               output_scale=output_scale, swap=False), (c, h, w))
+            add(
+                _glow_coupling(
+                    (c, h, w),
+                    hidden=hidden,
+                    activation=split_activation,
+                    output_scale=output_scale,
+                    swap=False,
+                ),
+                (c, h, w),
+            )
             if part is None:
                 layers.append(Flatten((c, h, w)))
             c = c // 2  # the first half goes on; the second half is factored out

@@ -22,13 +22,23 @@ class EMA:
     ``warmup=True`` (the paper's recipe) update ``t`` uses the decay
     :math:`\min(d, (1 + t)/(10 + t))`, so that early averages forget the first weights quickly
     (0.17 at ``t = 1``, 0.5 at ``t = 8``, 0.9 at ``t = 80``, ``d = 0.999`` from ``t = 8991``);
-    with ``warmup=False`` every update uses ``d``::
+    with ``warmup=False`` every update uses ``d``.
 
-        ema = EMA(model, decay=0.999)
-        for batch in data:
-            ...; optimizer.step(); ema.update()
-        with ema.average_parameters():
-            nll = -model.log_prob(x).mean()
+    Example:
+        >>> import torch, ebflow
+        >>> model = ebflow.dense_flow((2,))
+        >>> ema = ebflow.EMA(model, decay=0.999)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> objective = ebflow.make_objective("ssm")
+        >>> for _ in range(3):
+        ...     optimizer.zero_grad()
+        ...     objective(model, torch.randn(8, 2)).backward()
+        ...     optimizer.step()
+        ...     ema.update()
+        >>> ema.num_updates, round(ema.current_decay, 4)  # warm-up: (1 + t) / (10 + t) at t = 3
+        (3, 0.3077)
+        >>> with ema.average_parameters(), torch.no_grad():  # evaluate with the averages
+        ...     nll = -model.log_prob(torch.randn(8, 2)).mean()
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999, *, warmup: bool = True) -> None:
@@ -83,10 +93,16 @@ class EMA:
                     p.copy_(backup[n])
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,
-                "shadow": dict(self.shadow)}
+        """The decay, warm-up flag, update count and averaged tensors (for checkpoints)."""
+        return {
+            "decay": self.decay,
+            "warmup": self.warmup,
+            "num_updates": self.num_updates,
+            "shadow": dict(self.shadow),
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict`; its tensors must name the model's parameters."""
         params = self._params()
         shadow = state["shadow"]
         if shadow and set(shadow) != set(params):
@@ -95,7 +111,9 @@ class EMA:
             raise ConfigError(f"EMA state does not match the model (missing {missing}, unexpected {extra})")
         for n, t in shadow.items():
             if t.shape != params[n].shape:
-                raise ConfigError(f"EMA state for {n!r} has shape {tuple(t.shape)}, model has {tuple(params[n].shape)}")
+                raise ConfigError(
+                    f"EMA state for {n!r} has shape {tuple(t.shape)}, model has {tuple(params[n].shape)}"
+                )
         self.decay = float(state["decay"])
         self.warmup = bool(state.get("warmup", False))  # checkpoints before 0.2 had none
         self.num_updates = int(state["num_updates"])

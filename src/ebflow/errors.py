@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["EBFlowError", "InputError", "SingularLayerError", "ConfigError"]
+__all__ = ["EBFlowError", "InputError", "SingularLayerError", "ConfigError", "MissingDependencyError"]
 
 
 class EBFlowError(Exception):
@@ -19,3 +19,8 @@ class SingularLayerError(EBFlowError, ValueError):
 
 class ConfigError(EBFlowError, ValueError):
     """A layer, model or objective was configured with an invalid option."""
+
+
+class MissingDependencyError(EBFlowError, ImportError):
+    """An optional package is not installed; the message names it and the ``ebflow[...]`` extra
+    that installs it (one line, e.g. ``curves.png needs matplotlib: pip install 'ebflow[plots]'``)."""

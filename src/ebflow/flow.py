@@ -14,47 +14,32 @@ layers and recomputed only after a parameter changes.
 from __future__ import annotations
 
 import math
-
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol, cast
 
 import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, InputError
-from .layers.base import FlowLayer, LinearFlowLayer, Shape
-from .prior import StandardNormal
+from .layers.base import FlowLayer, FlowLayerList, LinearFlowLayer, Shape
+from .prior import PriorLike, StandardNormal
 from .runtime import full_precision
 from .utils import grad_ready
-from .validation import check_batch, check_count, check_generator
+from .validation import check_batch, check_generator, check_sample_shape, common_dtype
 
-__all__ = ["EBFlow"]
-
-
-def _common_dtype(layers: Iterable[nn.Module]) -> torch.dtype:
-    """The one floating dtype of the layers' parameters and buffers (the default dtype when they
-    have none); layers of different dtypes are a :class:`~ebflow.errors.ConfigError`."""
-    seen: dict[torch.dtype, str] = {}
-    for i, layer in enumerate(layers):
-        for t in list(layer.parameters()) + list(layer.buffers()):
-            if t.is_floating_point() and t.dtype not in seen:
-                seen[t.dtype] = f"layer {i} ({type(layer).__name__})"
-    if len(seen) > 1:
-        which = ", ".join(f"{where} is {str(d).removeprefix('torch.')}" for d, where in seen.items())
-        raise ConfigError(f"the layers mix dtypes: {which}; convert them to one dtype first "
-                          "(e.g. layer.double() for each), or build the model from layers of the "
-                          "default dtype and call model.to(dtype)")
-    return next(iter(seen), torch.get_default_dtype())
+__all__ = ["EBFlow", "EnergyKernels"]
 
 
-def _sample_shape(sample_shape: object) -> tuple[int, ...]:
-    """``sample_shape`` (an int, a tuple of ints or a ``torch.Size``) as a tuple of positive
-    sizes; anything else is an :class:`~ebflow.errors.InputError`."""
-    if isinstance(sample_shape, (str, bytes)) or not (hasattr(sample_shape, "__index__")
-                                                      or isinstance(sample_shape, Sequence)):
-        raise InputError(f"sample_shape must be a positive integer or a tuple of positive integers, "
-                         f"got {sample_shape!r}")
-    sizes = (sample_shape,) if hasattr(sample_shape, "__index__") else tuple(sample_shape)  # type: ignore[arg-type]
-    return tuple(check_count(s, "every size of sample_shape", error=InputError) for s in sizes)
+class EnergyKernels(Protocol):
+    """Replacements (:func:`ebflow.compile_model`'s compiled ones) of the tail energy
+    :math:`E(h)` of :meth:`EBFlow.tail_energy` and of its derivatives in ``h``: ``(E, dE/dh)`` and
+    ``(E, dE/dh, d2E/dh2 u)``, each differentiable once more. Off while ``enabled`` is False."""
+
+    enabled: bool
+
+    def energy(self, model: EBFlow, h: Tensor) -> Tensor: ...
+    def energy_and_grad(self, model: EBFlow, h: Tensor) -> tuple[Tensor, Tensor]: ...
+    def energy_grad_hvp(self, model: EBFlow, h: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]: ...
 
 
 class EBFlow(nn.Module):
@@ -66,7 +51,24 @@ class EBFlow(nn.Module):
         prior: latent distribution (default: :class:`~ebflow.prior.StandardNormal`).
         validate: check every input's shape, dtype, device and finiteness (a clear
             :class:`~ebflow.errors.InputError` instead of a wrong answer). Costs one reduction.
+
+    Example:
+        >>> import torch
+        >>> from ebflow import EBFlow
+        >>> from ebflow.layers import Dense, SmoothLeakyReLU
+        >>> model = EBFlow([Dense(4), SmoothLeakyReLU(0.3), Dense(4)], event_shape=(4,))
+        >>> x = torch.randn(8, 4)
+        >>> model.log_prob(x).shape
+        torch.Size([8])
+        >>> torch.allclose(model.log_prob(x), -model.energy(x) - model.log_partition())
+        True
+        >>> model.sample(3).shape  # exact samples, by inverting the layers
+        torch.Size([3, 4])
     """
+
+    _anchor: Tensor  # buffer: the model's dtype and device
+    #: compiled energy kernels (:func:`ebflow.compile_model`); None: eager
+    kernels: EnergyKernels | None = None
 
     def __init__(
         self,
@@ -77,7 +79,7 @@ class EBFlow(nn.Module):
         validate: bool = True,
     ) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(layers)
+        self.layers = FlowLayerList(layers)
         for i, layer in enumerate(self.layers):
             if not isinstance(layer, FlowLayer):
                 raise ConfigError(
@@ -96,15 +98,17 @@ class EBFlow(nn.Module):
         self.prior = prior if prior is not None else StandardNormal()
         self.validate = validate
         # A buffer that follows .to(): tells the model's dtype and device (the layers' dtype).
-        self.register_buffer("_anchor", torch.zeros((), dtype=_common_dtype(self.layers)), persistent=False)
+        self.register_buffer("_anchor", torch.zeros((), dtype=common_dtype(self.layers)), persistent=False)
 
     # -- properties -------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
+        """The floating dtype of the model's parameters and buffers (inputs must have it)."""
         return self._anchor.dtype
 
     @property
     def device(self) -> torch.device:
+        """The device of the model's parameters and buffers (inputs must be on it)."""
         return self._anchor.device
 
     @property
@@ -114,6 +118,7 @@ class EBFlow(nn.Module):
 
     @property
     def linear_layers(self) -> list[LinearFlowLayer]:
+        """The constant-Jacobian layers (the set S_lin), whose log-determinants make up ``log Z``."""
         return [l for l in self.layers if isinstance(l, LinearFlowLayer)]
 
     def check_input(self, x: Tensor, what: str = "input x", shape: Shape | None = None) -> Tensor:
@@ -124,8 +129,11 @@ class EBFlow(nn.Module):
         the model's methods with ``check=False``."""
         if self.validate:
             check_batch(
-                x, self.event_shape if shape is None else shape,
-                dtype=self.dtype, device=self.device, what=what,
+                x,
+                self.event_shape if shape is None else shape,
+                dtype=self.dtype,
+                device=self.device,
+                what=what,
             )
         return x
 
@@ -145,8 +153,9 @@ class EBFlow(nn.Module):
         clean data (at least two examples); every objective then starts from the same model.
         Returns the model."""
         h = self.check_input(x, "initialization batch x")
-        with_init = [i for i, layer in enumerate(self.layers)
-                     if type(layer).initialize is not FlowLayer.initialize]
+        with_init = [
+            i for i, layer in enumerate(self.layers) if type(layer).initialize is not FlowLayer.initialize
+        ]
         for layer in self.layers[: max(with_init, default=-1) + 1]:
             layer.initialize(h)
             h = layer.transform(h) if isinstance(layer, LinearFlowLayer) else layer(h)[0]
@@ -157,7 +166,17 @@ class EBFlow(nn.Module):
         r"""Energy :math:`E(x) = -\log p_u(g(x)) - \sum_{S_{nl}} \log|\det J|`, shape ``(batch,)``.
         ``check=False`` skips the input check (for a batch already checked by
         :meth:`check_input`)."""
-        return self._energy_from(0, self.check_input(x, "input x") if check else x)
+        x = self.check_input(x, "input x") if check else x
+        k = self.active_kernels
+        return self._energy_from(0, x) if k is None else k.energy(self, self._through_prefix(x))
+
+    @property
+    def active_kernels(self) -> EnergyKernels | None:
+        """:attr:`kernels` where they apply: installed, enabled, with gradients on (training;
+        evaluation and sampling run eagerly) and outside ``torch.func`` transforms; else None."""
+        k = self.kernels
+        on = k is not None and k.enabled and torch.is_grad_enabled()
+        return k if on and torch._C._functorch.maybe_current_level() is None else None
 
     def _energy_from(self, start: int, h: Tensor) -> Tensor:
         """The energy of the input of layer ``start`` given its value ``h`` there (layers before
@@ -169,7 +188,7 @@ class EBFlow(nn.Module):
             else:
                 h, ld = layer(h)
                 log_det_nl = log_det_nl + ld
-        return -self.prior.log_prob(h) - log_det_nl
+        return -cast(PriorLike, self.prior).log_prob(h) - log_det_nl
 
     @torch.no_grad()
     def in_domain(self, x: Tensor) -> Tensor:
@@ -179,8 +198,9 @@ class EBFlow(nn.Module):
         layer, on the rows still in the domain."""
         h = self.check_input(x, "input x")
         keep = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
-        restricted = [i for i, layer in enumerate(self.layers)
-                      if type(layer).in_domain is not FlowLayer.in_domain]
+        restricted = [
+            i for i, layer in enumerate(self.layers) if type(layer).in_domain is not FlowLayer.in_domain
+        ]
         rows = torch.arange(h.shape[0], device=h.device)
         for i, layer in enumerate(self.layers[: max(restricted, default=-1) + 1]):
             ok = layer.in_domain(h)
@@ -200,6 +220,9 @@ class EBFlow(nn.Module):
             if not isinstance(layer, LinearFlowLayer):
                 return i
         return len(self.layers)
+
+    def _prefix_layers(self) -> list[LinearFlowLayer]:  # (the filter only tells the type checker)
+        return [l for l in self.layers[: self.linear_prefix_length] if isinstance(l, LinearFlowLayer)]
 
     def linear_prefix(self, x: Tensor, direction: Tensor, *, check: bool = True) -> tuple[Tensor, Tensor]:
         r"""Push ``x`` and a direction ``v`` through the leading linear layers, an affine map
@@ -222,7 +245,7 @@ class EBFlow(nn.Module):
 
     def _linear_prefix(self, h: Tensor, direction: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`linear_prefix` without the input checks (callers checked)."""
-        prefix = self.layers[: self.linear_prefix_length]
+        prefix = self._prefix_layers()
         if not prefix:
             return h, direction
         rows = torch.cat([direction, torch.zeros_like(direction[:1])])
@@ -250,7 +273,8 @@ class EBFlow(nn.Module):
 
     def _tail_energy(self, h: Tensor) -> Tensor:
         """:meth:`tail_energy` without the input check."""
-        return self._energy_from(self.linear_prefix_length, h)
+        k = self.active_kernels
+        return self._energy_from(self.linear_prefix_length, h) if k is None else k.energy(self, h)
 
     def score(self, x: Tensor, *, create_graph: bool = False) -> Tensor:
         r"""Score :math:`\nabla_x \log p(x) = -\nabla_x E(x)` (no partition function needed).
@@ -286,23 +310,30 @@ class EBFlow(nn.Module):
 
     def _energy_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`energy_and_grad` without the input check."""
-        x = x.detach()
+        x, k = x.detach(), self.active_kernels
         with torch.enable_grad():
             if self.linear_prefix_length == 0:
+                if k is not None:
+                    return k.energy_and_grad(self, x)
+
                 def energy_sum(v: Tensor) -> tuple[Tensor, Tensor]:
                     e = self._energy_from(0, v)
                     return e.sum(), e
 
                 g, e = torch.func.grad(energy_sum, has_aux=True)(x)
                 return e, g
-            h, to_x = torch.func.vjp(self._through_prefix, x)
+            vjp = torch.func.vjp(self._through_prefix, x)  # annotated as a union with has_aux's triple
+            h, to_x = cast("tuple[Tensor, Callable[[Tensor], tuple[Tensor]]]", vjp)
+            if k is not None:
+                e, g_h = k.energy_and_grad(self, h)
+                return e, to_x(g_h)[0]
             h = grad_ready(h)
             e = self._tail_energy(h)
             (g_h,) = torch.autograd.grad(e.sum(), h, create_graph=True)
             return e, to_x(g_h)[0]
 
     def _through_prefix(self, x: Tensor) -> Tensor:
-        for layer in self.layers[: self.linear_prefix_length]:
+        for layer in self._prefix_layers():
             x = layer.transform(x)
         return x
 
@@ -314,7 +345,7 @@ class EBFlow(nn.Module):
         Differentiable when grad mode is on (maximum likelihood training).
         """
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for layer, shape in zip(self.layers, self.layer_input_shapes):
+        for layer, shape in zip(self.layers, self.layer_input_shapes, strict=True):
             if isinstance(layer, LinearFlowLayer):
                 total = total - layer.log_abs_det(shape).to(device=self.device, dtype=torch.float64)
         return total
@@ -355,22 +386,24 @@ class EBFlow(nn.Module):
         return h
 
     @torch.no_grad()
-    def sample(self, sample_shape: int | Sequence[int] = (), *,
-               generator: torch.Generator | None = None) -> Tensor:
+    def sample(
+        self, sample_shape: int | Sequence[int] = (), *, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Exact samples: ``z ~ p_u``, ``x = g^{-1}(z)``, of shape ``(*sample_shape, *event_shape)``
         (an ``int n`` means ``(n,)``; ``()`` one sample without a batch dimension, as
         ``torch.distributions`` does). No gradient flows."""
-        shape = _sample_shape(sample_shape)
+        shape = check_sample_shape(sample_shape)
         check_generator(generator, device=self.device)
         n = math.prod(shape)
-        z = self.prior.sample(
+        z = cast(PriorLike, self.prior).sample(
             (n, *self.latent_shape), dtype=self.dtype, device=self.device, generator=generator
         )
         return self.inverse(z).reshape(*shape, *self.event_shape)
 
     @torch.no_grad()
-    def sample_and_log_prob(self, sample_shape: int | Sequence[int] = (), *,
-                            generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def sample_and_log_prob(
+        self, sample_shape: int | Sequence[int] = (), *, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         """:meth:`sample` and the exact :meth:`log_prob` of each sample, shapes
         ``(*sample_shape, *event_shape)`` and ``sample_shape``."""
         x = self.sample(sample_shape, generator=generator)

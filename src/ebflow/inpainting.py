@@ -30,8 +30,9 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError, InputError
+from .images import image_grid
 from .mcmc import PreprocessedSpaceEnergy, check_energy_model, default_step_size, langevin
-from .mcmc.energy import check_preprocessing
+from .mcmc.energy import EnergyModel, check_preprocessing
 from .preprocessing import ImagePreprocessing
 from .validation import check_batch, check_count, check_generator, check_number
 
@@ -72,8 +73,10 @@ def _mask_plane(plane: Any, hw: tuple[int, int]) -> Tensor:
     except (TypeError, ValueError) as err:
         raise ConfigError(f"a mask array must be numeric or boolean: {err}") from None
     if plane.dim() != 2 or tuple(plane.shape) != hw:
-        raise InputError(f"a mask array must have the data images' height and width {hw[0]}x{hw[1]} (HxW), "
-                         f"got shape {tuple(plane.shape)}")
+        raise InputError(
+            f"a mask array must have the data images' height and width {hw[0]}x{hw[1]} (HxW), "
+            f"got shape {tuple(plane.shape)}"
+        )
     plane = plane != 0
     if not bool(plane.any()):
         raise InputError("the mask has no pixel to fill")
@@ -100,8 +103,10 @@ def make_mask(
     ``(batch, *event_shape)`` for ``random:P``.
     """
     if not isinstance(spec, (str, Tensor, np.ndarray)):
-        raise ConfigError(f"mask spec must be a string (a region or random:P) or an (H, W) tensor or array, "
-                          f"got {type(spec).__name__}")
+        raise ConfigError(
+            f"mask spec must be a string (a region or random:P) or an (H, W) tensor or array, "
+            f"got {type(spec).__name__}"
+        )
     if isinstance(event_shape, (str, bytes)) or not hasattr(event_shape, "__iter__"):
         raise ConfigError(f"event_shape must be a sequence of sizes, got {event_shape!r}")
     event_shape = tuple(check_count(s, "every size of event_shape") for s in event_shape)
@@ -152,8 +157,9 @@ class InpaintResult:
         start: the images the chains start from (noise in the masked region).
         filled: the inpainted images (observed pixels copied from ``original``).
         mask: boolean, ``True`` on the filled pixels, shape ``(batch, *event_shape)``.
-        mse_before, mse_after: mean squared error over masked pixels, pixels scaled to [0, 1],
-            of ``start`` and ``filled`` against ``original``.
+        mse_before: mean squared error of ``start`` against ``original`` over the masked
+            pixels, pixels scaled to [0, 1].
+        mse_after: the same for ``filled``.
         mse_chain: the same for the chain's last state alone, before the optional denoising
             step and averaging (equal to ``mse_after`` without them).
         acceptance_rate: MALA acceptance (``None`` for unadjusted Langevin).
@@ -182,7 +188,9 @@ def _full_mask(mask: Tensor, original: Tensor, event_shape: tuple[int, ...]) -> 
     if not isinstance(mask, Tensor):
         raise InputError(f"mask must be a boolean torch.Tensor, got {type(mask).__name__}")
     try:
-        if torch.broadcast_shapes(mask.shape, original.shape) != original.shape or mask.dim() < len(event_shape):
+        if torch.broadcast_shapes(mask.shape, original.shape) != original.shape or mask.dim() < len(
+            event_shape
+        ):
             raise RuntimeError
     except RuntimeError:
         raise InputError(
@@ -192,9 +200,13 @@ def _full_mask(mask: Tensor, original: Tensor, event_shape: tuple[int, ...]) -> 
 
 
 def _chain_start(
-    model, preprocessing: ImagePreprocessing | None, original: Tensor, full_mask: Tensor,
-    map_space: bool, generator: torch.Generator | None,
-) -> tuple[Tensor, Tensor, object, float]:
+    model,
+    preprocessing: ImagePreprocessing | None,
+    original: Tensor,
+    full_mask: Tensor,
+    map_space: bool,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor, EnergyModel, float]:
     """``(y0, start, target, max_value)``: the chains' first state in the space they run in
     (noise on the masked pixels), the same start in pixels, the energy model the chains use,
     and the pixel range for the errors."""
@@ -206,14 +218,18 @@ def _chain_start(
                 f"images must be pixels in [0, {top}], got range [{float(original.min())}, "
                 f"{float(original.max())}]"
             )
-        noise = torch.rand(original.shape, generator=generator, device=device).to(dtype) * preprocessing.num_bins
+        noise = (
+            torch.rand(original.shape, generator=generator, device=device).to(dtype) * preprocessing.num_bins
+        )
         start_cont = torch.where(full_mask, noise, original + 0.5)  # mid-bin for observed pixels
         y0, _ = preprocessing.forward(start_cont)
         start = torch.where(full_mask, noise.floor().clamp(0, top), original)
         target = model if map_space else PreprocessedSpaceEnergy(model, preprocessing)
         return y0, start, target, float(top)
     mean = original.mean(dim=0, keepdim=True)
-    spread = original.std(dim=0, keepdim=True).clamp_min(1e-3) if original.shape[0] > 1 else torch.ones_like(mean)
+    spread = (
+        original.std(dim=0, keepdim=True).clamp_min(1e-3) if original.shape[0] > 1 else torch.ones_like(mean)
+    )
     noise = mean + spread * torch.randn(original.shape, generator=generator, device=device).to(dtype)
     y0 = torch.where(full_mask, noise, original)
     span = float(original.max() - original.min())
@@ -249,8 +265,9 @@ def inpaint_images(
             batch's mean and spread.
         images: pixels ``(batch, *event_shape)`` in ``[0, num_bins - 1]``.
         mask: boolean, ``True`` on the pixels to fill; ``event_shape`` or ``(batch, *event_shape)``.
-        steps, step_size, metropolis, target_acceptance, schedule, final_step_size, smoothness,
-            blur_sigma: chain settings (:func:`ebflow.mcmc.langevin`). ``step_size=None`` starts from
+        steps: MCMC iterations. With ``step_size``, ``metropolis``, ``target_acceptance``,
+            ``schedule``, ``final_step_size``, ``smoothness`` and ``blur_sigma``: the chain's
+            settings (:func:`ebflow.mcmc.langevin`). ``step_size=None`` starts from
             :func:`ebflow.mcmc.default_step_size`; adaptation applies to MALA only.
         map_space: ``True`` when the model was trained on the preprocessed tensor (MaP);
             ``False`` when the preprocessing is the model's first layers.
@@ -281,7 +298,9 @@ def inpaint_images(
     device = getattr(model, "device", torch.device("cpu"))
     original = images.detach().to(device=device, dtype=dtype)
     full_mask = _full_mask(mask, original, event_shape)
-    y0, start, target, max_value = _chain_start(model, preprocessing, original, full_mask, map_space, generator)
+    y0, start, target, max_value = _chain_start(
+        model, preprocessing, original, full_mask, map_space, generator
+    )
 
     if step_size is None:
         step_size = default_step_size(target, y0, full_mask)
@@ -306,9 +325,19 @@ def inpaint_images(
             average.add_(to_values(denoised(y, grad_u) if denoise_sigma > 0 else y) / average_last)
 
     result = langevin(
-        target, y0, steps, step_size, metropolis=metropolis, mask=full_mask, schedule=schedule,
-        final_step_size=final_step_size, target_acceptance=adapt, smoothness=smoothness,
-        blur_sigma=blur_sigma, generator=generator, progress=progress,
+        target,
+        y0,
+        steps,
+        step_size,
+        metropolis=metropolis,
+        mask=full_mask,
+        schedule=schedule,
+        final_step_size=final_step_size,
+        target_acceptance=adapt,
+        smoothness=smoothness,
+        blur_sigma=blur_sigma,
+        generator=generator,
+        progress=progress,
         callback=accumulate if average_last else None,
     )
     y = result.samples
@@ -323,7 +352,7 @@ def inpaint_images(
         return torch.where(full_mask, values, original)
 
     mse_chain = masked_mse(to_filled(y), original, full_mask, max_value)
-    if average_last:
+    if average_last:  # noqa: SIM108 - clearer than a nested conditional expression
         filled = pixels_from_values(average)
     else:
         filled = to_filled(denoised(y) if denoise_sigma > 0 else y)
@@ -343,7 +372,8 @@ def inpaint_images(
 def inpainting_grid(result: InpaintResult, *, max_value: float = 255.0, min_size: int = 64) -> Tensor:
     """The picture of an inpainting as one ``(C, H, W)`` image with values in ``[0, 1]``: rows
     original / masked (noise start) / filled, one column per image, gray padding between them
-    (``torchvision.utils.save_image`` writes it to a file).
+    (:func:`ebflow.images.image_grid`; single-channel images are drawn as three equal channels).
+    ``ebflow inpaint`` writes it to a picture file.
 
     Small images are enlarged by an integer factor (nearest neighbour) to at least ``min_size``
     pixels high.
@@ -352,8 +382,6 @@ def inpainting_grid(result: InpaintResult, *, max_value: float = 255.0, min_size
         raise ConfigError(f"inpainting_grid needs an InpaintResult, got {type(result).__name__}")
     max_value = check_number(max_value, "max_value", positive=True)
     min_size = check_count(min_size, "min_size")
-    from torchvision.utils import make_grid
-
     rows = [result.original, result.start, result.filled]
     images = torch.cat(rows).detach().cpu().float() / max_value
     if images.dim() == 3:  # (H, W) events -> one channel
@@ -363,4 +391,4 @@ def inpainting_grid(result: InpaintResult, *, max_value: float = 255.0, min_size
     factor = max(1, math.ceil(min_size / images.shape[-2]))
     if factor > 1:
         images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
-    return make_grid(images.clamp(0, 1), nrow=result.original.shape[0], padding=2, pad_value=0.5)
+    return image_grid(images.clamp(0, 1), nrow=result.original.shape[0], padding=2, pad_value=0.5)

@@ -40,6 +40,18 @@ class ImagePreprocessing:
         smoothness: the factor :math:`\\kappa > 0`.
         shift: :math:`\\delta \\in [0, 0.5)`.
         num_bins: number of pixel levels (256 for 8-bit images).
+
+    Example:
+        >>> import torch
+        >>> from ebflow import ImagePreprocessing
+        >>> pre = ImagePreprocessing(smoothness=0.5)
+        >>> pixels = torch.randint(0, 256, (2, 1, 4, 4)).double()
+        >>> x = pre.dequantize(pixels)  # x + u, u ~ U[0, 1)
+        >>> y, log_det = pre(x)         # the model sees y (MaP); one log-determinant per image
+        >>> log_det.shape
+        torch.Size([2])
+        >>> torch.allclose(pre.inverse(y), x), torch.equal(pre.to_pixels(y), pixels)
+        (True, True)
     """
 
     def __init__(self, smoothness: float = 0.5, shift: float = 1e-6, num_bins: int = 256) -> None:
@@ -48,8 +60,9 @@ class ImagePreprocessing:
         self.num_bins = check_count(num_bins, "num_bins", minimum=2)
 
     def __repr__(self) -> str:
-        return (f"ImagePreprocessing(smoothness={self.smoothness}, shift={self.shift}, "
-                f"num_bins={self.num_bins})")
+        return (
+            f"ImagePreprocessing(smoothness={self.smoothness}, shift={self.shift}, num_bins={self.num_bins})"
+        )
 
     def dequantize(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
         r""":math:`\tilde x = x + u`, :math:`u \sim U[0, 1)`; pixels (integer or floating
@@ -100,8 +113,11 @@ class ImagePreprocessing:
         check_batch(y, what="preprocessed y", finite=False)
         t = y * self.smoothness
         x = (torch.sigmoid(t) - self.shift) * self.num_bins / (1 - 2 * self.shift)
-        per_entry = (math.log(self.smoothness * self.num_bins / (1 - 2 * self.shift))
-                     + F.logsigmoid(t) + F.logsigmoid(-t))
+        per_entry = (
+            math.log(self.smoothness * self.num_bins / (1 - 2 * self.shift))
+            + F.logsigmoid(t)
+            + F.logsigmoid(-t)
+        )
         return x, sum_except_batch(per_entry)
 
     def to_pixels(self, y: Tensor) -> Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -11,7 +12,27 @@ from torch import Tensor, nn
 from .errors import ConfigError
 from .utils import sum_except_batch
 
-__all__ = ["StandardNormal", "Laplace", "PRIORS"]
+__all__ = ["StandardNormal", "Laplace", "PRIORS", "PriorLike"]
+
+
+class PriorLike(Protocol):
+    """What :class:`~ebflow.EBFlow` calls on its prior (a module such as :class:`StandardNormal`:
+    ``nn.Module.__getattr__`` hides its methods from type checkers)."""
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        r""":math:`\log p_u(z)` summed over each example's entries, shape ``(batch,)``."""
+        ...
+
+    def sample(
+        self,
+        shape: Sequence[int],
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Independent draws of shape ``shape`` in ``dtype`` on ``device``."""
+        ...
 
 
 class StandardNormal(nn.Module):

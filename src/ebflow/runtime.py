@@ -48,6 +48,7 @@ def full_precision() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32 = cudnn
         torch.set_float32_matmul_precision(precision)
 
+
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _state = {"applied": False}

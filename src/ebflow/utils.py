@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-__all__ = ["grad_ready", "sum_except_batch"]
+__all__ = ["grad_ready", "step_seed", "sum_except_batch"]
 
 
 def sum_except_batch(t: Tensor) -> Tensor:
@@ -21,3 +21,12 @@ def grad_ready(h: Tensor) -> Tensor:
     output of a model's linear prefix when no parameter is trained)."""
     return h if h.requires_grad else h.detach().requires_grad_(True)
 
+
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    """A 63-bit seed determined by ``(seed, step, stream)`` alone (NumPy's ``SeedSequence``
+    mixing: nearby tuples give unrelated seeds). Seeds the noise of training step ``step`` and of
+    evaluation batch ``step``."""
+    import numpy as np
+
+    words = np.random.SeedSequence([int(seed), int(step), int(stream)]).generate_state(2, np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])

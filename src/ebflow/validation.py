@@ -7,14 +7,16 @@ the fix -- never a raw ``RuntimeError``/``AttributeError``/``TypeError`` from de
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .errors import ConfigError, EBFlowError, InputError
 
 __all__ = [
+    "common_dtype",
+    "check_sample_shape",
     "check_batch",
     "check_count",
     "check_finite",
@@ -100,8 +102,7 @@ def check_batch(
         event_shape = tuple(event_shape)
         if x.dim() != len(event_shape) + 1 or tuple(x.shape[1:]) != event_shape:
             raise InputError(
-                f"{what} must have shape (batch, {', '.join(map(str, event_shape))}), "
-                f"got {tuple(x.shape)}"
+                f"{what} must have shape (batch, {', '.join(map(str, event_shape))}), got {tuple(x.shape)}"
             )
     elif x.dim() == 0:
         raise InputError(f"{what} must have a batch dimension, got a 0-d tensor")
@@ -113,21 +114,29 @@ def check_batch(
 
 
 def check_count(
-    value: object, what: str, *, minimum: int = 1, error: type[EBFlowError] = ConfigError,
+    value: object,
+    what: str,
+    *,
+    minimum: int = 1,
+    error: type[EBFlowError] = ConfigError,
 ) -> int:
     """``value`` as an ``int >= minimum`` (a Python or NumPy integer, never a bool), else
     ``error`` (:class:`ConfigError`, or :class:`InputError` for a call's argument)."""
     kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
     if isinstance(value, bool) or not hasattr(value, "__index__") or isinstance(value, Tensor):
         raise error(f"{what} must be {kind}, got {value!r} ({type(value).__name__})")
-    value = int(value.__index__())  # type: ignore[attr-defined]
+    value = int(value.__index__())
     if value < minimum:
         raise error(f"{what} must be {kind}, got {value}")
     return value
 
 
 def check_number(
-    value: object, what: str, *, positive: bool = False, non_negative: bool = False,
+    value: object,
+    what: str,
+    *,
+    positive: bool = False,
+    non_negative: bool = False,
     below: float | None = None,
 ) -> float:
     """``value`` as a finite ``float`` (a Python or NumPy real, never a bool), optionally
@@ -150,7 +159,10 @@ def check_number(
 
 
 def check_generator(
-    generator: object, what: str = "generator", *, device: torch.device | str | None = None,
+    generator: object,
+    what: str = "generator",
+    *,
+    device: torch.device | str | None = None,
     owner: str = "model",
 ) -> torch.Generator | None:
     """``generator`` if it is ``None`` or a :class:`torch.Generator` (else :class:`ConfigError`)
@@ -164,3 +176,34 @@ def check_generator(
             f"create it there: torch.Generator(device={str(torch.device(device))!r}).manual_seed(...)"
         )
     return generator
+
+
+def common_dtype(layers: Iterable[nn.Module]) -> torch.dtype:
+    """The one floating dtype of the layers' parameters and buffers (the default dtype when they
+    have none); layers of different dtypes are a :class:`~ebflow.errors.ConfigError`."""
+    seen: dict[torch.dtype, str] = {}
+    for i, layer in enumerate(layers):
+        for t in list(layer.parameters()) + list(layer.buffers()):
+            if t.is_floating_point() and t.dtype not in seen:
+                seen[t.dtype] = f"layer {i} ({type(layer).__name__})"
+    if len(seen) > 1:
+        which = ", ".join(f"{where} is {str(d).removeprefix('torch.')}" for d, where in seen.items())
+        raise ConfigError(
+            f"the layers mix dtypes: {which}; convert them to one dtype first "
+            "(e.g. layer.double() for each), or build the model from layers of the "
+            "default dtype and call model.to(dtype)"
+        )
+    return next(iter(seen), torch.get_default_dtype())
+
+
+def check_sample_shape(sample_shape: object) -> tuple[int, ...]:
+    """``sample_shape`` (an int, a tuple of ints or a ``torch.Size``) as a tuple of positive
+    sizes; anything else is an :class:`~ebflow.errors.InputError`."""
+    if isinstance(sample_shape, (str, bytes)) or not (
+        hasattr(sample_shape, "__index__") or isinstance(sample_shape, Sequence)
+    ):
+        raise InputError(
+            f"sample_shape must be a positive integer or a tuple of positive integers, got {sample_shape!r}"
+        )
+    sizes = (sample_shape,) if hasattr(sample_shape, "__index__") else tuple(sample_shape)  # type: ignore[arg-type]
+    return tuple(check_count(s, "every size of sample_shape", error=InputError) for s in sizes)

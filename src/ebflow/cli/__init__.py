@@ -31,9 +31,10 @@ EXIT_DIVERGED = 3
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(  # its sub-commands' parsers are Parsers too: "did you mean" on a bad choice
-        prog="ebflow", formatter_class=HelpFormatter,
+        prog="ebflow",
+        formatter_class=HelpFormatter,
         description="Energy-Based Normalizing Flows: train with score matching, evaluate the exact "
-                    "likelihood, sample exactly.",
+        "likelihood, sample exactly.",
     )
     parser.add_argument("--version", action="version", version=f"ebflow {__version__}")
     debug_help = "show the Python traceback of an error (also: EBFLOW_DEBUG=1)"
@@ -48,16 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inpaint", help="inpaint masked image regions by Langevin MCMC on the energy")
     inpaint.add_arguments(p)
     p.set_defaults(handler=inpaint.run)
-    p = sub.add_parser("reproduce", help="reproduce one of the paper's tables (train every cell, "
-                                         "then report ours next to the paper's)")
+    p = sub.add_parser(
+        "reproduce",
+        help="reproduce one of the paper's tables (train every cell, then report ours next to the paper's)",
+    )
     reproduce.add_arguments(p)
     p.set_defaults(handler=reproduce.run)
     for command in sub.choices.values():  # `ebflow train --debug` works too
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
         command.formatter_class = HelpFormatter  # --help shows the defaults
         command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=quiet_help)
-        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                             help=verbose_help)
+        command.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help
+        )
     return parser
 
 
@@ -88,8 +92,12 @@ def _interrupted(err: TrainingInterrupted) -> str:
 
 def _out_of_memory(err: BaseException) -> bool:
     text = str(err)
-    return (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
-            or "can't allocate memory" in text or "CUDA out of memory" in text)
+    return (
+        isinstance(err, MemoryError)
+        or type(err).__name__ == "OutOfMemoryError"
+        or "can't allocate memory" in text
+        or "CUDA out of memory" in text
+    )
 
 
 def _world_size() -> int:
@@ -157,8 +165,11 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
     except (MemoryError, RuntimeError) as err:  # out of memory can happen anywhere: say so
         if debug or not _out_of_memory(err):
             raise
-        print(f"{who}error: out of memory ({_one_line(str(err))[-200:]}); use smaller sizes "
-              "(batch_size, eval_batch_size, -n, the data or the model)", file=sys.stderr)
+        print(
+            f"{who}error: out of memory ({_one_line(str(err))[-200:]}); use smaller sizes "
+            "(batch_size, eval_batch_size, -n, the data or the model)",
+            file=sys.stderr,
+        )
         return EXIT_ERROR
     except KeyboardInterrupt:
         if debug:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import re
+from typing import NoReturn
 
 __all__ = ["HelpFormatter", "Parser", "format_metrics", "seed_argument"]
 
@@ -16,16 +17,22 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if ("default" in text or default is None or default is False or default == argparse.SUPPRESS
-                or default == [] or not action.option_strings):
+        if (
+            "default" in text
+            or default is None
+            or default is False
+            or default == argparse.SUPPRESS
+            or default == []
+            or not action.option_strings
+        ):
             return text
-        return super()._get_help_string(action)
+        return super()._get_help_string(action) or text
 
 
 class Parser(argparse.ArgumentParser):
     """An argument parser whose "invalid choice" errors suggest the closest choice."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
         if m:
             close = difflib.get_close_matches(m.group(1), re.findall(r"'([^']*)'", m.group(2)), n=1)

@@ -12,13 +12,25 @@ __all__ = ["add_parser"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("configs", help="list the presets (one line each; --show NAME for one in full)",
-                       description="List the presets, one line each (descriptions cut to the terminal's "
-                                   "width, at most 120 characters); --show NAME prints one in full.")
+    p = sub.add_parser(
+        "configs",
+        help="list the presets (one line each; --show NAME for one in full)",
+        description="List the presets, one line each (descriptions cut to the terminal's "
+        "width, at most 120 characters); --show NAME prints one in full.",
+    )
     p.add_argument("--keys", action="store_true", help="list every config key with its meaning")
-    p.add_argument("--show", metavar="NAME", default=None, help="print a resolved preset as YAML (its full description included)")
-    p.add_argument("--loss", default=None, metavar="LOSS",
-                   help="with --show: resolve the preset's recipe for this objective")
+    p.add_argument(
+        "--show",
+        metavar="NAME",
+        default=None,
+        help="print a resolved preset as YAML (its full description included)",
+    )
+    p.add_argument(
+        "--loss",
+        default=None,
+        metavar="LOSS",
+        help="with --show: resolve the preset's recipe for this objective",
+    )
     p.set_defaults(handler=_configs)
 
 
@@ -44,6 +56,6 @@ def _cut(line: str, limit: int) -> str:
     if len(line) <= limit:
         return line
     head = line[: limit - 3]
-    if " " in head[limit // 2:]:
+    if " " in head[limit // 2 :]:
         head = head[: head.rindex(" ")]
     return head.rstrip(" ,;:(") + "..."

@@ -31,8 +31,9 @@ class ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
-def format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                   line: str | None = None) -> str:
+def format_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
     """A Python warning as one ``warning: ...`` line (no source file, no code line)."""
     return f"warning: {message}\n"
 

@@ -22,12 +22,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="exact NLL (nats, bits/dim) with EMA weights; KL/Fisher for 2-D")
-    p.add_argument("path", metavar="RUN_DIR|CHECKPOINT",
-                   help="a run directory (its checkpoints/best.pt, else last.pt) or a .pt checkpoint")
+    p.add_argument(
+        "path",
+        metavar="RUN_DIR|CHECKPOINT",
+        help="a run directory (its checkpoints/best.pt, else last.pt) or a .pt checkpoint",
+    )
     p.add_argument("--split", choices=("val", "test"), default="test", help="data split to evaluate")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="change data keys for evaluation (data_dir, download, eval_batch_size)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change data keys for evaluation (data_dir, download, eval_batch_size)",
+    )
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(handler=_eval)
 
@@ -47,8 +56,9 @@ def _eval(args: argparse.Namespace) -> int:
     run = _load(args)
     metrics = run.evaluate(args.split)
     if args.json:
-        print(json.dumps({"checkpoint": str(run.checkpoint), "step": run.step,
-                          "split": args.split, **metrics}))
+        print(
+            json.dumps({"checkpoint": str(run.checkpoint), "step": run.step, "split": args.split, **metrics})
+        )
     else:
         print(f"{run.checkpoint} (step {run.step}, EMA weights)")
         print(format_metrics(args.split, metrics))
@@ -58,17 +68,35 @@ def _eval(args: argparse.Namespace) -> int:
 # -- sample ---------------------------------------------------------------------------------------
 def _add_sample(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="exact samples by inversion: image grid or 2-D scatter plot")
-    p.add_argument("path", metavar="RUN_DIR|CHECKPOINT",
-                   help="a run directory (its checkpoints/best.pt, else last.pt) or a .pt checkpoint")
+    p.add_argument(
+        "path",
+        metavar="RUN_DIR|CHECKPOINT",
+        help="a run directory (its checkpoints/best.pt, else last.pt) or a .pt checkpoint",
+    )
     p.add_argument("-n", type=int, default=64, help="number of samples")
-    p.add_argument("--out", default=None, metavar="FILE.png",
-                   help="output PNG (default: RUN_DIR/sample.png; the run's own samples.png is kept)")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="FILE.png",
+        help="output PNG (default: RUN_DIR/sample.png; the run's own samples.png is kept)",
+    )
     p.add_argument("--seed", type=seed_argument, default=0, help="random seed of the samples")
-    p.add_argument("--refine", type=int, default=0, metavar="K",
-                   help="refine the samples with K MCMC steps on the energy (ebflow.mcmc)")
+    p.add_argument(
+        "--refine",
+        type=int,
+        default=0,
+        metavar="K",
+        help="refine the samples with K MCMC steps on the energy (ebflow.mcmc)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="data keys for 2-D plots (data_dir, download)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="data keys for 2-D plots (data_dir, download)",
+    )
     p.set_defaults(handler=_sample)
 
 
@@ -80,6 +108,8 @@ def _sample(args: argparse.Namespace) -> int:
     if args.out is not None:
         prepare_output(args.out)  # a bad --out fails before the model is loaded
     run = _load(args)
-    out = save_samples(run, args.out or run.run_dir / "sample.png", args.n, seed=args.seed, refine=args.refine)
+    out = save_samples(
+        run, args.out or run.run_dir / "sample.png", args.n, seed=args.seed, refine=args.refine
+    )
     print(f"wrote {args.n} samples to {out}")
     return 0

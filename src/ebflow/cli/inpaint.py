@@ -29,34 +29,65 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``ebflow inpaint``."""
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a training run directory")
-    parser.add_argument("--mask", default="center",
-                        help="center|left|right|top|bottom|random:P|FILE.png (white = fill); default center")
+    parser.add_argument(
+        "--mask",
+        default="center",
+        help="center|left|right|top|bottom|random:P|FILE.png (white = fill); default center",
+    )
     parser.add_argument("--steps", type=int, default=500, help="MCMC iterations (default 500)")
-    parser.add_argument("--step-size", type=float, default=None,
-                        help="Langevin step size (default: chosen from the score, then adapted for MALA)")
-    parser.add_argument("--ula", action="store_true",
-                        help="unadjusted Langevin instead of MALA (no accept/reject)")
-    parser.add_argument("--target-acceptance", type=float, default=0.574,
-                        help="MALA step-size adaptation target; 0 turns adaptation off (default 0.574)")
+    parser.add_argument(
+        "--step-size",
+        type=float,
+        default=None,
+        help="Langevin step size (default: chosen from the score, then adapted for MALA)",
+    )
+    parser.add_argument(
+        "--ula", action="store_true", help="unadjusted Langevin instead of MALA (no accept/reject)"
+    )
+    parser.add_argument(
+        "--target-acceptance",
+        type=float,
+        default=0.574,
+        help="MALA step-size adaptation target; 0 turns adaptation off (default 0.574)",
+    )
     parser.add_argument("--schedule", choices=SCHEDULES, default="constant", help="step-size schedule")
-    parser.add_argument("--final-step-size", type=float, default=None,
-                        help="last step size of a decaying schedule")
-    parser.add_argument("--smoothness", type=float, default=0.0,
-                        help="weight of the pull toward the blurred image (default 0: off)")
+    parser.add_argument(
+        "--final-step-size", type=float, default=None, help="last step size of a decaying schedule"
+    )
+    parser.add_argument(
+        "--smoothness",
+        type=float,
+        default=0.0,
+        help="weight of the pull toward the blurred image (default 0: off)",
+    )
     parser.add_argument("--blur-sigma", type=float, default=1.0, help="blur width in pixels (default 1)")
-    parser.add_argument("--denoise-sigma", default="auto",
-                        help="finish with one Tweedie denoising step y + s^2 * score(y): a number s, "
-                             "0 (off), or auto (the run's DSM sigma for DSM-trained runs, else off)")
-    parser.add_argument("--average", type=int, default=0, metavar="K",
-                        help="fill with the average of the chain's last K states (posterior-mean "
-                             "estimate: lower MSE, blurrier) instead of its last state (default 0)")
+    parser.add_argument(
+        "--denoise-sigma",
+        default="auto",
+        help="finish with one Tweedie denoising step y + s^2 * score(y): a number s, "
+        "0 (off), or auto (the run's DSM sigma for DSM-trained runs, else off)",
+    )
+    parser.add_argument(
+        "--average",
+        type=int,
+        default=0,
+        metavar="K",
+        help="fill with the average of the chain's last K states (posterior-mean "
+        "estimate: lower MSE, blurrier) instead of its last state (default 0)",
+    )
     parser.add_argument("--num-images", type=int, default=8, help="test images to inpaint (default 8)")
     parser.add_argument("--split", default="test", help="data split to take images from (default test)")
     parser.add_argument("--seed", type=seed_argument, default=0, help="random seed (default 0)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     parser.add_argument("--out", default=None, help="output PNG (default RUN_DIR/inpaint.png)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="data keys of the run to change here: data_dir, download")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="data keys of the run to change here: data_dir, download",
+    )
     return parser
 
 
@@ -125,18 +156,31 @@ def run(args: argparse.Namespace) -> int:
     event_shape = tuple(model.event_shape)
     if tuple(images.shape[1:]) != event_shape:
         if images[0].numel() != math.prod(event_shape):
-            raise InputError(f"the run's {args.split} data have shape {tuple(images.shape[1:])}, the "
-                             f"model's events {event_shape}")
+            raise InputError(
+                f"the run's {args.split} data have shape {tuple(images.shape[1:])}, the "
+                f"model's events {event_shape}"
+            )
         images = images.reshape(images.shape[0], *event_shape)
     mask = mask_from_spec(args.mask, event_shape, batch=images.shape[0], generator=generator)
     model.eval()
     result = inpaint_images(
-        model, loaded.preprocessing, images, mask,
-        steps=args.steps, step_size=args.step_size, metropolis=not args.ula,
-        target_acceptance=args.target_acceptance or None, schedule=args.schedule,
-        final_step_size=args.final_step_size, smoothness=args.smoothness,
-        blur_sigma=args.blur_sigma, map_space=bool(getattr(loaded, "map", True)),
-        denoise_sigma=denoise, average_last=args.average, generator=generator, progress=True,
+        model,
+        loaded.preprocessing,
+        images,
+        mask,
+        steps=args.steps,
+        step_size=args.step_size,
+        metropolis=not args.ula,
+        target_acceptance=args.target_acceptance or None,
+        schedule=args.schedule,
+        final_step_size=args.final_step_size,
+        smoothness=args.smoothness,
+        blur_sigma=args.blur_sigma,
+        map_space=bool(getattr(loaded, "map", True)),
+        denoise_sigma=denoise,
+        average_last=args.average,
+        generator=generator,
+        progress=True,
     )
     out = Path(args.out) if args.out else Path(loaded.run_dir) / "inpaint.png"
     if loaded.preprocessing is not None:
@@ -148,8 +192,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("data are not images: no grid written")
     acc = "" if result.acceptance_rate is None else f", MALA acceptance {result.acceptance_rate:.3f}"
-    print(f"masked pixels: {int(result.mask.sum())} over {images.shape[0]} images ({args.mask}), "
-          f"{args.steps} steps, final step size {result.step_size:.3g}{acc}")
+    print(
+        f"masked pixels: {int(result.mask.sum())} over {images.shape[0]} images ({args.mask}), "
+        f"{args.steps} steps, final step size {result.step_size:.3g}{acc}"
+    )
     after = f"after {result.mse_after:.4f}"
     if args.average:
         after += f" (average of the last {args.average} states; the last state alone {result.mse_chain:.4f})"

@@ -16,8 +16,8 @@ import torch
 from ..errors import ConfigError
 from ..experiment.config.sections import MAX_SEED
 from ..experiment.parallel.devices import resolve_device
-from ..experiment.reproduce.progress import TableProgress
 from ..experiment.reproduce.cells import cell_done, device_slots, train_cell
+from ..experiment.reproduce.progress import TableProgress
 from ..experiment.reproduce.report import write_report
 from ..experiment.reproduce.tables import SM_LOSSES, TABLES, Cell, cells_of
 
@@ -27,34 +27,66 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = ("Reproduce one of the paper's tables: train every cell (resumable: a rerun "
-                     "continues unfinished cells), then write report.md (the paper's value, ours, "
-                     "the difference, iterations and time per cell), results.json and a plot of "
-                     "validation NLL against training time into OUT/TABLE.")
+    p.description = (
+        "Reproduce one of the paper's tables: train every cell (resumable: a rerun "
+        "continues unfinished cells), then write report.md (the paper's value, ours, "
+        "the difference, iterations and time per cell), results.json and a plot of "
+        "validation NLL against training time into OUT/TABLE."
+    )
     p.add_argument("table", choices=list(TABLES), help="which table")
-    p.add_argument("--budget-minutes", type=float, default=None, metavar="M",
-                   help="training minutes per cell (optimisation steps only); default: the "
-                        "presets' own stopping rule (the paper's epochs)")
-    p.add_argument("--objectives", nargs="+", default=None, metavar="LOSS",
-                   help=f"only these objectives ({', '.join(SM_LOSSES)})")
-    p.add_argument("--only", nargs="+", default=None, metavar="PATTERN",
-                   help="only the cells whose name matches a glob pattern (e.g. 'fc-*')")
+    p.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=None,
+        metavar="M",
+        help="training minutes per cell (optimisation steps only); default: the "
+        "presets' own stopping rule (the paper's epochs)",
+    )
+    p.add_argument(
+        "--objectives",
+        nargs="+",
+        default=None,
+        metavar="LOSS",
+        help=f"only these objectives ({', '.join(SM_LOSSES)})",
+    )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="PATTERN",
+        help="only the cells whose name matches a glob pattern (e.g. 'fc-*')",
+    )
     p.add_argument("--parallel", type=int, default=1, metavar="N", help="cells trained at once")
-    p.add_argument("--threads", type=int, default=None, metavar="T",
-                   help="CPU threads per cell (default: torch's default; with --parallel N on "
-                        "C cores, C / N)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="T",
+        help="CPU threads per cell (default: torch's default; with --parallel N on C cores, C / N)",
+    )
     p.add_argument("--data-dir", default=None, help="folder with the data files (MNIST IDX, CIFAR-10)")
     p.add_argument("--out", default="runs/reproduce", help="parent folder of the tables' runs")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the presets' auto)")
     p.add_argument("--seed", type=int, default=0, help="random seed of every cell")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra config override for every new cell; the stopping and bookkeeping "
-                        "keys (epochs, max_iters, eval_every, ...) also apply to resumed cells, "
-                        "e.g. --set epochs=200 continues finished cells to 200 epochs")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config override for every new cell; the stopping and bookkeeping "
+        "keys (epochs, max_iters, eval_every, ...) also apply to resumed cells, "
+        "e.g. --set epochs=200 continues finished cells to 200 epochs",
+    )
     p.add_argument("--report-only", action="store_true", help="do not train; rebuild the report")
-    p.add_argument("--progress-every", type=float, default=60.0, metavar="S",
-                   help="seconds between looks at the running cells' metrics.csv (their latest "
-                        "validation, and the table's progress and ETA) (default: 60)")
+    p.add_argument(
+        "--progress-every",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds between looks at the running cells' metrics.csv (their latest "
+        "validation, and the table's progress and ETA) (default: 60)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,13 +108,21 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     failed = []
     if not args.report_only:
-        todo = [c for c in cells
-                if not cell_done(out_dir / args.table / c.name, args.budget_minutes, args.overrides)]
+        todo = [
+            c
+            for c in cells
+            if not cell_done(out_dir / args.table / c.name, args.budget_minutes, args.overrides)
+        ]
         for c in cells:
             if c not in todo:
                 logger.info("[%s] finished at this budget; skipped", c.name)
-        progress = TableProgress(out_dir / args.table, [c.name for c in todo], len(cells) - len(todo),
-                                 args.budget_minutes, args.parallel)
+        progress = TableProgress(
+            out_dir / args.table,
+            [c.name for c in todo],
+            len(cells) - len(todo),
+            args.budget_minutes,
+            args.parallel,
+        )
         free: Queue[str | None] = Queue()  # one device per concurrent cell (GPUs spread)
         for slot in device_slots(args.device, args.parallel, torch.cuda.device_count()):
             free.put(slot)
@@ -100,10 +140,12 @@ def run(args: argparse.Namespace) -> int:
 
         with progress.watching(args.progress_every), ThreadPoolExecutor(max_workers=args.parallel) as pool:
             codes = list(pool.map(run_cell, todo))
-        failed = [c.name for c, code in zip(todo, codes) if code != 0]
+        failed = [c.name for c, code in zip(todo, codes, strict=True) if code != 0]
     write_report(args.table, cells, out_dir)
     if failed:
-        print(f"error: {len(failed)} cell(s) failed: {', '.join(failed)} (see their .log files)",
-              file=sys.stderr)
+        print(
+            f"error: {len(failed)} cell(s) failed: {', '.join(failed)} (see their .log files)",
+            file=sys.stderr,
+        )
         return 2
     return 0

@@ -32,22 +32,38 @@ logger = logging.getLogger(__name__)
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "train", help="train a model (no arguments: the embedded digits-fc default, ~1 min on CPU)",
-        description="Train an EBFlow. With no arguments: the 'digits-fc' preset (scikit-learn 8x8 "
-                    "digits, FC EBFlow, sliced score matching). On several GPUs or machines, "
-                    "start the same command with torchrun, e.g. `torchrun --nproc_per_node=4 -m "
-                    "ebflow train ...`: batch_size is then the global batch, split over the "
-                    "processes.",
+        "train",
+        help="train a model (no arguments: the embedded digits-fc default, 2-3 min on 2 cores)",
+        description="Train an EBFlow. With no arguments: the 'digits-fc' preset (the 8x8 digits "
+        "shipped with ebflow, FC EBFlow, sliced score matching). On several GPUs or "
+        "machines, start the same command with torchrun, e.g. `torchrun --nproc_per_node=4 -m "
+        "ebflow train ...`: batch_size is then the global batch, split over the "
+        "processes.",
     )
-    p.add_argument("--config", default=None, metavar="NAME|FILE",
-                   help=f"preset name (see `ebflow configs`) or YAML file (default: {DEFAULT_PRESET})")
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="NAME|FILE",
+        help=f"preset name (see `ebflow configs`) or YAML file (default: {DEFAULT_PRESET})",
+    )
     p.add_argument("--loss", choices=LOSSES, default=None, help="training objective")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (repeatable), e.g. --set lr=3e-4 --set max_iters=500")
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help="run directory (default: runs/<preset>-<loss>-<time>)")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR from checkpoints/last.pt")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable), e.g. --set lr=3e-4 --set max_iters=500",
+    )
+    p.add_argument(
+        "--out", default=None, metavar="DIR", help="run directory (default: runs/<preset>-<loss>-<time>)"
+    )
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from checkpoints/last.pt",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: config 'device', auto)")
     p.add_argument("--seed", type=int, default=None, help="random seed")
     p.set_defaults(handler=_train)
@@ -65,8 +81,10 @@ def _train(args: argparse.Namespace) -> int:
         overrides["device"] = args.device
     if args.resume:
         if args.config or args.out:
-            raise ConfigError("--resume continues a run with its own config and directory; "
-                        "do not combine it with --config or --out")
+            raise ConfigError(
+                "--resume continues a run with its own config and directory; "
+                "do not combine it with --config or --out"
+            )
         config = None
         device = args.device or "auto"
     else:
@@ -79,14 +97,19 @@ def _train(args: argparse.Namespace) -> int:
     try:
         if config is None:
             run_dir = Path(args.resume)
-            say(f"resuming {run_dir}" + (f" on {ctx.world_size} processes ({ctx.backend})"
-                                         if ctx.is_distributed else ""))
+            say(
+                f"resuming {run_dir}"
+                + (f" on {ctx.world_size} processes ({ctx.backend})" if ctx.is_distributed else "")
+            )
             with _stop_on_signals(stop, run_dir):
                 result = train(None, run_dir, resume=True, overrides=overrides, distributed=ctx, stop=stop)
         else:
             name, loss = config.runtime.name, config.objective.loss
-            run_dir = Path(args.out) if args.out else (
-                Path("runs") / f"{name}-{loss}-{time.strftime('%Y%m%d-%H%M%S')}")
+            run_dir = (
+                Path(args.out)
+                if args.out
+                else (Path("runs") / f"{name}-{loss}-{time.strftime('%Y%m%d-%H%M%S')}")
+            )
             run_dir = ctx.broadcast_object(run_dir)  # rank 0's clock names the run
             ctx.from_main(lambda: check_new_run_dir(run_dir))  # refuse a taken --out before anything
             say(f"training {name} with {loss} in {run_dir}")
@@ -102,15 +125,21 @@ def _train(args: argparse.Namespace) -> int:
     test = result.test
     if ctx.is_distributed:
         say(_batch_line(result.world_size, result.global_batch, None))
-    say(f"finished: {result.step} iterations, {result.epoch} epochs, "
+    say(
+        f"finished: {result.step} iterations, {result.epoch} epochs, "
         f"{result.train_seconds:.1f} s of training ({result.ms_per_iter:.1f} ms/iteration, "
-        f"{result.examples_per_second:.0f} examples/s), {result.skipped_steps} skipped steps")
+        f"{result.examples_per_second:.0f} examples/s), {result.skipped_steps} skipped steps"
+    )
     if result.dropped_examples:
         say(_dropped_line(result))
         if result.dropped_fraction >= 1 and ctx.is_main:
-            warnings.warn("every training example was dropped, so the objective never gave a gradient: "
-                          "the parameters changed only through weight decay, if any. Use MaP "
-                          "preprocessing (map=true) or a smaller sigma / eps", RuntimeWarning, stacklevel=1)
+            warnings.warn(
+                "every training example was dropped, so the objective never gave a gradient: "
+                "the parameters changed only through weight decay, if any. Use MaP "
+                "preprocessing (map=true) or a smaller sigma / eps",
+                RuntimeWarning,
+                stacklevel=1,
+            )
     if test:
         say(format_metrics("test", test))
     say(f"run directory: {run_dir}")
@@ -141,14 +170,18 @@ def _stop_on_signals(stop: StopRequest, run_dir: Path) -> Iterator[None]:
 
 
 def _dropped_line(result: TrainResult) -> str:
-    return (f"{result.dropped_examples} of {result.seen_examples} training examples "
-            f"({100 * result.dropped_fraction:.1f} %) were outside the model's domain and dropped "
-            f"from the loss (drop_out_of_domain)")
+    return (
+        f"{result.dropped_examples} of {result.seen_examples} training examples "
+        f"({100 * result.dropped_fraction:.1f} %) were outside the model's domain and dropped "
+        f"from the loss (drop_out_of_domain)"
+    )
 
 
 def _batch_line(world_size: int, global_batch: int, lr: float | None) -> str:
-    text = (f"{world_size} processes: global batch {global_batch} = {world_size} x "
-            f"{global_batch // world_size} per process")
+    text = (
+        f"{world_size} processes: global batch {global_batch} = {world_size} x "
+        f"{global_batch // world_size} per process"
+    )
     if lr is not None:
         text += f"; lr {lr:g} is the rate for the global batch"
     return text

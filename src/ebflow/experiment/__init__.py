@@ -11,5 +11,17 @@ from .rundir.load import LoadedRun, load_run
 from .training.run import TrainResult, train
 from .training.state import StopRequest, TrainingDivergedError, TrainingInterrupted, TrainState
 
-__all__ = ["train", "load_run", "LoadedRun", "resolve_config", "validate_config", "RunConfig", "list_presets",
-           "TrainResult", "TrainState", "TrainingDivergedError", "TrainingInterrupted", "StopRequest"]
+__all__ = [
+    "train",
+    "load_run",
+    "LoadedRun",
+    "resolve_config",
+    "validate_config",
+    "RunConfig",
+    "list_presets",
+    "TrainResult",
+    "TrainState",
+    "TrainingDivergedError",
+    "TrainingInterrupted",
+    "StopRequest",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +36,7 @@ class ActNorm(LinearFlowLayer):
     Cost: ``transform`` and inverse :math:`O(B D)`; ``log|det|`` :math:`O(C)`.
     """
 
+    initialized: Tensor  # buffer: bool, set by initialize()
     #: a Python copy of a True ``initialized`` buffer (class default for pickled older modules)
     _known_initialized: bool = False
 
@@ -51,7 +53,7 @@ class ActNorm(LinearFlowLayer):
 
     @classmethod
     def examples(cls) -> list[Example]:
-        examples = []
+        examples: list[Example] = []
         for shape in ((3,), (2, 3, 3)):
             x = example_inputs(6, *shape)
             layer = cls(shape[0]).double()
@@ -111,7 +113,7 @@ class ActNorm(LinearFlowLayer):
                 raise ConfigError(_NOT_INITIALIZED)
             self._known_initialized = True
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._known_initialized = False  # re-read the loaded ``initialized`` buffer
         super()._load_from_state_dict(*args, **kwargs)
 

@@ -12,8 +12,10 @@ example) and an exact ``inverse(y)``. Layers split in two sets (DESIGN.md §1):
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import torch
 from torch import Tensor, nn
@@ -21,8 +23,19 @@ from torch import Tensor, nn
 from ..errors import InputError, SingularLayerError
 from .cache import ParameterCache, needs_grad
 
-__all__ = ["FlowLayer", "LinearFlowLayer", "Shape", "Example", "lu_solve", "checked_lu_factor",
-           "check_pivots", "example_inputs", "perturbed"]
+__all__ = [
+    "FlowLayer",
+    "LinearFlowLayer",
+    "Shape",
+    "Example",
+    "lu_solve",
+    "checked_lu_factor",
+    "unchecked_singularity",
+    "singularity_checked",
+    "check_pivots",
+    "example_inputs",
+    "perturbed",
+]
 
 Shape = tuple[int, ...]
 #: A layer and a batch of inputs in its domain (see :meth:`FlowLayer.examples`).
@@ -34,7 +47,10 @@ def example_inputs(*shape: int, seed: int = 0) -> Tensor:
     return torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 
 
-def perturbed(layer: nn.Module, scale: float = 0.1, seed: int = 0) -> nn.Module:
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def perturbed(layer: _M, scale: float = 0.1, seed: int = 0) -> _M:
     """``layer`` in float64 with ``scale * N(0, 1)`` added to every floating parameter, so that
     no parameter sits at its (often identity-like or zero) initial value."""
     g = torch.Generator().manual_seed(seed)
@@ -56,9 +72,12 @@ class FlowLayer(nn.Module):
     constant_jacobian: bool = False
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+        """``(y, log|det dy/dx|)`` for a batch ``x``: ``y`` of shape ``(batch, *output_shape)``
+        and one log-determinant per example, shape ``(batch,)``."""
         raise NotImplementedError
 
     def inverse(self, y: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """The exact inverse: ``x`` with ``forward(x)[0] == y`` (up to rounding)."""
         raise NotImplementedError
 
     @classmethod
@@ -110,20 +129,45 @@ def checked_lu_factor(matrix: Tensor, owner: str) -> tuple[Tensor, Tensor]:
     ``n * eps * max|pivot|`` (its condition number is beyond the dtype's precision).
     """
     lu, pivots, info = torch.linalg.lu_factor_ex(matrix)
-    if int(info.max()) > 0:
-        raise SingularLayerError(f"{owner}: weight matrix is singular; it cannot be inverted")
-    check_pivots(lu.diagonal(dim1=-2, dim2=-1), owner)
+    check_pivots(lu.diagonal(dim1=-2, dim2=-1), owner, failed=info.max() > 0)
     return lu, pivots
 
 
-def check_pivots(pivots: Tensor, owner: str) -> None:
+_SINGULARITY_UNCHECKED: ContextVar[bool] = ContextVar("ebflow_singularity_unchecked", default=False)
+
+
+@contextmanager
+def unchecked_singularity() -> Iterator[None]:
+    """Inside, log-determinants computed *with gradients* skip their singularity checks (pivots,
+    finiteness), which read the device once or twice per linear layer: a training objective
+    (maximum likelihood) uses it and leaves a singular weight to show as a non-finite loss.
+    Values computed without gradients (evaluation, sampling) are always checked."""
+    token = _SINGULARITY_UNCHECKED.set(True)
+    try:
+        yield
+    finally:
+        _SINGULARITY_UNCHECKED.reset(token)
+
+
+def singularity_checked() -> bool:
+    """False inside :func:`unchecked_singularity` (for layers' differentiable log-determinants)."""
+    return not _SINGULARITY_UNCHECKED.get()
+
+
+def check_pivots(pivots: Tensor, owner: str, failed: Tensor | None = None) -> None:
     """Raise :class:`SingularLayerError` unless every pivot (diagonal of a triangular factor) is
-    finite and larger than ``n * eps * max|pivot|``."""
+    finite and larger than ``n * eps * max|pivot|`` (and ``failed``, a factorisation's own
+    verdict, is false). One device read."""
     diag = pivots.detach().abs()
     eps = torch.finfo(diag.dtype).eps
-    if not bool(torch.isfinite(diag).all()):
+    nonfinite = ~torch.isfinite(diag).all()
+    if failed is not None:
+        nonfinite = nonfinite | failed
+    tiny = (diag <= diag.numel() * eps * diag.max()).any()
+    singular, ill_conditioned = torch.stack([nonfinite, tiny]).tolist()  # the one device read
+    if singular:
         raise SingularLayerError(f"{owner}: weight matrix is singular; it cannot be inverted")
-    if bool((diag <= diag.numel() * eps * diag.max()).any()):
+    if ill_conditioned:
         raise SingularLayerError(
             f"{owner}: weight matrix is numerically singular (smallest pivot "
             f"{float(diag.min()):.3e}, largest {float(diag.max()):.3e}); it cannot be inverted"
@@ -208,8 +252,20 @@ class LinearFlowLayer(FlowLayer):
 
     # -- public API -----------------------------------------------------------------------
     def log_abs_det(self, event_shape: Shape) -> Tensor:
-        """``log|det A|`` (a scalar) for inputs of event shape ``event_shape``; cached."""
-        value = self._cached("logdet", event_shape, lambda: self._compute_log_abs_det(tuple(event_shape)))
+        """``log|det A|`` (a scalar) for inputs of event shape ``event_shape``; cached. Raises
+        :class:`~ebflow.errors.SingularLayerError` when it is not finite (checked once per
+        parameter state; at every call with gradients, except inside
+        :func:`unchecked_singularity`, where a training objective leaves the check to its loss)."""
+        shape = tuple(event_shape)
+        if self._needs_grad():
+            value = self._cached("logdet", shape, lambda: self._compute_log_abs_det(shape))
+            return value if _SINGULARITY_UNCHECKED.get() else self._finite_log_abs_det(value)
+        # checked once, when computed; served from the cache without reading the device again
+        return self._cached(
+            "logdet", shape, lambda: self._finite_log_abs_det(self._compute_log_abs_det(shape))
+        )
+
+    def _finite_log_abs_det(self, value: Tensor) -> Tensor:
         if not bool(torch.isfinite(value)):
             raise SingularLayerError(
                 f"{type(self).__name__}: weight matrix is singular (log|det| = {float(value.detach())})"
@@ -217,11 +273,15 @@ class LinearFlowLayer(FlowLayer):
         return value
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(transform(x), log|det A|)``: the constant log-determinant (cached) repeated for each
+        example."""
         y = self.transform(x)
         logdet = self.log_abs_det(tuple(x.shape[1:]))
         return y, logdet.to(device=y.device, dtype=y.dtype).expand(x.shape[0])
 
     def inverse(self, y: Tensor) -> Tensor:
+        """``A^{-1}(y - b)`` from the cached factorisation (e.g. an LU solve); raises
+        :class:`~ebflow.errors.SingularLayerError` when ``A`` is numerically singular."""
         event_shape = self.input_shape_of(tuple(y.shape[1:]))
         factors = self._cached("factors", event_shape, lambda: self._factorize(event_shape))
         return self._inverse_with(factors, y)
@@ -229,3 +289,18 @@ class LinearFlowLayer(FlowLayer):
     def input_shape_of(self, output_event_shape: Shape) -> Shape:
         """Event shape of the input that gives ``output_event_shape`` (same by default)."""
         return tuple(output_event_shape)
+
+
+if TYPE_CHECKING:
+
+    class FlowLayerList(nn.ModuleList):
+        """What type checkers see of a flow's ``layers``: an ``nn.ModuleList`` of FlowLayers."""
+
+        def __iter__(self) -> Iterator[FlowLayer]: ...
+        @overload
+        def __getitem__(self, idx: slice) -> FlowLayerList: ...
+        @overload
+        def __getitem__(self, idx: int) -> FlowLayer: ...
+        def __getitem__(self, idx: int | slice) -> FlowLayer | FlowLayerList: ...
+else:
+    FlowLayerList = nn.ModuleList  # at run time, a plain nn.ModuleList

@@ -20,7 +20,8 @@ sub-modules*:
 
 * A value that must carry gradients -- grad mode on and some parameter requiring grad
   (:func:`needs_grad`) -- is computed afresh, never served from the cache; a detached copy is
-  kept for later calls without gradients.
+  kept for later calls without gradients (its key's fingerprints are read then, so a training
+  step reads nothing from the device).
 * Otherwise a value is computed once per key, under ``no_grad``, and served until the state
   changes; entries of an older state are dropped as soon as a new state is seen (the cache
   holds one state at a time).
@@ -29,7 +30,7 @@ sub-modules*:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from itertools import chain
 from typing import Any
 
@@ -39,22 +40,34 @@ from torch import Tensor, nn
 __all__ = ["ParameterCache", "needs_grad", "parameter_state"]
 
 
+def _state_parts(module: nn.Module) -> tuple[tuple, Tensor | None]:
+    """``(meta, fingerprints)``: the hashable part of :func:`parameter_state`, and the float64
+    ``(n, 2)`` tensor of fingerprints still on the parameters' device (not read yet)."""
+    tensors = list(chain(module.parameters(), module.buffers()))
+    meta = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    floating = [t.detach() for t in tensors if t.is_floating_point()]
+    if not floating:
+        return meta, None
+    with torch.no_grad():
+        prints = torch.stack(
+            [
+                torch.stack([t.sum(dtype=torch.float64), torch.linalg.vector_norm(t, dtype=torch.float64)])
+                for t in floating
+            ]
+        )
+    return meta, prints
+
+
+def _as_state(meta: tuple, prints: Tensor | None) -> tuple:
+    return meta if prints is None else meta + tuple(tuple(p) for p in prints.tolist())  # one device sync
+
+
 def parameter_state(module: nn.Module) -> tuple:
     """Identity of the current values of ``module``'s parameters and buffers (sub-modules
     included): ``(storage address, version, dtype, device)`` of each tensor, then the float64
     ``(sum, norm)`` fingerprint of each floating tensor. Hashable; equal keys mean equal values
     (up to a fingerprint collision of a write that also kept every version counter)."""
-    tensors = list(chain(module.parameters(), module.buffers()))
-    meta = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
-    floating = [t.detach() for t in tensors if t.is_floating_point()]
-    if not floating:
-        return meta
-    with torch.no_grad():
-        prints = torch.stack([
-            torch.stack([t.sum(dtype=torch.float64), torch.linalg.vector_norm(t, dtype=torch.float64)])
-            for t in floating
-        ]).tolist()  # one device sync
-    return meta + tuple(tuple(p) for p in prints)
+    return _as_state(*_state_parts(module))
 
 
 def needs_grad(module: nn.Module) -> bool:
@@ -73,19 +86,30 @@ class ParameterCache:
     """
 
     def __init__(self) -> None:
-        self._entries: dict[Hashable, Any] = {}
+        self._entries: dict[tuple[str, tuple[int, ...], tuple], Any] = {}  # (name, shape, state)
+        # a value computed with gradients, kept detached with its state's fingerprints still on
+        # the device: reading them is a host sync, deferred to the next call without gradients
+        self._pending: tuple[str, tuple[int, ...], tuple, Tensor | None, Tensor] | None = None
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) + (self._pending is not None)
 
-    def get(self, name: str, event_shape: Sequence[int], compute: Callable[[], Any], module: nn.Module) -> Any:
+    def get(
+        self, name: str, event_shape: Sequence[int], compute: Callable[[], Any], module: nn.Module
+    ) -> Any:
         """``compute()`` for ``module``'s current parameters, cached under
-        ``(name, event_shape, parameter_state(module))``."""
+        ``(name, event_shape, parameter_state(module))``. With gradients it reads nothing from
+        the device (maximum-likelihood training steps stay free of host syncs)."""
         if needs_grad(module):
             value = compute()
             if isinstance(value, Tensor):
-                self._entries = {(name, tuple(event_shape), parameter_state(module)): value.detach()}
+                self._entries = {}
+                self._pending = (name, tuple(event_shape), *_state_parts(module), value.detach())
             return value
+        if self._pending is not None:
+            p_name, p_shape, p_meta, p_prints, p_value = self._pending
+            self._pending = None
+            self._entries[(p_name, p_shape, _as_state(p_meta, p_prints))] = p_value
         state = parameter_state(module)
         key = (name, tuple(event_shape), state)
         if key not in self._entries:
@@ -98,3 +122,4 @@ class ParameterCache:
     def clear(self) -> None:
         """Forget every entry."""
         self._entries = {}
+        self._pending = None

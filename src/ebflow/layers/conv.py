@@ -36,8 +36,11 @@ def convolution_matrix(weight: Tensor, image_shape: Shape) -> Tensor:
     out_pixel, in_pixel, taps = _valid_taps(h, w, k, weight.device)
     channel = torch.arange(c, device=weight.device)
     # flat index of M[(o, out_pixel), (i, in_pixel)], shape (o, i, tap position)
-    index = (channel.view(c, 1, 1) * (hw * d) + channel.view(1, c, 1) * hw
-             + (out_pixel * d + in_pixel).view(1, 1, -1))
+    index = (
+        channel.view(c, 1, 1) * (hw * d)
+        + channel.view(1, c, 1) * hw
+        + (out_pixel * d + in_pixel).view(1, 1, -1)
+    )
     values = weight.reshape(c, c, k * k)[:, :, taps]
     flat = torch.zeros(d * d, dtype=weight.dtype, device=weight.device)
     return flat.index_put((index.reshape(-1),), values.reshape(-1)).view(d, d)
@@ -48,9 +51,7 @@ def _valid_taps(h: int, w: int, k: int, device: torch.device) -> tuple[Tensor, T
     """Every (output pixel ``y w + x``, input pixel ``y' w + x'``, tap ``a k + b``) of a
     ``k x k`` kernel with zero padding ``k // 2`` whose input pixel lies inside the image."""
     p = k // 2
-    a, b, y, x = torch.meshgrid(
-        *(torch.arange(n, device=device) for n in (k, k, h, w)), indexing="ij"
-    )
+    a, b, y, x = torch.meshgrid(*(torch.arange(n, device=device) for n in (k, k, h, w)), indexing="ij")
     ys, xs = y + a - p, x + b - p
     inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
     return (y * w + x)[inside], (ys * w + xs)[inside], (a * k + b)[inside]
@@ -88,7 +89,16 @@ class _SamePaddingConv2d(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             pad = weight.shape[-1] // 2
             grad_w = torch.ops.aten.convolution_backward(
-                grad, x, weight, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1,
+                grad,
+                x,
+                weight,
+                None,
+                [1, 1],
+                [pad, pad],
+                [1, 1],
+                False,
+                [0, 0],
+                1,
                 [False, True, False],
             )[1]
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -106,6 +116,8 @@ NEGATIVE_IDENTITY_BIAS_GAIN = 0.01
 
 def same_padding_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """Stride-1 convolution with zero padding ``k // 2`` (odd ``k``): same output size."""
+    if torch.compiler.is_compiling():  # Dynamo drops the custom function's higher derivatives
+        return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2)
     return _SamePaddingConv2d.apply(x, weight, bias)
 
 
@@ -146,8 +158,14 @@ class Conv2d(LinearFlowLayer):
     """
 
     def __init__(
-        self, channels: int, kernel_size: int = 3, *, bias: bool = True, init_noise: float = 1e-2,
-        init: str = "identity", spectral_norm: bool = False,
+        self,
+        channels: int,
+        kernel_size: int = 3,
+        *,
+        bias: bool = True,
+        init_noise: float = 1e-2,
+        init: str = "identity",
+        spectral_norm: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
@@ -169,7 +187,7 @@ class Conv2d(LinearFlowLayer):
             start_bias = torch.zeros(channels)
         else:
             weight[:, :, centre, centre] = -torch.eye(channels)
-            start_bias = NEGATIVE_IDENTITY_BIAS_GAIN / (kernel_size * channels ** 0.5) * torch.randn(channels)
+            start_bias = NEGATIVE_IDENTITY_BIAS_GAIN / (kernel_size * channels**0.5) * torch.randn(channels)
         if not isinstance(spectral_norm, bool):
             raise ConfigError(f"Conv2d spectral_norm must be True or False, got {spectral_norm!r}")
         self.weight = nn.Parameter(weight)
@@ -180,9 +198,11 @@ class Conv2d(LinearFlowLayer):
 
     @classmethod
     def examples(cls) -> list[Example]:
-        return [(perturbed(cls(2, 3)), example_inputs(5, 2, 4, 4)),
-                (perturbed(cls(1, 5, init="negative_identity")), example_inputs(5, 1, 5, 5)),
-                (perturbed(cls(2, 3, spectral_norm=True)).eval(), example_inputs(5, 2, 4, 4))]
+        return [
+            (perturbed(cls(2, 3)), example_inputs(5, 2, 4, 4)),
+            (perturbed(cls(1, 5, init="negative_identity")), example_inputs(5, 1, 5, 5)),
+            (perturbed(cls(2, 3, spectral_norm=True)).eval(), example_inputs(5, 2, 4, 4)),
+        ]
 
     def extra_repr(self) -> str:
         sn = ", spectral_norm=True" if self.spectral_norm else ""
@@ -248,8 +268,10 @@ class Conv1x1(LinearFlowLayer):
 
     @classmethod
     def examples(cls) -> list[Example]:
-        return [(perturbed(cls(3)), example_inputs(5, 3, 2, 2)),
-                (perturbed(cls(2, bias=True)), example_inputs(5, 2, 3, 3))]
+        return [
+            (perturbed(cls(3)), example_inputs(5, 3, 2, 2)),
+            (perturbed(cls(2, bias=True)), example_inputs(5, 2, 3, 3)),
+        ]
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, bias={self.bias is not None}"

@@ -22,7 +22,10 @@ def _zero_last(layer: nn.Module) -> nn.Module:
 
 
 def mlp_conditioner(
-    in_features: int, out_features: int, hidden: int = 64, depth: int = 2,
+    in_features: int,
+    out_features: int,
+    hidden: int = 64,
+    depth: int = 2,
     activation: Callable[[], nn.Module] = SiLU,
 ) -> nn.Sequential:
     """An MLP with ``depth`` hidden layers of width ``hidden``; the last layer starts at zero.
@@ -55,9 +58,12 @@ class ChannelScale(nn.Module):
         return f"channels={self.log_scale.numel()}, factor={self.factor}"
 
     def forward(self, x: Tensor) -> Tensor:
+        r""":math:`x_c\, e^{\kappa s_c}` for channels ``c`` in dimension 1."""
         if x.dim() < 2 or x.shape[1] != self.log_scale.numel():
-            raise InputError(f"ChannelScale({self.log_scale.numel()}) expects channels in dimension 1, "
-                             f"got shape {tuple(x.shape)}")
+            raise InputError(
+                f"ChannelScale({self.log_scale.numel()}) expects channels in dimension 1, "
+                f"got shape {tuple(x.shape)}"
+            )
         scale = torch.exp(self.factor * self.log_scale)
         return x * scale.view(1, -1, *([1] * (x.dim() - 2)))
 
@@ -71,15 +77,21 @@ CONDITIONER_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 
 
 def cnn_conditioner(
-    in_channels: int, out_channels: int, hidden: int = 64,
-    activation: Callable[[], nn.Module] = SiLU, *, output_scale: bool = False,
+    in_channels: int,
+    out_channels: int,
+    hidden: int = 64,
+    activation: Callable[[], nn.Module] = SiLU,
+    *,
+    output_scale: bool = False,
 ) -> nn.Sequential:
     """Conv3x3 -> act -> Conv1x1 -> act -> Conv3x3 (zero-initialised), size-preserving; the
     activation as in :func:`mlp_conditioner`. ``output_scale`` appends a :class:`ChannelScale`
     (factor 3) after the last convolution, as in Glow's and the paper's reference Glow."""
     layers: list[nn.Module] = [
-        nn.Conv2d(in_channels, hidden, 3, padding=1), activation(),
-        nn.Conv2d(hidden, hidden, 1), activation(),
+        nn.Conv2d(in_channels, hidden, 3, padding=1),
+        activation(),
+        nn.Conv2d(hidden, hidden, 1),
+        activation(),
         _zero_last(nn.Conv2d(hidden, out_channels, 3, padding=1)),
     ]
     if output_scale:
@@ -134,11 +146,14 @@ class AffineCoupling(FlowLayer):
     def examples(cls) -> list[Example]:
         with torch.random.fork_rng(devices=[]):  # fixed weights, the caller's RNG untouched
             torch.manual_seed(0)
-            glow_like = cnn_conditioner(2, 4, hidden=6, activation=CONDITIONER_ACTIVATIONS["leaky_relu"],
-                                        output_scale=True)
-            return [(perturbed(cls((4,), hidden=8)), example_inputs(5, 4)),
-                    (perturbed(cls((3, 2, 2), hidden=4, swap=True)), example_inputs(5, 3, 2, 2)),
-                    (perturbed(cls((4, 2, 2), conditioner=glow_like)), example_inputs(5, 4, 2, 2))]
+            glow_like = cnn_conditioner(
+                2, 4, hidden=6, activation=CONDITIONER_ACTIVATIONS["leaky_relu"], output_scale=True
+            )
+            return [
+                (perturbed(cls((4,), hidden=8)), example_inputs(5, 4)),
+                (perturbed(cls((3, 2, 2), hidden=4, swap=True)), example_inputs(5, 3, 2, 2)),
+                (perturbed(cls((4, 2, 2), conditioner=glow_like)), example_inputs(5, 4, 2, 2)),
+            ]
 
     def extra_repr(self) -> str:
         return f"event_shape={self.event_shape}, swap={self.swap}, scale_bound={self.scale_bound}"
@@ -151,7 +166,7 @@ class AffineCoupling(FlowLayer):
         return self.event_shape
 
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        a, b = torch.split(x, self.sizes, dim=1)
+        a, b = torch.split(x, list(self.sizes), dim=1)
         return (b, a) if self.swap else (a, b)
 
     def _join(self, cond: Tensor, moved: Tensor) -> Tensor:

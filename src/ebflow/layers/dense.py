@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from collections.abc import Callable
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -18,12 +19,15 @@ from .base import (
     example_inputs,
     lu_solve,
     perturbed,
+    singularity_checked,
 )
 
 __all__ = ["Dense", "random_orthogonal"]
 
 Parameterization = Literal["full", "tril", "triu", "lu"]
-PARAMETERIZATIONS: tuple[str, ...] = get_args(Parameterization)
+PARAMETERIZATIONS: tuple[Parameterization, ...] = get_args(Parameterization)
+#: Initialisations of a Dense weight (``init``).
+DenseInit = Literal["orthogonal", "identity", "negative_identity"]
 
 
 def random_orthogonal(n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -34,6 +38,22 @@ def random_orthogonal(n: int, generator: torch.Generator | None = None) -> Tenso
     q = torch.empty(n, n, dtype=torch.float64)
     torch.nn.init.orthogonal_(q, generator=generator)
     return q.to(torch.get_default_dtype()).contiguous()
+
+
+def _permutation_index(permutation: Tensor) -> Tensor:
+    """The index ``s`` of a permutation matrix ``P``: ``(P v)_i = v[s[i]]`` (the column of row
+    ``i``'s one), so that ``P`` acts on a batch of row vectors as ``v.index_select(1, s)``."""
+    return permutation.argmax(dim=1)
+
+
+def _is_permutation_matrix(matrix: Tensor) -> bool:
+    """True when ``matrix`` is square, made of zeros and ones, with one 1 per row and column
+    (one device read)."""
+    if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+        return False
+    binary = ((matrix == 0) | (matrix == 1)).all()
+    rows, cols = matrix.sum(dim=1), matrix.sum(dim=0)
+    return bool(binary & (rows == 1).all() & (cols == 1).all())
 
 
 class Dense(LinearFlowLayer):
@@ -52,12 +72,27 @@ class Dense(LinearFlowLayer):
     or ``"negative_identity"`` (:math:`W = -I` and bias :math:`b = \mathbf{1}`: the reference code's
     FC recipe, so the first layer starts at :math:`y = 1 - x`).
 
-    Cost (batch ``B``): ``transform`` :math:`O(B D^2)` (``"lu"`` also forms :math:`W = PLU`,
-    :math:`O(D^3)`, at every call); ``log|det|``: ``"full"`` an LU, :math:`O(D^3)` -- once per
-    parameter state without gradients (cached, shared with the inverse), at every call with
-    gradients (maximum likelihood) -- and :math:`O(D)` for the triangular and LU forms; inverse
-    :math:`O(D^3)` once (cached factors) plus :math:`O(B D^2)` triangular solves per call.
+    Cost (batch ``B``, multiply-adds): ``transform`` :math:`B D^2` for ``"full"``,
+    ``"tril"`` and ``"triu"`` (one product with the weight, masked in :math:`O(D^2)`);
+    :math:`2 B D^2` for ``"lu"``, which never forms :math:`W`: it applies the masked factors to
+    the batch, :math:`y = P(L(Ux)) + b`, and :math:`P` as an index (a gather of the columns,
+    :math:`O(B D)`). ``log|det|``: ``"full"`` an LU, :math:`O(D^3)` -- once per parameter state
+    without gradients (cached, shared with the inverse), at every call with gradients (maximum
+    likelihood) -- and :math:`O(D)` (the diagonal) for the triangular and LU forms. Inverse:
+    ``"full"`` :math:`O(D^3)` once (cached LU) plus :math:`O(B D^2)` per call; the triangular
+    and LU forms :math:`O(D^2)` once (the masked factors, cached) plus :math:`O(B D^2)`
+    triangular solves per call (``"lu"``: :math:`P^\top` as an index, no factorisation).
+    :meth:`matrix` forms :math:`W` (``"lu"``: :math:`O(D^3)`); no computation of the layer
+    calls it, it is a reference for checks.
     """
+
+    # buffers of the triangular (mask) and LU (the others) parameterizations
+    mask: Tensor
+    permutation: Tensor
+    permutation_index: Tensor
+    lower_mask: Tensor
+    upper_mask: Tensor
+    eye: Tensor
 
     def __init__(
         self,
@@ -66,7 +101,7 @@ class Dense(LinearFlowLayer):
         *,
         parameterization: Parameterization = "full",
         bias: bool = True,
-        init: Literal["orthogonal", "identity", "negative_identity"] | None = None,
+        init: DenseInit | None = None,
     ) -> None:
         super().__init__()
         if out_features is not None and out_features != features:
@@ -89,10 +124,15 @@ class Dense(LinearFlowLayer):
         if init is None:
             init = "identity" if parameterization in ("tril", "triu") else "orthogonal"
         if init not in ("orthogonal", "identity", "negative_identity"):
-            raise ConfigError(f"unknown dense initialisation {init!r}; choose orthogonal, identity "
-                              "or negative_identity")
-        start = {"orthogonal": random_orthogonal, "identity": torch.eye,
-                 "negative_identity": lambda n: -torch.eye(n)}[init](d)
+            raise ConfigError(
+                f"unknown dense initialisation {init!r}; choose orthogonal, identity or negative_identity"
+            )
+        starts: dict[str, Callable[[int], Tensor]] = {
+            "orthogonal": random_orthogonal,
+            "identity": torch.eye,
+            "negative_identity": lambda n: -torch.eye(n),
+        }
+        start = starts[init](d)
 
         if parameterization == "full":
             self.weight = nn.Parameter(start.clone())
@@ -103,6 +143,9 @@ class Dense(LinearFlowLayer):
         else:  # lu
             p, l, u = torch.linalg.lu(start.double())
             self.register_buffer("permutation", p.to(start.dtype))
+            # P as an index, (P v)_i = v[permutation_index[i]]: derived from ``permutation`` (the
+            # saved buffer), so not saved itself; re-derived whenever a state dict is loaded
+            self.register_buffer("permutation_index", _permutation_index(self.permutation), persistent=False)
             self.lower = nn.Parameter(torch.tril(l, -1).to(start.dtype))
             self.upper = nn.Parameter(torch.triu(u).to(start.dtype))
             self.register_buffer("lower_mask", torch.tril(torch.ones(d, d), -1), persistent=False)
@@ -114,11 +157,41 @@ class Dense(LinearFlowLayer):
 
     @classmethod
     def examples(cls) -> list[Example]:
-        return [(perturbed(cls(4, parameterization=p, init="identity" if p != "full" else None)),
-                 example_inputs(5, 4)) for p in PARAMETERIZATIONS]
+        return [
+            (
+                perturbed(cls(4, parameterization=p, init="identity" if p != "full" else None)),
+                example_inputs(5, 4),
+            )
+            for p in PARAMETERIZATIONS
+        ]
 
     def extra_repr(self) -> str:
         return f"features={self.features}, parameterization={self.parameterization}, bias={self.bias is not None}"
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if self.parameterization != "lu" or self.permutation.is_meta:
+            return
+        # the saved P matrix is the truth; its index (not saved) follows it
+        if not _is_permutation_matrix(self.permutation):
+            error_msgs.append(
+                f"{prefix}permutation: Dense({self.features}, lu) needs a permutation matrix "
+                "(zeros and ones, one 1 per row and column)"
+            )
+            return
+        with torch.no_grad():  # on the loaded buffer's device (``assign=True`` may move it)
+            self.permutation_index = _permutation_index(self.permutation)
 
     # -- the matrix -----------------------------------------------------------------------
     def _lu_factors(self) -> tuple[Tensor, Tensor]:
@@ -127,7 +200,8 @@ class Dense(LinearFlowLayer):
         return lower, upper
 
     def matrix(self) -> Tensor:
-        """The weight matrix ``W`` (``features x features``)."""
+        """The weight matrix ``W`` (``features x features``), for checks: no computation of the
+        layer forms it (``"lu"``: two :math:`D^3` products)."""
         if self.parameterization == "full":
             return self.weight
         if self.parameterization in ("tril", "triu"):
@@ -146,13 +220,20 @@ class Dense(LinearFlowLayer):
 
     def transform(self, x: Tensor) -> Tensor:
         self._check_event_shape(x, (self.features,), "inputs")
-        return F.linear(x, self.matrix(), self.bias)
+        if self.parameterization != "lu":
+            return F.linear(x, self.matrix(), self.bias)  # a masked triangle is O(D^2)
+        # y = P (L (U x)) + b on the batch, without W = PLU: two B x D x D products and a gather
+        lower, upper = self._lu_factors()
+        h = F.linear(F.linear(x, upper), lower).index_select(1, self.permutation_index)
+        return h if self.bias is None else h + self.bias
 
     def _log_abs_det(self, event_shape: Shape) -> Tensor:
         if self.parameterization == "full":
-            # differentiable LU in the weight's dtype; its pivots reveal a singular weight
+            # differentiable LU in the weight's dtype; its pivots reveal a singular weight (not
+            # checked inside unchecked_singularity(): maximum-likelihood training, no host sync)
             lu, _, _ = torch.linalg.lu_factor_ex(self.weight)
-            check_pivots(lu.diagonal(), f"Dense({self.features}, full)")
+            if singularity_checked():
+                check_pivots(lu.diagonal(), f"Dense({self.features}, full)")
             return torch.log(lu.diagonal().abs()).sum()
         if self.parameterization in ("tril", "triu"):
             return torch.log(torch.diagonal(self.weight).abs()).sum()
@@ -168,7 +249,8 @@ class Dense(LinearFlowLayer):
             return (w,)
         lower, upper = (t.double() for t in self._lu_factors())
         check_pivots(upper.diagonal(), name)
-        return (self.permutation.double(), lower, upper)
+        # P^T as an index: (P^T v)_j = v[inverse[j]], the inverse permutation of P's index
+        return (torch.argsort(self.permutation_index), lower, upper)
 
     def _inverse_with(self, factors: tuple[Tensor, ...], y: Tensor) -> Tensor:
         self._check_event_shape(y, (self.features,), "outputs")
@@ -181,8 +263,8 @@ class Dense(LinearFlowLayer):
             (w,) = factors
             x = torch.linalg.solve_triangular(w, rhs, upper=self.parameterization == "triu")
         else:
-            perm, lower, upper = factors
-            x = perm.T @ rhs
+            inverse, lower, upper = factors
+            x = rhs.index_select(0, inverse)  # P^T rhs
             x = torch.linalg.solve_triangular(lower, x, upper=False, unitriangular=True)
             x = torch.linalg.solve_triangular(upper, x, upper=True)
         return x.T.to(y.dtype)

@@ -104,6 +104,7 @@ class GenericLinear(LinearFlowLayer, metaclass=_ChecksAfterInit):
     #: Whether ``log|det|`` and the inverse go through the dense matrix (False in subclasses
     #: with a cheaper exact structure; their :meth:`matrix` stays available as a reference).
     dense: ClassVar[bool] = True
+    _device_anchor: Tensor  # buffer: follows .to()
 
     def __init__(
         self,
@@ -121,7 +122,9 @@ class GenericLinear(LinearFlowLayer, metaclass=_ChecksAfterInit):
                 f"integers, got {event_shape!r}"
             )
         if max_dim is not None and (not isinstance(max_dim, int) or max_dim < 1):
-            raise ConfigError(f"{type(self).__name__}: max_dim must be a positive integer or None, got {max_dim!r}")
+            raise ConfigError(
+                f"{type(self).__name__}: max_dim must be a positive integer or None, got {max_dim!r}"
+            )
         if basis_batch is not None and (not isinstance(basis_batch, int) or basis_batch < 1):
             raise ConfigError(
                 f"{type(self).__name__}: basis_batch must be a positive integer or None, got {basis_batch!r}"
@@ -182,7 +185,7 @@ class GenericLinear(LinearFlowLayer, metaclass=_ChecksAfterInit):
                 alone = self._transform64(probes[:1])
         except ConfigError:
             raise
-        except Exception as err:  # noqa: BLE001 - any failure of the user's map means one thing
+        except Exception as err:  # any failure of the user's map means one thing
             raise ConfigError(
                 f"{name}: transform failed on a batch of events of shape {self.event_shape}: "
                 f"{type(err).__name__}: {err}"
@@ -305,8 +308,13 @@ class GenericLinear(LinearFlowLayer, metaclass=_ChecksAfterInit):
 
 #: Modules whose output depends on train/eval mode (and, in train mode, on the other examples
 #: of the batch or on randomness): not a fixed linear map.
-_MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
-                   nn.modules.dropout._DropoutNd, nn.Dropout, nn.AlphaDropout)
+_MODE_DEPENDENT = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.modules.dropout._DropoutNd,
+    nn.Dropout,
+    nn.AlphaDropout,
+)
 
 
 def _refuse_mode_dependent(module: nn.Module) -> None:
@@ -355,8 +363,10 @@ class LinearMap(GenericLinear):
     @classmethod
     def examples(cls) -> list[Example]:
         conv = nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")
-        return [(perturbed(cls(conv, (2, 4, 4), bias=True)), example_inputs(4, 2, 4, 4)),
-                (cls(lambda x: 2.0 * x.flip(-1) - x, (3,)).double(), example_inputs(4, 3))]
+        return [
+            (perturbed(cls(conv, (2, 4, 4), bias=True)), example_inputs(4, 2, 4, 4)),
+            (cls(lambda x: 2.0 * x.flip(-1) - x, (3,)).double(), example_inputs(4, 3)),
+        ]
 
     def extra_repr(self) -> str:
         fn = "" if isinstance(self.fn, nn.Module) else f", fn={getattr(self.fn, '__name__', self.fn)!s}"

@@ -32,7 +32,7 @@ def _image_shape(event_shape: Sequence[int], owner: str) -> tuple[int, int, int]
     shape = tuple(event_shape)
     if len(shape) != 3 or not all(isinstance(s, int) and s >= 1 for s in shape):
         raise ConfigError(f"{owner} needs an image event shape (C, H, W), got {event_shape!r}")
-    return shape  # type: ignore[return-value]
+    return shape
 
 
 def _check_kernel(kernel_size: Any, dilation: Any, owner: str) -> None:
@@ -87,8 +87,10 @@ class GroupedConv2d(GenericLinear):
         return [(perturbed(cls((4, 3, 3), 3, groups=2)), example_inputs(4, 4, 3, 3))]
 
     def extra_repr(self) -> str:
-        return (f"event_shape={self.event_shape}, kernel_size={self.kernel_size}, "
-                f"groups={self.groups}, dilation={self.dilation}, bias={self.bias is not None}")
+        return (
+            f"event_shape={self.event_shape}, kernel_size={self.kernel_size}, "
+            f"groups={self.groups}, dilation={self.dilation}, bias={self.bias is not None}"
+        )
 
     def transform(self, x: Tensor) -> Tensor:
         self._check_event_shape(x, self.event_shape, "images")
@@ -100,24 +102,26 @@ class DepthwiseConv2d(GroupedConv2d):
     """:class:`GroupedConv2d` with one group per channel: a ``k x k`` filter per channel."""
 
     def __init__(self, event_shape: Sequence[int], kernel_size: int = 3, **options: Any) -> None:
-        super().__init__(event_shape, kernel_size, groups=_image_shape(event_shape, "DepthwiseConv2d")[0], **options)
+        super().__init__(
+            event_shape, kernel_size, groups=_image_shape(event_shape, "DepthwiseConv2d")[0], **options
+        )
 
     @classmethod
     def examples(cls) -> list[Example]:
         return [(perturbed(cls((2, 4, 4), 3)), example_inputs(4, 2, 4, 4))]
 
 
-
 class DilatedConv2d(GroupedConv2d):
     """:class:`GroupedConv2d` with taps ``dilation`` pixels apart (default 2)."""
 
-    def __init__(self, event_shape: Sequence[int], kernel_size: int = 3, *, dilation: int = 2, **options: Any) -> None:
+    def __init__(
+        self, event_shape: Sequence[int], kernel_size: int = 3, *, dilation: int = 2, **options: Any
+    ) -> None:
         super().__init__(event_shape, kernel_size, dilation=dilation, **options)
 
     @classmethod
     def examples(cls) -> list[Example]:
         return [(perturbed(cls((2, 5, 5), 3, dilation=2)), example_inputs(4, 2, 5, 5))]
-
 
 
 class _CircularConv2dFunction(torch.autograd.Function):
@@ -151,8 +155,17 @@ class _CircularConv2dFunction(torch.autograd.Function):
             grad_x = _CircularConv2dFunction.apply(grad, weight.flip(-2, -1).transpose(0, 1), pad, dilation)
         if ctx.needs_input_grad[1]:
             grad_w = torch.ops.aten.convolution_backward(
-                grad, F.pad(x, (pad,) * 4, mode="circular"), weight, None, [1, 1], [0, 0],
-                [dilation, dilation], False, [0, 0], 1, [False, True, False],
+                grad,
+                F.pad(x, (pad,) * 4, mode="circular"),
+                weight,
+                None,
+                [1, 1],
+                [0, 0],
+                [dilation, dilation],
+                False,
+                [0, 0],
+                1,
+                [False, True, False],
             )[1]
         return grad_x, grad_w, None, None
 
@@ -160,7 +173,11 @@ class _CircularConv2dFunction(torch.autograd.Function):
 def circular_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, dilation: int = 1) -> Tensor:
     r"""``conv2d`` of ``x`` with periodic padding ``dilation * (k // 2)`` (odd ``k``):
     :math:`y_o[n] = \sum_{i, t} w_{oi}[t]\, x_i[(n + d (t - k//2)) \bmod (H, W)] + b_o`."""
-    y = _CircularConv2dFunction.apply(x, weight, dilation * (weight.shape[-1] // 2), dilation)
+    pad = dilation * (weight.shape[-1] // 2)
+    if torch.compiler.is_compiling():  # Dynamo drops the custom function's higher derivatives
+        y = F.conv2d(F.pad(x, (pad,) * 4, mode="circular"), weight, dilation=dilation)
+    else:
+        y = _CircularConv2dFunction.apply(x, weight, pad, dilation)
     return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 
@@ -212,13 +229,17 @@ class CircularConv2d(GenericLinear):
 
     @classmethod
     def examples(cls) -> list[Example]:
-        return [(perturbed(cls((2, 4, 4), 3)), example_inputs(4, 2, 4, 4)),
-                (perturbed(cls((2, 6, 6), 5, method="fft")), example_inputs(4, 2, 6, 6)),
-                (perturbed(cls((1, 5, 5), 3, dilation=2, bias=False)), example_inputs(4, 1, 5, 5))]
+        return [
+            (perturbed(cls((2, 4, 4), 3)), example_inputs(4, 2, 4, 4)),
+            (perturbed(cls((2, 6, 6), 5, method="fft")), example_inputs(4, 2, 6, 6)),
+            (perturbed(cls((1, 5, 5), 3, dilation=2, bias=False)), example_inputs(4, 1, 5, 5)),
+        ]
 
     def extra_repr(self) -> str:
-        return (f"event_shape={self.event_shape}, kernel_size={self.kernel_size}, "
-                f"dilation={self.dilation}, bias={self.bias is not None}, method={self.method}")
+        return (
+            f"event_shape={self.event_shape}, kernel_size={self.kernel_size}, "
+            f"dilation={self.dilation}, bias={self.bias is not None}, method={self.method}"
+        )
 
     def transform(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or tuple(x.shape[1:]) != self.event_shape:

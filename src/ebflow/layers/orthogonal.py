@@ -54,13 +54,18 @@ class DCT(GenericLinear):
     def __init__(self, event_shape: Sequence[int], **options: Any) -> None:
         shape = tuple(event_shape)
         if len(shape) not in (1, 3):
-            raise ConfigError(f"DCT acts on vectors (D,) or images (C, H, W), got event shape {event_shape!r}")
+            raise ConfigError(
+                f"DCT acts on vectors (D,) or images (C, H, W), got event shape {event_shape!r}"
+            )
         super().__init__(shape, **options)
         self._sizes = (shape[0], shape[0]) if len(shape) == 1 else shape[1:]
 
     @classmethod
     def examples(cls) -> list[Example]:
-        return [(cls((5,)).double(), example_inputs(4, 5)), (cls((2, 3, 4)).double(), example_inputs(4, 2, 3, 4))]
+        return [
+            (cls((5,)).double(), example_inputs(4, 5)),
+            (cls((2, 3, 4)).double(), example_inputs(4, 2, 3, 4)),
+        ]
 
     def _matrices(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """The DCT matrices along the mixed axes, float64-exact, in ``like``'s dtype and device."""
@@ -76,10 +81,10 @@ class DCT(GenericLinear):
     def _log_abs_det(self, event_shape: Shape) -> Tensor:
         return torch.zeros((), dtype=torch.float64)
 
-    def _factorize(self, event_shape: Shape) -> None:
+    def _factorize(self, event_shape: Shape) -> Any:  # orthogonal: the inverse is the transpose
         return None
 
-    def _inverse_with(self, factors: None, y: Tensor) -> Tensor:
+    def _inverse_with(self, factors: object, y: Tensor) -> Tensor:
         self._check_event_shape(y, self.event_shape, "outputs")
         rows, cols = self._matrices(y)
         if len(self.event_shape) == 1:

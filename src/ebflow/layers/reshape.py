@@ -22,6 +22,9 @@ class _Permutation(LinearFlowLayer):
     def _log_abs_det(self, event_shape: Shape) -> Tensor:
         return torch.zeros((), dtype=torch.float64)
 
+    def _finite_log_abs_det(self, value: Tensor) -> Tensor:
+        return value  # exactly 0: nothing to check (and no device read)
+
     def _factorize(self, event_shape: Shape) -> None:
         return None
 
@@ -34,7 +37,9 @@ class _Permutation(LinearFlowLayer):
 
 def _check_image(x_shape: Sequence[int], owner: str) -> None:
     if len(x_shape) != 3:
-        raise InputError(f"{owner} expects images of shape (batch, C, H, W), got event shape {tuple(x_shape)}")
+        raise InputError(
+            f"{owner} expects images of shape (batch, C, H, W), got event shape {tuple(x_shape)}"
+        )
 
 
 class Squeeze(_Permutation):

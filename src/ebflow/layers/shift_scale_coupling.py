@@ -46,7 +46,12 @@ def _sliced(layer: nn.Linear, rows: Tensor | None, cols: Tensor | None) -> nn.Li
 
 
 def separate_conditioners(
-    features: int, cond: Tensor, moved: Tensor, *, hidden: int = 64, depth: int = 3,
+    features: int,
+    cond: Tensor,
+    moved: Tensor,
+    *,
+    hidden: int = 64,
+    depth: int = 3,
     shift_activation: str = "swish",
 ) -> tuple[nn.Sequential, nn.Sequential]:
     """The scale and shift networks of the reference's toy coupling, ``depth`` hidden layers of
@@ -57,8 +62,9 @@ def separate_conditioners(
     the columns of the conditioning coordinates and the last the rows of the transformed ones
     (the same function: the other weights never receive a gradient)."""
     if shift_activation not in SHIFT_ACTIVATIONS:
-        raise ConfigError(f"unknown shift activation {shift_activation!r}; choose "
-                          f"{' or '.join(SHIFT_ACTIVATIONS)}")
+        raise ConfigError(
+            f"unknown shift activation {shift_activation!r}; choose {' or '.join(SHIFT_ACTIVATIONS)}"
+        )
     if not isinstance(depth, int) or depth < 1 or not isinstance(hidden, int) or hidden < 1:
         raise ConfigError(f"conditioners need depth >= 1 and hidden >= 1, got {depth}, {hidden}")
     scale = _full_mlp(features, hidden, depth)
@@ -72,8 +78,10 @@ def separate_conditioners(
         for m in net:
             if isinstance(m, nn.Linear):
                 nn.init.orthogonal_(m.weight)
-        net[0] = _sliced(net[0], None, cond)
-        net[-1] = _sliced(net[-1], moved, None)
+        first, last = net[0], net[-1]
+        assert isinstance(first, nn.Linear) and isinstance(last, nn.Linear)  # _full_mlp's ends
+        net[0] = _sliced(first, None, cond)
+        net[-1] = _sliced(last, moved, None)
         out.append(net)
     return out[0], out[1]
 
@@ -87,9 +95,19 @@ class ShiftScaleCoupling(FlowLayer):
     (default: :func:`separate_conditioners` with ``hidden``, ``depth``, ``shift_activation``).
     """
 
+    cond: Tensor  # buffers: the conditioning and the transformed coordinates,
+    moved: Tensor
+    order: Tensor  # and the permutation that puts [x_a, y_b] back in place
+
     def __init__(
-        self, features: int, *, condition_on_odd: bool = True, hidden: int = 64, depth: int = 3,
-        shift_activation: str = "swish", scale_net: nn.Module | None = None,
+        self,
+        features: int,
+        *,
+        condition_on_odd: bool = True,
+        hidden: int = 64,
+        depth: int = 3,
+        shift_activation: str = "swish",
+        scale_net: nn.Module | None = None,
         shift_net: nn.Module | None = None,
     ) -> None:
         super().__init__()
@@ -105,26 +123,33 @@ class ShiftScaleCoupling(FlowLayer):
         self.register_buffer("order", torch.argsort(torch.cat([cond, moved])), persistent=False)
         if (scale_net is None) != (shift_net is None):
             raise ConfigError("pass both scale_net and shift_net, or neither")
-        if scale_net is None:
+        if scale_net is None or shift_net is None:  # both (checked above)
             scale_net, shift_net = separate_conditioners(
-                features, cond, moved, hidden=hidden, depth=depth, shift_activation=shift_activation)
+                features, cond, moved, hidden=hidden, depth=depth, shift_activation=shift_activation
+            )
         self.scale_net, self.shift_net = scale_net, shift_net
 
     @classmethod
     def examples(cls) -> list[Example]:
         with torch.random.fork_rng(devices=[]):  # fixed weights, the caller's RNG untouched
             torch.manual_seed(0)
-            return [(perturbed(cls(2, hidden=8, depth=3)), example_inputs(5, 2)),
-                    (perturbed(cls(5, condition_on_odd=False, hidden=6, depth=2, shift_activation="elu")),
-                     example_inputs(5, 5))]
+            return [
+                (perturbed(cls(2, hidden=8, depth=3)), example_inputs(5, 2)),
+                (
+                    perturbed(cls(5, condition_on_odd=False, hidden=6, depth=2, shift_activation="elu")),
+                    example_inputs(5, 5),
+                ),
+            ]
 
     def extra_repr(self) -> str:
         return f"features={self.features}, condition_on_odd={self.condition_on_odd}"
 
     def output_shape(self, event_shape: Shape) -> Shape:
         if tuple(event_shape) != (self.features,):
-            raise InputError(f"ShiftScaleCoupling({self.features}) expects inputs of shape "
-                             f"(batch, {self.features}), got event shape {tuple(event_shape)}")
+            raise InputError(
+                f"ShiftScaleCoupling({self.features}) expects inputs of shape "
+                f"(batch, {self.features}), got event shape {tuple(event_shape)}"
+            )
         return (self.features,)
 
     def _parts(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

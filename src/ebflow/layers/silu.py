@@ -162,9 +162,10 @@ _CLOSED_FORM_MIN_ELEMENTS = 1 << 16
 
 def silu(x: Tensor) -> Tensor:
     r""":math:`x\,\sigma(x)`, the values of :func:`torch.nn.functional.silu`; on tensors of
-    ``2**16`` elements or more with closed-form derivatives of every order."""
-    if x.numel() < _CLOSED_FORM_MIN_ELEMENTS:
-        return F.silu(x)
+    ``2**16`` elements or more with closed-form derivatives of every order (not inside
+    :func:`torch.compile`, which derives and fuses them itself: :mod:`ebflow.compiled`)."""
+    if x.numel() < _CLOSED_FORM_MIN_ELEMENTS or torch.compiler.is_compiling():
+        return F.silu(x)  # compiled: Inductor derives and fuses every order itself
     return _SiLU.apply(x)
 
 
@@ -173,4 +174,5 @@ class SiLU(nn.Module):
     differentiate two and three times: the activation of the coupling conditioners."""
 
     def forward(self, x: Tensor) -> Tensor:
+        r""":math:`x\,\sigma(x)`, element-wise."""
         return silu(x)

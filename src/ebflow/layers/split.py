@@ -46,7 +46,9 @@ class _FirstPart:
 
     def output_shape(self, event_shape: Shape) -> Shape:
         if tuple(event_shape) != (self.total,):
-            raise InputError(f"expects flat events of {self.total} entries, got event shape {tuple(event_shape)}")
+            raise InputError(
+                f"expects flat events of {self.total} entries, got event shape {tuple(event_shape)}"
+            )
         return (self.total,)
 
     def _split(self, x: Tensor, shape: Shape) -> tuple[Tensor, Tensor]:
@@ -69,6 +71,8 @@ class _FirstPart:
 
 
 class _LinearOnFirstPart(_FirstPart, LinearFlowLayer):
+    layer: LinearFlowLayer
+
     def __init__(self, layer: LinearFlowLayer, part_shape: Sequence[int], total: int) -> None:
         LinearFlowLayer.__init__(self)
         self._setup(layer, part_shape, total)

@@ -29,7 +29,10 @@ class LearnableSwish(nn.Module):
         return f"features={self.features}"
 
     def forward(self, x: Tensor) -> Tensor:
+        r""":math:`x\,\sigma(\beta \odot x)` for ``x`` of shape ``(batch, features)``."""
         if x.dim() != 2 or x.shape[1] != self.features:
-            raise InputError(f"LearnableSwish({self.features}) expects inputs of shape "
-                             f"(batch, {self.features}), got {tuple(x.shape)}")
+            raise InputError(
+                f"LearnableSwish({self.features}) expects inputs of shape "
+                f"(batch, {self.features}), got {tuple(x.shape)}"
+            )
         return x * torch.sigmoid(self.beta * x)

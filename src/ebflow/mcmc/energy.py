@@ -14,8 +14,14 @@ from ..errors import ConfigError, InputError
 from ..utils import sum_except_batch
 from ..validation import check_batch, check_number
 
-__all__ = ["EnergyModel", "PreprocessedSpaceEnergy", "check_energy_model", "check_preprocessing", "gaussian_blur",
-           "smoothness_energy"]
+__all__ = [
+    "EnergyModel",
+    "PreprocessedSpaceEnergy",
+    "check_energy_model",
+    "check_preprocessing",
+    "gaussian_blur",
+    "smoothness_energy",
+]
 
 
 @runtime_checkable
@@ -24,7 +30,9 @@ class EnergyModel(Protocol):
 
     event_shape: tuple[int, ...]
 
-    def energy(self, x: Tensor) -> Tensor: ...
+    def energy(self, x: Tensor) -> Tensor:
+        """Energy :math:`E(x)` per example, shape ``(batch,)``; its gradient drives the chains."""
+        ...
 
 
 def check_energy_model(model: object) -> EnergyModel:
@@ -41,7 +49,9 @@ def check_energy_model(model: object) -> EnergyModel:
 def check_preprocessing(preprocessing: object) -> None:
     """Raise :class:`ConfigError` unless ``preprocessing`` looks like an
     :class:`~ebflow.ImagePreprocessing` (``forward``, ``inverse``, ``inverse_and_log_det``)."""
-    if not all(callable(getattr(preprocessing, m, None)) for m in ("forward", "inverse", "inverse_and_log_det")):
+    if not all(
+        callable(getattr(preprocessing, m, None)) for m in ("forward", "inverse", "inverse_and_log_det")
+    ):
         raise ConfigError(
             f"preprocessing must be an ebflow.ImagePreprocessing (or None), got {type(preprocessing).__name__}"
         )
@@ -68,6 +78,8 @@ class PreprocessedSpaceEnergy:
         return self.preprocessing.forward(x, check=False)[0]
 
     def energy(self, y: Tensor) -> Tensor:
+        r"""The model's energy carried to the preprocessed space:
+        :math:`E_y(y) = E(\tilde x) + \log|\det \partial P/\partial \tilde x|`, :math:`\tilde x = P^{-1}y`."""
         x, log_det = self.preprocessing.inverse_and_log_det(y)
         return self.model.energy(x) - log_det
 
@@ -95,7 +107,9 @@ def gaussian_blur(x: Tensor, sigma: float = 1.0) -> Tensor:
     k = _gaussian_kernel(sigma, x.dtype, x.device)
     r = (k.numel() - 1) // 2
     h = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(F.pad(h, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    return F.conv2d(
+        F.pad(h, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c
+    )
 
 
 def smoothness_energy(x: Tensor, event_shape: tuple[int, ...], weight: float, sigma: float) -> Tensor:
@@ -103,5 +117,3 @@ def smoothness_energy(x: Tensor, event_shape: tuple[int, ...], weight: float, si
     img = x if len(event_shape) == 3 else x.unsqueeze(1)
     diff = img - gaussian_blur(img, sigma)
     return 0.5 * weight * sum_except_batch(diff.pow(2))
-
-

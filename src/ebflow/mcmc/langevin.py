@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError, EBFlowError, InputError
+from ..flow import EBFlow
 from ..utils import sum_except_batch
 from ..validation import check_batch, check_count, check_generator, check_number
 from .energy import (
@@ -22,6 +24,9 @@ from .energy import (
 from .schedules import Schedule, step_sizes
 
 __all__ = ["LangevinResult", "default_step_size", "langevin", "mala", "refine_samples", "ula"]
+
+#: Unadjusted Langevin reads the device (for divergence) once per this many iterations.
+_DIVERGENCE_CHECK_EVERY = 10
 
 
 @dataclass
@@ -87,9 +92,13 @@ def _check_states(model: EnergyModel, x: object, what: str) -> Tensor:
     shape, and its dtype and device when it has them (an :class:`~ebflow.EBFlow` does)."""
     dtype = getattr(model, "dtype", None)
     device = getattr(model, "device", None)
-    return check_batch(x, model.event_shape, what=what,
-                       dtype=dtype if isinstance(dtype, torch.dtype) else None,
-                       device=device if isinstance(device, torch.device) else None)
+    return check_batch(
+        x,
+        model.event_shape,
+        what=what,
+        dtype=dtype if isinstance(dtype, torch.dtype) else None,
+        device=device if isinstance(device, torch.device) else None,
+    )
 
 
 def _per_chain(v: Tensor, x: Tensor) -> Tensor:
@@ -114,8 +123,7 @@ def default_step_size(model: EnergyModel, x: Tensor, mask: Tensor | None = None)
     else:
         d = torch.full((x.shape[0],), float(x[0].numel()), dtype=x.dtype, device=x.device)
     sq = sum_except_batch(g.pow(2)).clamp_min(torch.finfo(x.dtype).tiny)
-    eta = (1.36 * d.pow(2.0 / 3.0) / sq).median()
-    eta = float(eta)
+    eta = float((1.36 * d.pow(2.0 / 3.0) / sq).median())
     return eta if math.isfinite(eta) and eta > 0 else 1e-3
 
 
@@ -147,7 +155,9 @@ def langevin(
         step_size: :math:`\eta > 0` (the first step's size under a decaying schedule).
         metropolis: MALA (accept/reject) instead of unadjusted Langevin.
         mask: boolean, ``True`` where coordinates move; others stay bit for bit unchanged.
-        schedule, final_step_size: step-size schedule (see module docstring).
+        schedule: step-size schedule: ``constant``, ``linear``, ``geometric``, ``cosine`` or a
+            callable ``(i, steps) -> factor`` (see :mod:`ebflow.mcmc`).
+        final_step_size: the last step size of a decaying schedule.
         target_acceptance: MALA only; adapt each chain's step towards this acceptance rate.
         adaptation_rate: gain of that adaptation on :math:`\log\eta`.
         smoothness: weight :math:`\lambda \ge 0` of the pull toward the blurred image.
@@ -184,8 +194,12 @@ def langevin(
     mask = _check_mask(mask, x0)
     sizes = step_sizes(float(step_size), final_step_size, schedule, steps)
 
+    # An EBFlow's input check reads the device every call; the states are checked once above
+    # and MALA never evaluates a non-finite proposal (ULA stops at its first one).
+    energy = partial(model.energy, check=False) if isinstance(model, EBFlow) else model.energy
+
     def potential(x: Tensor) -> Tensor:
-        u = model.energy(x)
+        u = energy(x)
         if smoothness > 0:
             u = u + smoothness_energy(x, event_shape, smoothness, blur_sigma)
         return u
@@ -206,6 +220,8 @@ def langevin(
                 chain.scale = chain.scale * torch.exp(adaptation_rate * (alpha - target_acceptance))
         else:
             chain.accept_all(proposal, iteration=i)
+            if (i + 1) % _DIVERGENCE_CHECK_EVERY == 0 or i + 1 == steps:
+                chain.raise_if_diverged()
         if callback is not None:
             callback(i, chain.x, chain.g)
     if metropolis and steps > 0:
@@ -213,20 +229,32 @@ def langevin(
         rate: float | None = float(per_chain.mean())
     else:
         per_chain, rate = None, None
-    return LangevinResult(samples=chain.x, acceptance_rate=rate, acceptance_per_chain=per_chain,
-                          step_size=eta.detach(), energy=chain.u)
+    return LangevinResult(
+        samples=chain.x,
+        acceptance_rate=rate,
+        acceptance_per_chain=per_chain,
+        step_size=eta.detach(),
+        energy=chain.u,
+    )
 
 
 class _Chain:
     r"""The state of a batch of Langevin chains: positions :math:`x`, potentials :math:`U(x)`,
     gradients :math:`\nabla U(x)`, each chain's adaptive step factor and accept count."""
 
-    def __init__(self, potential: Callable[[Tensor], Tensor], x: Tensor, mask: Tensor | None,
-                 generator: torch.Generator | None) -> None:
+    def __init__(
+        self,
+        potential: Callable[[Tensor], Tensor],
+        x: Tensor,
+        mask: Tensor | None,
+        generator: torch.Generator | None,
+    ) -> None:
         self.potential, self.x, self.mask, self.generator = potential, x, mask, generator
         self.chains = x.shape[0]
         self.scale = torch.ones(self.chains, dtype=x.dtype, device=x.device)
         self.accepted = torch.zeros(self.chains, dtype=torch.float64, device=x.device)
+        # first ULA iteration with a non-finite state or energy (-1: none), kept on the device
+        self.first_divergence = torch.full((), -1, dtype=torch.long, device=x.device)
         self.u, self.g = _potential_and_grad(potential, x)
 
     def movable(self, t: Tensor) -> Tensor:
@@ -241,23 +269,33 @@ class _Chain:
         step = self.movable(-eta_b * self.g + torch.sqrt(2 * eta_b) * noise)
         proposal = x + step if self.mask is None else torch.where(self.mask, x + step, x)
         finite = torch.isfinite(proposal.reshape(self.chains, -1)).all(dim=1)
-        if not bool(finite.all()):
-            if not allow_nonfinite:
-                raise EBFlowError(
-                    f"unadjusted Langevin diverged at iteration {iteration} (non-finite states in "
-                    f"{int((~finite).sum())} chain(s)); use a smaller step size or MALA"
-                )
+        if allow_nonfinite:
             proposal = torch.where(_per_chain(finite, x), proposal, x)  # rejected below
+        else:
+            self._note_divergence(~finite.all(), iteration)
         return proposal, finite
 
-    def accept_all(self, proposal: Tensor, *, iteration: int) -> None:
-        """ULA: move every chain to its proposal."""
-        u_new, g_new = _potential_and_grad(self.potential, proposal)
-        if not bool(torch.isfinite(u_new).all()):
+    def _note_divergence(self, bad: Tensor, iteration: int) -> None:
+        """Remember the first iteration at which ``bad`` held, without reading the device."""
+        first = (self.first_divergence < 0) & bad
+        self.first_divergence = torch.where(
+            first, torch.full_like(self.first_divergence, iteration), self.first_divergence
+        )
+
+    def raise_if_diverged(self) -> None:
+        """Raise :class:`EBFlowError` if a ULA state or energy went non-finite (one device read)."""
+        first = int(self.first_divergence)
+        if first >= 0:
             raise EBFlowError(
-                f"unadjusted Langevin diverged at iteration {iteration} (non-finite energy); use a "
-                "smaller step size or MALA"
+                f"unadjusted Langevin diverged at iteration {first} (non-finite states or energies); "
+                "use a smaller step size or MALA"
             )
+
+    def accept_all(self, proposal: Tensor, *, iteration: int) -> None:
+        """ULA: move every chain to its proposal (divergence is checked every
+        ``_DIVERGENCE_CHECK_EVERY`` iterations by :meth:`raise_if_diverged`)."""
+        u_new, g_new = _potential_and_grad(self.potential, proposal)
+        self._note_divergence(~torch.isfinite(u_new).all(), iteration)
         self.x, self.u, self.g = proposal, u_new, g_new
 
     def metropolis_step(self, proposal: Tensor, finite: Tensor, eta: Tensor) -> Tensor:
@@ -269,7 +307,9 @@ class _Chain:
         # log q(x | x') - log q(x' | x), restricted to the moving coordinates.
         forward_res = self.movable(proposal - x + eta_b * g)
         backward_res = self.movable(x - proposal + eta_b * g_new)
-        log_q_ratio = (sum_except_batch(forward_res.pow(2)) - sum_except_batch(backward_res.pow(2))) / (4 * eta)
+        log_q_ratio = (sum_except_batch(forward_res.pow(2)) - sum_except_batch(backward_res.pow(2))) / (
+            4 * eta
+        )
         log_alpha = self.u - u_new + log_q_ratio
         ok = finite & torch.isfinite(log_alpha)
         log_alpha = torch.where(ok, log_alpha, torch.full_like(log_alpha, -math.inf))
@@ -332,9 +372,16 @@ def refine_samples(
         return x
     if preprocessing is not None:
         target = PreprocessedSpaceEnergy(model, preprocessing)
-        y = refine_samples(target, target.to_logit_space(x), steps, step_size,
-                           metropolis=metropolis, target_acceptance=target_acceptance,
-                           generator=generator, **options)
+        y = refine_samples(
+            target,
+            target.to_logit_space(x),
+            steps,
+            step_size,
+            metropolis=metropolis,
+            target_acceptance=target_acceptance,
+            generator=generator,
+            **options,
+        )
         return preprocessing.inverse(y)
     if step_size is None:
         step_size = default_step_size(model, x, options.get("mask"))
@@ -345,6 +392,14 @@ def refine_samples(
         adapt = None
         if metropolis is None:
             metropolis = False
-    result = langevin(model, x, steps, step_size, metropolis=metropolis, target_acceptance=adapt,
-                      generator=generator, **options)
+    result = langevin(
+        model,
+        x,
+        steps,
+        step_size,
+        metropolis=metropolis,
+        target_acceptance=adapt,
+        generator=generator,
+        **options,
+    )
     return result.samples

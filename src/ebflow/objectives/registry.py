@@ -17,20 +17,30 @@ from ..validation import check_count, check_generator, check_number
 from .losses import dsm_loss, esm_loss, fdssm_loss, ml_loss, sml_loss, ssm_loss
 from .toolkit import PROJECTIONS, LossTerms, projections
 
-__all__ = ["DEFAULTS", "NOISE_KINDS", "OBJECTIVES", "NoiseKind", "Objective", "ObjectiveSpec", "make_objective",
-           "register_objective"]
+__all__ = [
+    "DEFAULTS",
+    "NOISE_KINDS",
+    "OBJECTIVES",
+    "NoiseKind",
+    "Objective",
+    "ObjectiveSpec",
+    "make_objective",
+    "register_objective",
+]
 
 
 # -- option checks -------------------------------------------------------------------------------
 def _positive(name: str) -> Callable[[Any], None]:
     def check(v: Any) -> None:
         check_number(v, name, positive=True)
+
     return check
 
 
 def _positive_int(name: str) -> Callable[[Any], None]:
     def check(v: Any) -> None:
         check_count(v, name)
+
     return check
 
 
@@ -43,6 +53,7 @@ def _one_of(name: str, allowed: tuple[str, ...]) -> Callable[[Any], None]:
     def check(v: Any) -> None:
         if v not in allowed:
             raise ConfigError(f"unknown {name} {v!r}; choose {' or '.join(map(repr, allowed))}")
+
     return check
 
 
@@ -50,11 +61,14 @@ def _boolean(name: str) -> Callable[[Any], None]:
     def check(v: Any) -> None:
         if not isinstance(v, bool):
             raise ConfigError(f"{name} must be true or false, got {v!r}")
+
     return check
 
 
 def _draw_projections(batch_shape: tuple[int, ...], options: dict, **kw: Any) -> Tensor:
-    return projections((options.get("slices", 1), *batch_shape), options.get("projection", "rademacher"), **kw)
+    return projections(
+        (options.get("slices", 1), *batch_shape), options.get("projection", "rademacher"), **kw
+    )
 
 
 def _draw_gaussian(batch_shape: tuple[int, ...], options: dict, **kw: Any) -> Tensor:
@@ -110,8 +124,10 @@ class ObjectiveSpec:
         if not callable(self.fn):
             raise ConfigError(f"an objective's fn must be callable, got {type(self.fn).__name__}")
         if set(self.checks) != set(self.defaults):
-            raise ConfigError(f"an objective needs one check per option: options {sorted(self.defaults)}, "
-                              f"checks {sorted(self.checks)}")
+            raise ConfigError(
+                f"an objective needs one check per option: options {sorted(self.defaults)}, "
+                f"checks {sorted(self.checks)}"
+            )
         if self.noise is not None and self.noise not in NOISE_KINDS:
             raise ConfigError(f"unknown noise kind {self.noise!r}; choose one of {', '.join(NOISE_KINDS)}")
 
@@ -120,19 +136,37 @@ _DROP = {"drop_out_of_domain": _boolean("drop_out_of_domain")}
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {
     "ml": ObjectiveSpec(ml_loss, {}, {}, needs_log_det=True, help="maximum likelihood"),
-    "sml": ObjectiveSpec(sml_loss, {"num_samples": None},
-                         {"num_samples": _optional_positive_int("num_samples")}, noise="latent",
-                         samples_model=True, help="sampling-based maximum likelihood"),
-    "ssm": ObjectiveSpec(ssm_loss, {"slices": 1, "projection": "rademacher"},
-                         {"slices": _positive_int("slices"),
-                          "projection": _one_of("SSM projection", PROJECTIONS)},
-                         noise="projections", help="sliced score matching"),
-    "dsm": ObjectiveSpec(dsm_loss, {"sigma": 0.1, "drop_out_of_domain": False},
-                         {"sigma": _positive("sigma"), **_DROP}, noise="gaussian",
-                         perturbs_input=True, help="denoising score matching"),
-    "fdssm": ObjectiveSpec(fdssm_loss, {"eps": 0.1, "drop_out_of_domain": False},
-                           {"eps": _positive("eps"), **_DROP}, noise="gaussian",
-                           perturbs_input=True, help="finite-difference sliced score matching"),
+    "sml": ObjectiveSpec(
+        sml_loss,
+        {"num_samples": None},
+        {"num_samples": _optional_positive_int("num_samples")},
+        noise="latent",
+        samples_model=True,
+        help="sampling-based maximum likelihood",
+    ),
+    "ssm": ObjectiveSpec(
+        ssm_loss,
+        {"slices": 1, "projection": "rademacher"},
+        {"slices": _positive_int("slices"), "projection": _one_of("SSM projection", PROJECTIONS)},
+        noise="projections",
+        help="sliced score matching",
+    ),
+    "dsm": ObjectiveSpec(
+        dsm_loss,
+        {"sigma": 0.1, "drop_out_of_domain": False},
+        {"sigma": _positive("sigma"), **_DROP},
+        noise="gaussian",
+        perturbs_input=True,
+        help="denoising score matching",
+    ),
+    "fdssm": ObjectiveSpec(
+        fdssm_loss,
+        {"eps": 0.1, "drop_out_of_domain": False},
+        {"eps": _positive("eps"), **_DROP},
+        noise="gaussian",
+        perturbs_input=True,
+        help="finite-difference sliced score matching",
+    ),
     "esm": ObjectiveSpec(esm_loss, {}, {}, help="exact score matching (small D only)"),
 }
 #: Default options of each objective (derived from :data:`OBJECTIVES`).
@@ -173,6 +207,7 @@ class Objective:
 
     @property
     def spec(self) -> ObjectiveSpec:
+        """This objective's entry of :data:`OBJECTIVES`."""
         return OBJECTIVES[self.name]
 
     @property
@@ -182,7 +217,11 @@ class Objective:
         return None if kind is None else NOISE_KINDS[kind].batch_dim
 
     def draw_noise(
-        self, batch_shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device,
+        self,
+        batch_shape: tuple[int, ...],
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
         generator: torch.Generator | None = None,
     ) -> Tensor | None:
         """Draw the random numbers the objective needs for a batch of shape ``batch_shape``
@@ -228,7 +267,19 @@ class Objective:
 def make_objective(name: str, *, energy_reg: float = 0.0, **options: Any) -> Objective:
     """Build an objective by name (a key of :data:`OBJECTIVES`: ``ml``, ``sml``, ``ssm``,
     ``dsm``, ``fdssm``, ``esm``). Unknown names or options, and bad option values, raise
-    :class:`~ebflow.errors.ConfigError`."""
+    :class:`~ebflow.errors.ConfigError`.
+
+    Example:
+        >>> import torch, ebflow
+        >>> model = ebflow.dense_flow((4,))
+        >>> objective = ebflow.make_objective("dsm", sigma=0.5)
+        >>> objective.options
+        {'sigma': 0.5, 'drop_out_of_domain': False}
+        >>> loss = objective(model, torch.randn(16, 4))  # the batch mean: a scalar
+        >>> loss.shape, loss.requires_grad
+        (torch.Size([]), True)
+        >>> loss.backward()  # parameter gradients; no determinant was computed
+    """
     if name not in OBJECTIVES:
         raise ConfigError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
     spec = OBJECTIVES[name]

@@ -31,9 +31,21 @@ from ..flow import EBFlow
 from ..utils import grad_ready, sum_except_batch
 from ..validation import check_batch
 
-__all__ = ["LossTerms", "PROJECTIONS", "Projection", "checked_batch", "checked_noise", "checked_noise_tensor",
-           "grad_ready", "in_domain_of_all", "loss_on_rows", "on_sphere", "projections",
-           "sum_except_batch", "zero_loss"]
+__all__ = [
+    "LossTerms",
+    "PROJECTIONS",
+    "Projection",
+    "checked_batch",
+    "checked_noise",
+    "checked_noise_tensor",
+    "grad_ready",
+    "in_domain_of_all",
+    "loss_on_rows",
+    "on_sphere",
+    "projections",
+    "sum_except_batch",
+    "zero_loss",
+]
 
 Projection = Literal["rademacher", "gaussian"]
 #: The projection distributions of :func:`projections` (SSM's ``projection`` option).
@@ -75,20 +87,27 @@ def checked_noise_tensor(noise: object, what: str, *, finite: bool = True) -> Te
         raise ConfigError(str(err)) from None
 
 
-def checked_noise(noise: Tensor, shape: tuple[int, ...], what: str, like: Tensor, *,
-                  finite: bool = True) -> Tensor:
+def checked_noise(
+    noise: Tensor, shape: tuple[int, ...], what: str, like: Tensor, *, finite: bool = True
+) -> Tensor:
     """:func:`checked_noise_tensor`, plus ``noise`` has ``shape`` and ``like``'s dtype and device."""
     checked_noise_tensor(noise, what, finite=finite)
     if tuple(noise.shape) != tuple(shape):
         raise ConfigError(f"{what} must have shape {tuple(shape)}, got {tuple(noise.shape)}")
     if noise.dtype != like.dtype or noise.device != like.device:
-        raise ConfigError(f"{what} must have the batch's dtype and device ({like.dtype}, {like.device}), "
-                          f"got ({noise.dtype}, {noise.device})")
+        raise ConfigError(
+            f"{what} must have the batch's dtype and device ({like.dtype}, {like.device}), "
+            f"got ({noise.dtype}, {noise.device})"
+        )
     return noise
 
 
 def projections(
-    shape: tuple[int, ...], projection: Projection, *, dtype: torch.dtype, device: torch.device,
+    shape: tuple[int, ...],
+    projection: Projection,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     r"""Random projection directions ``v`` of ``shape``: Rademacher (:math:`\pm 1`) or standard
@@ -124,7 +143,11 @@ def zero_loss(model: EBFlow, batch: int, like: Tensor) -> Tensor:
 
 
 def loss_on_rows(
-    model: EBFlow, keep: Tensor, batch: int, like: Tensor, compute: Callable[[Tensor], LossTerms],
+    model: EBFlow,
+    keep: Tensor,
+    batch: int,
+    like: Tensor,
+    compute: Callable[[Tensor], LossTerms],
 ) -> LossTerms:
     """Evaluate ``compute(rows)`` on the kept rows only (``rows``: the boolean mask, or a 0-d
     mask meaning every row); dropped rows get loss (and energy) 0 and are counted."""

@@ -37,6 +37,7 @@ __all__ = [
     "build_scheduler",
 ]
 
+
 def build_preprocessing(config: PreprocessingConfig, num_bins: int | None) -> ImagePreprocessing | None:
     """The image preprocessing of image data with ``num_bins`` pixel levels (None for point
     data); the config's ``num_bins``, when set, wins."""
@@ -67,30 +68,60 @@ class ModelFamily:
 
 
 def _coupling(c: ModelConfig, shape: tuple[int, ...], for_loading: bool) -> EBFlow:
-    return coupling_flow(shape[0], blocks=c.blocks, hidden=c.hidden, depth=c.depth,
-                         conditioner=c.conditioner, shift_activation=c.shift_activation,
-                         weight_norm=c.weight_norm, prior=_prior(c))
+    return coupling_flow(
+        shape[0],
+        blocks=c.blocks,
+        hidden=c.hidden,
+        depth=c.depth,
+        conditioner=c.conditioner,
+        shift_activation=c.shift_activation,
+        weight_norm=c.weight_norm,
+        prior=_prior(c),
+    )
 
 
 def _dense(c: ModelConfig, shape: tuple[int, ...], for_loading: bool) -> EBFlow:
     # for_loading: skip the orthogonal draw of weights that a checkpoint overwrites right after
-    return dense_flow(shape, num_layers=c.num_layers, alpha=c.alpha, parameterization=c.parameterization,
-                      actnorm=c.actnorm, init="identity" if for_loading else _DENSE_INIT[c.weight_init],
-                      bias=c.bias, prior=_prior(c))
+    return dense_flow(
+        shape,
+        num_layers=c.num_layers,
+        alpha=c.alpha,
+        parameterization=c.parameterization,
+        actnorm=c.actnorm,
+        init="identity" if for_loading else _DENSE_INIT[c.weight_init],
+        bias=c.bias,
+        prior=_prior(c),
+    )
 
 
 def _conv(c: ModelConfig, shape: tuple[int, ...], for_loading: bool) -> EBFlow:
     if c.weight_init not in _CONV_INIT:
-        raise ConfigError(f"weight_init {c.weight_init!r} is for dense layers; conv models take "
-                          f"{' or '.join(_CONV_INIT)}")
-    return conv_flow(shape, blocks=c.blocks, convs_per_block=c.convs_per_block, kernel_size=c.kernel_size,
-                     alpha=c.alpha, init=_CONV_INIT[c.weight_init], spectral_norm=c.spectral_norm)
+        raise ConfigError(
+            f"weight_init {c.weight_init!r} is for dense layers; conv models take {' or '.join(_CONV_INIT)}"
+        )
+    return conv_flow(
+        shape,
+        blocks=c.blocks,
+        convs_per_block=c.convs_per_block,
+        kernel_size=c.kernel_size,
+        alpha=c.alpha,
+        init=_CONV_INIT[c.weight_init],
+        spectral_norm=c.spectral_norm,
+    )
 
 
 def _glow(c: ModelConfig, shape: tuple[int, ...], for_loading: bool) -> EBFlow:
-    return glow_flow(shape, levels=c.levels, steps=c.steps, hidden=c.hidden, activation=c.glow_activation,
-                     split_activation=c.glow_split_activation, output_scale=c.glow_output_scale,
-                     alternate=c.glow_alternate, train_actnorm=c.glow_train_actnorm)
+    return glow_flow(
+        shape,
+        levels=c.levels,
+        steps=c.steps,
+        hidden=c.hidden,
+        activation=c.glow_activation,
+        split_activation=c.glow_split_activation,
+        output_scale=c.glow_output_scale,
+        alternate=c.glow_alternate,
+        train_actnorm=c.glow_train_actnorm,
+    )
 
 
 #: Model families by config name (``model``).
@@ -103,8 +134,12 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
 
 
 def build_model(
-    config: ModelConfig, event_shape: Sequence[int], preprocessing: ImagePreprocessing | None,
-    *, use_map: bool, for_loading: bool = False,
+    config: ModelConfig,
+    event_shape: Sequence[int],
+    preprocessing: ImagePreprocessing | None,
+    *,
+    use_map: bool,
+    for_loading: bool = False,
 ) -> EBFlow:
     """The EBFlow of a model section (its :data:`MODEL_FAMILIES` entry), in its ``dtype``.
     Without MaP (``use_map=False``, the config's ``map``) the preprocessing becomes the model's
@@ -116,8 +151,9 @@ def build_model(
         need = "vector data" if family.event_rank == 1 else "image data (C, H, W)"
         raise ConfigError(f"model {config.family!r} needs {need}, got event shape {event_shape}")
     if config.prior != "normal" and config.family not in ("dense", "coupling"):
-        raise ConfigError(f"prior {config.prior!r} is available for the dense and coupling models, "
-                          f"not {config.family!r}")
+        raise ConfigError(
+            f"prior {config.prior!r} is available for the dense and coupling models, not {config.family!r}"
+        )
     model = family.build(config, event_shape, for_loading)
     if preprocessing is not None and not use_map:
         model = EBFlow([*preprocessing.as_layers(), *model.layers], event_shape, model.prior)
@@ -140,15 +176,19 @@ def build_objective(config: ObjectiveConfig) -> Objective:
     options = {}
     for opt in OBJECTIVES[config.loss].defaults:
         if not hasattr(config, option_key(opt)):
-            raise ConfigError(f"objective {config.loss!r} has an option {opt!r} that no config key sets; "
-                              f"add the key {option_key(opt)!r} to the config schema")
+            raise ConfigError(
+                f"objective {config.loss!r} has an option {opt!r} that no config key sets; "
+                f"add the key {option_key(opt)!r} to the config schema"
+            )
         options[opt] = getattr(config, option_key(opt))
     return make_objective(config.loss, energy_reg=config.energy_reg, **options)
 
 
 #: Optimizers by config name (``optimizer``); each takes ``lr`` and ``weight_decay``.
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam, "sgd": torch.optim.SGD,
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "rmsprop": torch.optim.RMSprop,
+    "adam": torch.optim.Adam,
+    "sgd": torch.optim.SGD,
     "adamw": torch.optim.AdamW,
 }
 
@@ -157,9 +197,9 @@ def build_optimizer(config: OptimConfig, params: Sequence[nn.Parameter]) -> torc
     return OPTIMIZERS[config.optimizer](params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def build_scheduler(config: OptimConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(
+    config: OptimConfig, optimizer: torch.optim.Optimizer
+) -> torch.optim.lr_scheduler.LRScheduler:
     r"""Per-epoch decay :math:`\eta_e = \eta_0 \gamma^{\min(e, N)}` (``lr_decay``, ``lr_decay_epochs``)."""
     gamma, n = config.lr_decay, config.lr_decay_epochs
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: gamma ** min(e, n))
-
-

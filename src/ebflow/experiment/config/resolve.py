@@ -31,8 +31,15 @@ from .schema import (
     validate_config,
 )
 
-__all__ = ["apply_per_loss", "dump_config", "list_presets", "load_config", "load_preset", "parse_overrides",
-           "resolve_config"]
+__all__ = [
+    "apply_per_loss",
+    "dump_config",
+    "list_presets",
+    "load_config",
+    "load_preset",
+    "parse_overrides",
+    "resolve_config",
+]
 
 
 # -- presets and files ---------------------------------------------------------------------------
@@ -54,8 +61,9 @@ def _read_text(path: Path, where: str) -> str:
     try:
         return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{where} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
-                          f"offset {err.start})") from err
+        raise ConfigError(
+            f"{where} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})"
+        ) from err
     except OSError as err:
         raise ConfigError(f"cannot read {where}: {err.strerror or err}") from err
 
@@ -117,8 +125,10 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as err:
-            raise ConfigError(f"cannot read the value of config key {key!r}: {raw!r} "
-                              f"({getattr(err, 'problem', None) or err})") from err
+            raise ConfigError(
+                f"cannot read the value of config key {key!r}: {raw!r} "
+                f"({getattr(err, 'problem', None) or err})"
+            ) from err
         if FIELDS[key].types == (str,) and value is not None and not isinstance(value, str):
             value = raw.strip()  # e.g. data_dir=2024 stays a string
         out[key] = coerce_value(key, value) if value is not None else value
@@ -144,8 +154,7 @@ def apply_per_loss(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None =
     return out
 
 
-def resolve_config(name_or_file: str | None = None,
-                   overrides: Mapping[str, Any] | None = None) -> RunConfig:
+def resolve_config(name_or_file: str | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """Defaults, then the preset/file, then its ``per_loss`` entry for the chosen loss, then the
     overrides; validated into a :class:`RunConfig`."""
     raw = load_config(name_or_file) if name_or_file else load_preset("digits-fc")

@@ -22,13 +22,14 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from ...errors import ConfigError
 from ...objectives import OBJECTIVES
-from ..data.datasets import IMAGE_DATASETS, TOY2D_DATASETS
+from ..data.datasets import IMAGE_DATASETS
+from ..data.toys import TOY2D_DATASETS
+from .keys import Choices, freeze, thaw
 from .sections import (
     KEY_PATHS,
     MAX_SEED,
     SECTIONS,
     BookkeepingConfig,
-    Choices,
     DataConfig,
     ModelConfig,
     ObjectiveConfig,
@@ -36,19 +37,31 @@ from .sections import (
     PreprocessingConfig,
     RuntimeConfig,
     TrainingConfig,
-    freeze,
-    thaw,
 )
 
-__all__ = ["DATASETS", "DEFAULTS", "FIELDS", "IMAGE_DATASETS", "LOSSES", "MAX_SEED", "MODELS",
-           "RESUMABLE_KEYS", "Field", "RunConfig", "coerce_value", "derive_fields", "registry_names",
-           "unknown_key", "validate_config"]
+__all__ = [
+    "DATASETS",
+    "DEFAULTS",
+    "FIELDS",
+    "IMAGE_DATASETS",
+    "LOSSES",
+    "MAX_SEED",
+    "MODELS",
+    "RESUMABLE_KEYS",
+    "Field",
+    "RunConfig",
+    "coerce_value",
+    "derive_fields",
+    "registry_names",
+    "unknown_key",
+    "validate_config",
+]
 
 
 @dataclass(frozen=True)
 class Field:
     """One configuration key as the validation reads it, derived from its declaration in its
-    section (:func:`ebflow.experiment.config.sections.key`): default, accepted types, description,
+    section (:func:`ebflow.experiment.config.keys.key`): default, accepted types, description,
     range check and its rule text, whether null is allowed, and its choices (if any)."""
 
     default: Any
@@ -124,10 +137,27 @@ MODELS: tuple[str, ...] = FIELDS["model"].choices or ()
 DEFAULTS: dict[str, Any] = {k: f.default for k, f in FIELDS.items()}
 
 #: Keys that may change when a run is resumed (they do not change the model or the maths).
-RESUMABLE_KEYS = frozenset({
-    "epochs", "max_iters", "max_minutes", "eval_every", "checkpoint_every", "log_every", "num_samples",
-    "progress", "tensorboard", "device", "data_dir", "download", "max_nonfinite", "num_threads",
-    "description", "grad_sync"})
+RESUMABLE_KEYS = frozenset(
+    {
+        "epochs",
+        "max_iters",
+        "max_minutes",
+        "eval_every",
+        "checkpoint_every",
+        "log_every",
+        "num_samples",
+        "progress",
+        "tensorboard",
+        "device",
+        "data_dir",
+        "download",
+        "max_nonfinite",
+        "num_threads",
+        "description",
+        "grad_sync",
+        "compile",
+    }
+)
 
 
 def unknown_key(key: str) -> ConfigError:
@@ -146,8 +176,10 @@ def coerce_value(key: str, value: Any) -> Any:
             return None
         raise ConfigError(f"config key {key!r} may not be null")
     if isinstance(value, Mapping) and dict not in f.types:
-        raise ConfigError(f"config key {key!r} must be {_type_names(f)}, got a mapping {dict(value)!r}; "
-                          f"a value per objective goes in per_loss: {{loss: {{{key}: value}}}}")
+        raise ConfigError(
+            f"config key {key!r} must be {_type_names(f)}, got a mapping {dict(value)!r}; "
+            f"a value per objective goes in per_loss: {{loss: {{{key}: value}}}}"
+        )
     if isinstance(value, bool) and bool not in f.types:
         raise ConfigError(f"config key {key!r} must be {_type_names(f)}, got a boolean {value!r}")
     if isinstance(value, str) and (f.types == _FLOAT or f.types == _INT or float in f.types):
@@ -162,7 +194,7 @@ def coerce_value(key: str, value: Any) -> Any:
         )
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"config key {key!r} must be finite, got {value!r}")
-    if isinstance(value, int) and not -2**63 <= value < 2**63:
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
         raise ConfigError(f"config key {key!r} is out of range ({f.rule or 'a 64-bit integer'}), got {value}")
     if f.check is not None:
         try:
@@ -205,10 +237,15 @@ def validate_config(config: Mapping[str, Any]) -> RunConfig:
     if out["data"] == "points" and not out["data_file"]:
         raise ConfigError("config key 'data_file' must name a .npy file when data is 'points'")
     if out["per_loss"]:
-        out["per_loss"] = {loss: {k: coerce_value(k, v) for k, v in inner.items()}
-                           for loss, inner in out["per_loss"].items()}
-    if (not out["map"] and OBJECTIVES[out["loss"]].perturbs_input and not out["drop_out_of_domain"]
-            and out["data"] in IMAGE_DATASETS):
+        out["per_loss"] = {
+            loss: {k: coerce_value(k, v) for k, v in inner.items()} for loss, inner in out["per_loss"].items()
+        }
+    if (
+        not out["map"]
+        and OBJECTIVES[out["loss"]].perturbs_input
+        and not out["drop_out_of_domain"]
+        and out["data"] in IMAGE_DATASETS
+    ):
         raise ConfigError(
             f"{out['loss']} without MaP (map=false) perturbs pixels out of the logit's domain (0, 1); "
             "set drop_out_of_domain=true to drop those examples from the loss (the paper's ablation), "
@@ -218,12 +255,14 @@ def validate_config(config: Mapping[str, Any]) -> RunConfig:
         raise ConfigError(
             f"dsm on 2-D toy data perturbs the clean training points by sigma ({out['sigma']:g}) "
             f"and adds the rest of the smoothing noise toy_noise ({out['toy_noise']:g}); sigma "
-            "must not exceed toy_noise (sigma = toy_noise: the reference's exact DSM target)")
+            "must not exceed toy_noise (sigma = toy_noise: the reference's exact DSM target)"
+        )
     if out["epochs"] is None and out["max_iters"] is None and out["max_minutes"] is None:
         raise ConfigError("set at least one of the config keys 'epochs', 'max_iters', 'max_minutes'")
-    sections = {name: cls(**{attr: freeze(out[key]) for key, (where, attr) in KEY_PATHS.items()
-                             if where == name})
-                for name, cls in SECTIONS.items()}
+    sections = {
+        name: cls(**{attr: freeze(out[key]) for key, (where, attr) in KEY_PATHS.items() if where == name})
+        for name, cls in SECTIONS.items()
+    }
     return RunConfig(**sections, _built_by=_VALIDATION)
 
 
@@ -250,8 +289,10 @@ class RunConfig:
 
     def __post_init__(self, _built_by: object) -> None:
         if _built_by is not _VALIDATION:
-            raise TypeError("a RunConfig is built by validate_config (or RunConfig.from_dict, "
-                            "RunConfig.updated), which checks every value; not directly")
+            raise TypeError(
+                "a RunConfig is built by validate_config (or RunConfig.from_dict, "
+                "RunConfig.updated), which checks every value; not directly"
+            )
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> RunConfig:

@@ -1,2 +1,4 @@
-"""Data sets (``datasets``: toy and image data, their readers and splits) and the batches a training
-step draws from them (``batches``: samplers, dequantisation, augmentation, per-step seeds)."""
+"""Data sets and the batches a training step draws from them: ``datasets`` (the loaders by name and
+``load_data``), ``splits`` (what a loader returns), ``toys`` (generated points, point files),
+``image_sets`` (digits, MNIST, CIFAR-10, stand-ins) and ``batches`` (samplers, dequantisation,
+augmentation)."""

@@ -19,20 +19,11 @@ from ...errors import ConfigError, InputError
 from ...preprocessing import ImagePreprocessing
 
 __all__ = [
-    "step_seed",
     "EpochShuffleSampler",
     "make_loader",
     "model_input",
     "augment_images",
 ]
-
-def step_seed(seed: int, step: int, stream: int = 0) -> int:
-    """A 63-bit seed determined by ``(seed, step, stream)`` alone (NumPy's ``SeedSequence``
-    mixing: nearby tuples give unrelated seeds)."""
-    import numpy as np
-
-    words = np.random.SeedSequence([int(seed), int(step), int(stream)]).generate_state(2, np.uint32)
-    return (int(words[0]) << 31) ^ int(words[1])
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -96,14 +87,19 @@ class _TensorRows(torch.utils.data.Dataset):
 
 
 def make_loader(
-    data: Tensor, batch_size: int, sampler: Sampler[int], *, rank: int = 0, world_size: int = 1,
+    data: Tensor,
+    batch_size: int,
+    sampler: Sampler[int],
+    *,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
     """A loader of whole batches drawn from ``data`` in the order of ``sampler``: this process's
     ``batch_size / world_size`` rows of each global batch of ``batch_size``."""
-    if len(sampler) < batch_size:  # type: ignore[arg-type]
+    size = len(sampler)  # type: ignore[arg-type]  # Sampler declares no __len__; ours are sized
+    if size < batch_size:
         raise ConfigError(
-            f"config key 'batch_size' ({batch_size}) is larger than the {len(sampler)} training "
-            "examples"  # type: ignore[arg-type]
+            f"config key 'batch_size' ({batch_size}) is larger than the {size} training examples"
         )
     if batch_size % world_size:
         raise ConfigError(
@@ -112,14 +108,21 @@ def make_loader(
         )
     # The loader gets its own generator: creating an iterator must not draw from the global
     # RNG, or a run resumed mid-epoch would see different noise than the uninterrupted run.
-    return DataLoader(_TensorRows(data),
-                      sampler=_ResumableBatches(sampler, batch_size, rank, world_size),
-                      batch_size=None, generator=torch.Generator())
+    return DataLoader(
+        _TensorRows(data),
+        sampler=_ResumableBatches(sampler, batch_size, rank, world_size),
+        batch_size=None,
+        generator=torch.Generator(),
+    )
 
 
 def model_input(
-    x: Tensor, preprocessing: ImagePreprocessing | None, use_map: bool,
-    generator: torch.Generator | None = None, *, dequantization_noise: Tensor | None = None,
+    x: Tensor,
+    preprocessing: ImagePreprocessing | None,
+    use_map: bool,
+    generator: torch.Generator | None = None,
+    *,
+    dequantization_noise: Tensor | None = None,
     check: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Raw data -> ``(model input, log|det| of the preprocessing or None)``.
@@ -132,8 +135,10 @@ def model_input(
         return x, None
     if dequantization_noise is not None:
         if dequantization_noise.shape != x.shape:
-            raise InputError(f"dequantisation noise must have the shape of the batch {tuple(x.shape)}, "
-                             f"got {tuple(dequantization_noise.shape)}")
+            raise InputError(
+                f"dequantisation noise must have the shape of the batch {tuple(x.shape)}, "
+                f"got {tuple(dequantization_noise.shape)}"
+            )
         x_deq = x + dequantization_noise
     else:
         x_deq = preprocessing.dequantize(x, generator=generator)
@@ -142,21 +147,26 @@ def model_input(
     return preprocessing.forward(x_deq, check=check)
 
 
-def augment_images(x: Tensor, generator: torch.Generator, global_batch: int | None = None,
-                   start: int = 0, max_shift: int = 2) -> Tensor:
+def augment_images(
+    x: Tensor, generator: torch.Generator, global_batch: int | None = None, start: int = 0, max_shift: int = 2
+) -> Tensor:
     """Random horizontal flips (probability 1/2) and translations by up to ``max_shift`` pixels
     (edges replicated) of images ``(B, C, H, W)``, one draw per example. The draws are made for
     a global batch of ``global_batch`` rows (default ``B``) from ``generator``, and this batch is
     rows ``[start, start + B)`` of it, so every process of a data-parallel run agrees."""
     b, c, h, w = x.shape
     n = global_batch or b
-    flip = torch.rand(n, generator=generator, device=generator.device)[start:start + b] < 0.5
-    shift = torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator,
-                          device=generator.device)[start:start + b].to(x.device)
+    flip = torch.rand(n, generator=generator, device=generator.device)[start : start + b] < 0.5
+    shift = torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator, device=generator.device)[
+        start : start + b
+    ].to(x.device)
     x = torch.where(flip.to(x.device).view(b, 1, 1, 1), x.flip(-1), x)
     padded = torch.nn.functional.pad(x, (max_shift,) * 4, mode="replicate")
     rows = torch.arange(h, device=x.device) + max_shift + shift[:, :1]  # (B, H)
     cols = torch.arange(w, device=x.device) + max_shift + shift[:, 1:]  # (B, W)
-    return padded[torch.arange(b, device=x.device).view(b, 1, 1, 1),
-                  torch.arange(c, device=x.device).view(1, c, 1, 1),
-                  rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
+    return padded[
+        torch.arange(b, device=x.device).view(b, 1, 1, 1),
+        torch.arange(c, device=x.device).view(1, c, 1, 1),
+        rows.view(b, 1, h, 1),
+        cols.view(b, 1, 1, w),
+    ]

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ...flow import EBFlow
-from ..data.datasets import ToyMixture
+from ..data.splits import ToyMixture
 
 __all__ = ["mixture_log_prob", "mixture_score", "kl_divergence", "fisher_divergence", "toy_metrics"]
 
@@ -38,8 +38,10 @@ def mixture_log_prob(mix: ToyMixture, x: Tensor, chunk: int = 4096) -> Tensor:
     n, d = c.shape
     s2 = mix.noise**2
     const = -math.log(n) - 0.5 * d * math.log(2 * math.pi * s2)
-    out = [torch.logsumexp(-_sq_dists(xb, c) / (2 * s2), dim=1) + const
-           for xb in x.to(torch.float64).split(chunk)]
+    out = [
+        torch.logsumexp(-_sq_dists(xb, c) / (2 * s2), dim=1) + const
+        for xb in x.to(torch.float64).split(chunk)
+    ]
     return torch.cat(out)
 
 
@@ -61,19 +63,29 @@ def _batches(x: Tensor, size: int) -> list[Tensor]:
 def kl_divergence(model: EBFlow, mix: ToyMixture, x: Tensor, batch_size: int = 5000) -> float:
     """Monte-Carlo KL(data || model) over samples ``x`` of the data density (nats)."""
     with torch.no_grad():
-        log_q = torch.cat([model.log_prob(xb.to(model.dtype).to(model.device)).double().cpu()
-                           for xb in _batches(x, batch_size)])
+        log_q = torch.cat(
+            [
+                model.log_prob(xb.to(model.dtype).to(model.device)).double().cpu()
+                for xb in _batches(x, batch_size)
+            ]
+        )
     return float((mixture_log_prob(mix, x) - log_q).mean())
 
 
 def fisher_divergence(model: EBFlow, mix: ToyMixture, x: Tensor, batch_size: int = 5000) -> float:
     """Monte-Carlo Fisher divergence ``E ½‖∇log p − ∇log q‖²`` over samples ``x`` of the data."""
-    s_q = torch.cat([model.score(xb.to(model.dtype).to(model.device)).detach().double().cpu()
-                     for xb in _batches(x, batch_size)])
+    s_q = torch.cat(
+        [
+            model.score(xb.to(model.dtype).to(model.device)).detach().double().cpu()
+            for xb in _batches(x, batch_size)
+        ]
+    )
     return float(0.5 * (mixture_score(mix, x) - s_q).pow(2).sum(1).mean())
 
 
 def toy_metrics(model: EBFlow, mix: ToyMixture, x: Tensor, batch_size: int = 5000) -> dict[str, float]:
     """``{"kl": ..., "fisher": ...}`` of ``model`` against the smoothed data, on samples ``x``."""
-    return {"kl": kl_divergence(model, mix, x, batch_size),
-            "fisher": fisher_divergence(model, mix, x, batch_size)}
+    return {
+        "kl": kl_divergence(model, mix, x, batch_size),
+        "fisher": fisher_divergence(model, mix, x, batch_size),
+    }

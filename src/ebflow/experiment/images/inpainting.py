@@ -9,19 +9,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from ...errors import ConfigError, InputError
 from ...inpainting import MASK_REGIONS, InpaintResult, inpainting_grid, make_mask
+from .picture import write_picture
 
 __all__ = ["read_mask_png", "mask_from_spec", "save_inpainting_grid"]
 
 
 def read_mask_png(path: str | Path, hw: tuple[int, int]) -> Tensor:
     """The white (>= 128 after conversion to gray) pixels of the image ``path``, which must have
-    the data's height and width ``hw``: a boolean ``(H, W)`` plane."""
-    from PIL import Image
-
+    the data's height and width ``hw``: a boolean ``(H, W)`` plane (read by Pillow)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"mask file {str(path)!r} does not exist")
@@ -33,8 +33,7 @@ def read_mask_png(path: str | Path, hw: tuple[int, int]) -> Tensor:
         raise InputError(f"cannot read mask image {str(path)!r}: {err}") from err
     if (height, width) != hw:
         raise InputError(
-            f"mask image {str(path)!r} is {height}x{width} (HxW) but the data images are "
-            f"{hw[0]}x{hw[1]}"
+            f"mask image {str(path)!r} is {height}x{width} (HxW) but the data images are {hw[0]}x{hw[1]}"
         )
     plane = gray >= 128
     if not bool(plane.any()):
@@ -50,27 +49,25 @@ def mask_from_spec(
     spec = str(spec)
     if spec.lower().endswith(".png"):
         if len(event_shape) not in (2, 3):
-            raise InputError(f"mask {spec!r} needs image events (C, H, W) or (H, W); got event shape "
-                             f"{tuple(event_shape)}")
+            raise InputError(
+                f"mask {spec!r} needs image events (C, H, W) or (H, W); got event shape {tuple(event_shape)}"
+            )
         h, w = (int(s) for s in tuple(event_shape)[-2:])
         return make_mask(read_mask_png(spec, (h, w)), event_shape, batch=batch, generator=generator)
     if spec not in MASK_REGIONS and not spec.startswith("random:"):
-        raise ConfigError(f"unknown mask {spec!r}; use one of {', '.join(MASK_REGIONS)}, random:P or a FILE.png")
+        raise ConfigError(
+            f"unknown mask {spec!r}; use one of {', '.join(MASK_REGIONS)}, random:P or a FILE.png"
+        )
     return make_mask(spec, event_shape, batch=batch, generator=generator)
 
 
-def save_inpainting_grid(result: InpaintResult, path: str | Path, *, max_value: float = 255.0,
-                         min_size: int = 64) -> Path:
+def save_inpainting_grid(
+    result: InpaintResult, path: str | Path, *, max_value: float = 255.0, min_size: int = 64
+) -> Path:
     """Write the grid of ``result`` (:func:`ebflow.inpainting.inpainting_grid`: rows original /
     masked (noise start) / filled, one column per image) to the picture ``path``, creating its
-    folder."""
+    folder: a ``.png`` or ``.jpg``."""
     grid = inpainting_grid(result, max_value=max_value, min_size=min_size)
     if not isinstance(path, (str, Path)):
         raise ConfigError(f"path must be a str or pathlib.Path, got {type(path).__name__}")
-    from torchvision.utils import save_image
-
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, path)
-    return path
+    return write_picture(path, grid, "inpainting picture")

@@ -6,18 +6,30 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..._optional import require
 from ...errors import ConfigError
+from ...images import image_grid
 from ..evaluation.toy_metrics import mixture_log_prob
 from ..rundir.files import OutputError, os_reason
 from ..rundir.load import LoadedRun, draw_samples, samples_to_pixels
+from .picture import write_picture
 
-__all__ = ["IMAGE_SUFFIXES", "prepare_output", "save_samples", "save_density_plot", "save_curves"]
+__all__ = ["IMAGE_SUFFIXES", "prepare_output", "pyplot", "save_samples", "save_density_plot", "save_curves"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def pyplot(purpose: str) -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (files only, no display), or a one-line
+    :class:`~ebflow.errors.MissingDependencyError` naming ``ebflow[plots]``: ``"{purpose} needs
+    matplotlib: ..."``."""
+    require("matplotlib", purpose=purpose).use("Agg")
+    return require("matplotlib.pyplot", purpose=purpose)
 
 
 def prepare_output(out: str | Path) -> Path:
@@ -36,8 +48,9 @@ def prepare_output(out: str | Path) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise OutputError(f"cannot create the folder {str(out.parent)!r} for {str(out)!r}: "
-                          f"{os_reason(err)}") from err
+        raise OutputError(
+            f"cannot create the folder {str(out.parent)!r} for {str(out)!r}: {os_reason(err)}"
+        ) from err
     return out
 
 
@@ -50,20 +63,19 @@ def _writing(out: Path) -> Iterator[None]:
 
 
 def save_samples(run: LoadedRun, out: str | Path, n: int, *, seed: int = 0, refine: int = 0) -> Path:
-    """An image grid (image data) or a scatter plot over the learned density (point data)."""
+    """An image grid (image data) or a scatter plot over the
+    learned density (point data; needs matplotlib, the ``plots`` extra)."""
     out = prepare_output(out)
     x = draw_samples(run, n, seed=seed, refine=refine).cpu()
     if run.is_image:
-        from torchvision.utils import save_image
-
         pixels = samples_to_pixels(run, x) / (run.preprocessing.num_bins - 1)  # type: ignore[union-attr]
         if pixels.shape[-1] < 32:  # enlarge tiny images (8x8 digits) so the grid is readable
             factor = math.ceil(32 / pixels.shape[-1])
             pixels = torch.nn.functional.interpolate(pixels, scale_factor=factor, mode="nearest")
-        with _writing(out):
-            save_image(pixels.float(), str(out), nrow=max(1, int(math.ceil(math.sqrt(n)))),
-                       padding=2, pad_value=0.5)  # grey gaps: black-background digits stay apart
-        return out
+        grid = image_grid(
+            pixels.float(), max(1, math.ceil(math.sqrt(n))), padding=2, pad_value=0.5
+        )  # grey gaps: black-background digits stay apart
+        return write_picture(out, grid, "sample picture")
     _scatter_plot(run, x, out)
     return out
 
@@ -74,8 +86,12 @@ def _grid(run: LoadedRun, lo: Tensor, hi: Tensor, size: int = 200) -> tuple[Tens
     gx, gy = torch.meshgrid(xs, ys, indexing="xy")
     pts = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)
     with torch.no_grad():
-        logp = torch.cat([run.model.log_prob(p.to(run.model.device, run.model.dtype)).double().cpu()
-                          for p in pts.split(10000)])
+        logp = torch.cat(
+            [
+                run.model.log_prob(p.to(run.model.device, run.model.dtype)).double().cpu()
+                for p in pts.split(10000)
+            ]
+        )
     return gx, gy, logp.reshape(size, size)
 
 
@@ -86,10 +102,7 @@ def _bounds(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _scatter_plot(run: LoadedRun, x: Tensor, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(f"the plot {out.name}")
 
     x = x.double()
     x = x[torch.isfinite(x).all(dim=1)]
@@ -102,7 +115,9 @@ def _scatter_plot(run: LoadedRun, x: Tensor, out: Path) -> None:
         ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), s=2, c="white", alpha=0.5, label="samples")
         ax.set_xlim(float(lo[0]), float(hi[0]))
         ax.set_ylim(float(lo[1]), float(hi[1]))
-        ax.set_title(f"{run.config.runtime.name} ({run.config.objective.loss}): samples over the model density")
+        ax.set_title(
+            f"{run.config.runtime.name} ({run.config.objective.loss}): samples over the model density"
+        )
     else:
         ax.scatter(ref[:, 0].numpy(), ref[:, 1].numpy(), s=2, alpha=0.3, label="test data")
         ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), s=2, alpha=0.3, label="samples")
@@ -112,9 +127,8 @@ def _scatter_plot(run: LoadedRun, x: Tensor, out: Path) -> None:
 
 
 def _save(fig, out: Path) -> None:
-    """Write a figure (atomically, see :func:`_writing`) and close it."""
-    import matplotlib.pyplot as plt
-
+    """Write a figure and close it; a failed write is an ``OutputError``."""
+    plt = pyplot(out.name)
     fig.tight_layout()
     try:
         with _writing(out):
@@ -124,11 +138,8 @@ def _save(fig, out: Path) -> None:
 
 
 def save_density_plot(run: LoadedRun, out: str | Path) -> Path:
-    """2-D data: the data density (when known) next to the model density."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """2-D data: the data density (when known) next to the model density (needs matplotlib)."""
+    plt = pyplot(f"the plot {Path(out).name}")
 
     out = Path(out)
     splits = run.splits()
@@ -137,10 +148,11 @@ def save_density_plot(run: LoadedRun, out: str | Path) -> Path:
     panels = [("model", logp.exp())]
     if splits.mixture is not None:
         pts = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)
-        panels.insert(0, ("data (smoothed points)", mixture_log_prob(splits.mixture, pts)
-                          .reshape(gx.shape).exp()))
+        panels.insert(
+            0, ("data (smoothed points)", mixture_log_prob(splits.mixture, pts).reshape(gx.shape).exp())
+        )
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False)
-    for ax, (title, dens) in zip(axes[0], panels):
+    for ax, (title, dens) in zip(axes[0], panels, strict=True):
         ax.pcolormesh(gx.numpy(), gy.numpy(), dens.numpy(), shading="auto", cmap="viridis")
         ax.set_title(title)
         ax.set_aspect("equal")
@@ -150,14 +162,12 @@ def save_density_plot(run: LoadedRun, out: str | Path) -> Path:
 
 def save_curves(metrics_csv: str | Path, out: str | Path, title: str = "") -> Path:
     """``curves.png`` of a run: the training loss and the validation NLL of ``metrics.csv``
-    against steps (left) and against training time (right); written atomically."""
+    against steps (left) and against training time (right); written atomically. Needs
+    matplotlib (the ``plots`` extra)."""
     import csv
     import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(Path(out).name)
 
     from ..rundir.files import write_atomic
 
@@ -171,7 +181,9 @@ def save_curves(metrics_csv: str | Path, out: str | Path, title: str = "") -> Pa
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex="col", squeeze=False)
     for col, (x, xlabel) in enumerate((("step", "step"), ("train_s", "training time (s)"))):
-        for row, (column, label) in enumerate((("loss", "training loss"), ("val_nll", "validation NLL (nats)"))):
+        for row, (column, label) in enumerate(
+            (("loss", "training loss"), ("val_nll", "validation NLL (nats)"))
+        ):
             ax = axes[row][col]
             xs, ys = series(column, x)
             ax.plot(xs, ys, marker="." if column == "val_nll" else None, lw=1)

@@ -11,8 +11,14 @@ import torch
 
 from ...errors import ConfigError
 
-__all__ = ["DEVICE_NAME", "LOCAL_RANK_VARS", "gpu_for_local_rank", "local_rank_from_env",
-           "process_device", "resolve_device"]
+__all__ = [
+    "DEVICE_NAME",
+    "LOCAL_RANK_VARS",
+    "gpu_for_local_rank",
+    "local_rank_from_env",
+    "process_device",
+    "resolve_device",
+]
 
 DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]+)?", re.ASCII)  # what --device accepts
 
@@ -32,9 +38,11 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
         raise ConfigError(f"device {text!r} requested but CUDA is not available; use --device cpu")
     index = int(text[5:]) if ":" in text else None
     if index is not None and index >= torch.cuda.device_count():
-        raise ConfigError(f"device {text!r} requested but this machine has {torch.cuda.device_count()} "
-                          f"GPU(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    return torch.device("cuda", index)
+        raise ConfigError(
+            f"device {text!r} requested but this machine has {torch.cuda.device_count()} "
+            f"GPU(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
+    return torch.device("cuda") if index is None else torch.device("cuda", index)
 
 
 #: Environment variables that give a process's rank on its node, by launcher, in the order read.

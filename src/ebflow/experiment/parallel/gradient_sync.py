@@ -37,6 +37,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -53,8 +54,10 @@ GRAD_SYNC_MODES = ("auto", "ddp", "allreduce")
 def poisoned_loss(params: Sequence[Tensor]) -> Tensor:
     r""":math:`\text{NaN}\cdot\sum\theta`: a loss whose gradient is NaN for every parameter, so a
     failed step on one process makes every process skip it once gradients are averaged."""
-    return sum((p.sum() for p in params), torch.zeros((), device=params[0].device,
-                                                      dtype=params[0].dtype)) * math.nan
+    return (
+        sum((p.sum() for p in params), torch.zeros((), device=params[0].device, dtype=params[0].dtype))
+        * math.nan
+    )
 
 
 class ObjectiveModule(nn.Module):
@@ -89,7 +92,9 @@ class GradientSync:
     backward pass).
     """
 
-    def __init__(self, ctx: Distributed, model: nn.Module, objective: Callable[..., Tensor], mode: str) -> None:
+    def __init__(
+        self, ctx: Distributed, model: nn.Module, objective: Callable[..., Tensor], mode: str
+    ) -> None:
         if mode not in GRAD_SYNC_MODES:
             raise ConfigError(f"grad_sync must be one of {', '.join(GRAD_SYNC_MODES)}, got {mode!r}")
         self.ctx = ctx
@@ -102,7 +107,8 @@ class GradientSync:
             # Buffers (ActNorm's "initialized" flag, masks) are identical by construction, so
             # they are not re-broadcast at every forward pass.
             self.train_module: nn.Module = nn.parallel.DistributedDataParallel(
-                self.module, device_ids=device_ids, **_no_buffer_sync())
+                self.module, device_ids=device_ids, **_no_buffer_sync()
+            )
             clear_layer_caches(model)  # DDP broadcast rank 0's parameters in place
         else:
             ctx.broadcast_module(model)
@@ -132,16 +138,18 @@ class GradientSync:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat /= self.ctx.world_size
         offset = 0
-        for p, g in zip(params, grads):
+        for p, g in zip(params, grads, strict=True):
             n = g.numel()
-            p.grad = flat[offset:offset + n].view_as(p)
+            p.grad = flat[offset : offset + n].view_as(p)
             offset += n
 
 
-def _no_buffer_sync() -> dict[str, bool]:
+def _no_buffer_sync() -> dict[str, Any]:
     """DDP's switch that stops buffer broadcasts at every forward (renamed in newer PyTorch)."""
     params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
-    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    return (
+        {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    )
 
 
 def make_gradient_sync(

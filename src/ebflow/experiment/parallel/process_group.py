@@ -21,8 +21,16 @@ from ...errors import ConfigError, EBFlowError
 from ...layers.base import LinearFlowLayer
 from .devices import local_rank_from_env, process_device
 
-__all__ = ["Distributed", "SINGLE_PROCESS", "launched_by_torchrun", "backend_for", "init_from_env", "current",
-           "shutdown", "clear_layer_caches"]
+__all__ = [
+    "Distributed",
+    "SINGLE_PROCESS",
+    "launched_by_torchrun",
+    "backend_for",
+    "init_from_env",
+    "current",
+    "shutdown",
+    "clear_layer_caches",
+]
 
 T = TypeVar("T")
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -186,8 +194,9 @@ def init_from_env(
         raise ConfigError("this PyTorch build has no torch.distributed; train with one process")
     missing = [v for v in TORCHRUN_VARS if v not in os.environ and v != "LOCAL_RANK"]
     if missing:
-        raise ConfigError(f"distributed launch without {', '.join(missing)} in the environment; "
-                          "start the run with torchrun")
+        raise ConfigError(
+            f"distributed launch without {', '.join(missing)} in the environment; start the run with torchrun"
+        )
     world_size = int(os.environ["WORLD_SIZE"])
     local_rank = local_rank_from_env(int(os.environ["RANK"]), world_size)
     dev = process_device(device, local_rank, world_size)

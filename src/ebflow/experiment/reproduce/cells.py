@@ -57,8 +57,9 @@ def device_slots(device: str | None, parallel: int, gpus: int) -> list[str | Non
     return [f"cuda:{i % gpus}" for i in range(parallel)]
 
 
-def train_command(cell: Cell, run_dir: Path, args: argparse.Namespace,
-                  device: str | None = None) -> list[str]:
+def train_command(
+    cell: Cell, run_dir: Path, args: argparse.Namespace, device: str | None = None
+) -> list[str]:
     """The ``ebflow train`` command of a cell: a fresh run, or a resume when the cell's
     directory holds a checkpoint; ``device`` (default: ``args.device``) is where it trains."""
     sets = ["progress=false"]
@@ -72,8 +73,17 @@ def train_command(cell: Cell, run_dir: Path, args: argparse.Namespace,
             sets += [f"data_dir={args.data_dir}", "download=false"]
         sets += [f"{k}={_yaml_value(v)}" for k, v in cell.overrides.items()]
         sets += list(args.overrides)
-        cmd = ["train", "--config", cell.preset, "--loss", cell.loss, "--out", str(run_dir),
-               "--seed", str(args.seed)]
+        cmd = [
+            "train",
+            "--config",
+            cell.preset,
+            "--loss",
+            cell.loss,
+            "--out",
+            str(run_dir),
+            "--seed",
+            str(args.seed),
+        ]
     else:
         if args.data_dir:
             sets += [f"data_dir={args.data_dir}"]
@@ -105,10 +115,17 @@ def train_cell(cell: Cell, run_dir: Path, args: argparse.Namespace, device: str 
         log.flush()
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     if code == 0 and (run_dir / "results.json").exists():
-        (run_dir / "cell.json").write_text(json.dumps({
-            "cell": cell.name, "preset": cell.preset, "loss": cell.loss,
-            "budget_minutes": args.budget_minutes,
-            "resumable_overrides": resumable_overrides(args.overrides),
-            "wall_seconds_last_call": time.time() - t0}))
+        (run_dir / "cell.json").write_text(
+            json.dumps(
+                {
+                    "cell": cell.name,
+                    "preset": cell.preset,
+                    "loss": cell.loss,
+                    "budget_minutes": args.budget_minutes,
+                    "resumable_overrides": resumable_overrides(args.overrides),
+                    "wall_seconds_last_call": time.time() - t0,
+                }
+            )
+        )
     logger.info("[%s] exit %d after %.0f s", cell.name, code, time.time() - t0)
     return code

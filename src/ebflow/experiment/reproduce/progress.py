@@ -45,8 +45,9 @@ class TableProgress:
     :meth:`finished` from the cells' threads, :meth:`poll` (or the thread of :meth:`watching`)
     for the running cells' latest validations."""
 
-    def __init__(self, table_dir: Path, todo: Sequence[str], skipped: int, budget_minutes: float | None,
-                 parallel: int) -> None:
+    def __init__(
+        self, table_dir: Path, todo: Sequence[str], skipped: int, budget_minutes: float | None, parallel: int
+    ) -> None:
         self.table_dir, self.budget, self.parallel = table_dir, budget_minutes, max(1, parallel)
         self.total = len(todo) + skipped
         self.done = skipped
@@ -92,8 +93,11 @@ class TableProgress:
     def summary(self) -> str:
         with self.lock:
             done, running, left, failed = self.done, len(self.running), self.left, self.failed
-        text = (f"progress: {done}/{self.total} cells done"
-                + (f" ({failed} failed)" if failed else "") + f", {running} running, {left} left")
+        text = (
+            f"progress: {done}/{self.total} cells done"
+            + (f" ({failed} failed)" if failed else "")
+            + f", {running} running, {left} left"
+        )
         eta = self.eta_seconds()
         if eta is not None and (running or left):
             text += f"; ETA ~{format_seconds(eta)} of training (from the budgets)"
@@ -105,9 +109,11 @@ class TableProgress:
         if row is None or nll is None or step is None:
             return False
         bpd, seconds = _float(row, "val_bpd"), _float(row, "train_s")
-        text = (f"[{cell}] step {int(step)}: val NLL {nll:.4f} nats"
-                + (f", {bpd:.4f} bits/dim" if bpd is not None and math.isfinite(bpd) else "")
-                + (f" ({format_seconds(seconds)} of training)" if seconds is not None else ""))
+        text = (
+            f"[{cell}] step {int(step)}: val NLL {nll:.4f} nats"
+            + (f", {bpd:.4f} bits/dim" if bpd is not None and math.isfinite(bpd) else "")
+            + (f" ({format_seconds(seconds)} of training)" if seconds is not None else "")
+        )
         if self.shown.get(cell) == text:
             return False
         self.shown[cell] = text
@@ -117,7 +123,8 @@ class TableProgress:
     def poll(self) -> None:
         """Show each running cell's latest validation when it is new."""
         with self.lock:
-            if any([self._show_validation(c) for c in list(self.running)]):
+            shown = [self._show_validation(c) for c in list(self.running)]  # every cell, no short cut
+            if any(shown):
                 logger.info("%s", self.summary())
 
     def watching(self, every: float) -> _Watcher:

@@ -9,10 +9,13 @@ import logging
 import math
 import os
 import platform
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ...errors import MissingDependencyError
+from ..images.plots import pyplot
 from .tables import PAPER_BATCHES_PER_S, Cell
 
 __all__ = ["collect", "render_report", "write_report", "plot_curves", "zoom_limits"]
@@ -39,10 +42,17 @@ def collect(table: str, cells: Sequence[Cell], out_dir: Path) -> list[dict[str, 
     records = []
     for cell in cells:
         run_dir = out_dir / table / cell.name
-        rec: dict[str, Any] = {"table": table, "cell": cell.name, "preset": cell.preset,
-                               "loss": cell.loss, "group": cell.group, "paper": cell.paper,
-                               "metric": cell.metric, "overrides": cell.overrides,
-                               "run_dir": str(run_dir)}
+        rec: dict[str, Any] = {
+            "table": table,
+            "cell": cell.name,
+            "preset": cell.preset,
+            "loss": cell.loss,
+            "group": cell.group,
+            "paper": cell.paper,
+            "metric": cell.metric,
+            "overrides": cell.overrides,
+            "run_dir": str(run_dir),
+        }
         results = run_dir / "results.json"
         if results.exists():
             res = json.loads(results.read_text())
@@ -76,33 +86,68 @@ def render_report(table: str, records: Sequence[dict[str, Any]], machine: str) -
     """Markdown: one row per cell with the paper's value, ours, the difference, the budget,
     iterations and time, then the checks of the paper's claims that the table allows."""
     kl = any(r["metric"] == "kl" for r in records)
-    head = ("| cell | objective | paper | ours (EMA) | diff | diff % | raw weights | bits/dim | "
-            "budget (min) | iterations (evaluated / trained) | train min | ms/iter | dropped | device, threads |")
+    head = (
+        "| cell | objective | paper | ours (EMA) | diff | diff % | raw weights | bits/dim | "
+        "budget (min) | iterations (evaluated / trained) | train min | ms/iter | dropped | device, threads |"
+    )
     if kl:
-        head = ("| cell | objective | KL(data‖model) | Fisher divergence | test NLL | budget (min) | "
-                "iterations (evaluated / trained) | train min | ms/iter | device, threads |")
+        head = (
+            "| cell | objective | KL(data‖model) | Fisher divergence | test NLL | budget (min) | "
+            "iterations (evaluated / trained) | train min | ms/iter | device, threads |"
+        )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
         res = r.get("results", {})
         where = f"{res.get('device', '–')}, {res.get('threads', '–')}" if res else "–"
-        common = [_fmt(r.get("budget_minutes"), 1), _iterations(res),
-                  _fmt(res.get("train_seconds", math.nan) / 60 if res else None, 1),
-                  _fmt(res.get("ms_per_iter"), 1)]
+        common = [
+            _fmt(r.get("budget_minutes"), 1),
+            _iterations(res),
+            _fmt(res.get("train_seconds", math.nan) / 60 if res else None, 1),
+            _fmt(res.get("ms_per_iter"), 1),
+        ]
         if r["status"] != "finished":
-            lines.append(f"| {r['cell']} | {r['loss']} | {_fmt(r['paper'])} | {r['status']} |"
-                         + " |" * (head.count("|") - 5))
+            lines.append(
+                f"| {r['cell']} | {r['loss']} | {_fmt(r['paper'])} | {r['status']} |"
+                + " |" * (head.count("|") - 5)
+            )
             continue
         if kl:
-            lines.append("| " + " | ".join([r["cell"], r["loss"], _fmt(res.get("test_kl"), 4),
-                                            _fmt(res.get("test_fisher"), 4), _fmt(res.get("test_nll"), 3),
-                                            *common, where]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        r["cell"],
+                        r["loss"],
+                        _fmt(res.get("test_kl"), 4),
+                        _fmt(res.get("test_fisher"), 4),
+                        _fmt(res.get("test_nll"), 3),
+                        *common,
+                        where,
+                    ]
+                )
+                + " |"
+            )
             continue
         dropped = res.get("dropped_fraction")
-        lines.append("| " + " | ".join([
-            r["cell"], r["loss"], _fmt(r["paper"]), _fmt(r.get("ours")), _fmt(r.get("diff")),
-            _fmt(100 * r["rel_diff"], 2) if "rel_diff" in r else "–", _fmt(res.get("test_raw_nll")),
-            _fmt(res.get("test_bpd"), 3), *common,
-            f"{100 * dropped:.1f} %" if dropped else "0", where]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["cell"],
+                    r["loss"],
+                    _fmt(r["paper"]),
+                    _fmt(r.get("ours")),
+                    _fmt(r.get("diff")),
+                    _fmt(100 * r["rel_diff"], 2) if "rel_diff" in r else "–",
+                    _fmt(res.get("test_raw_nll")),
+                    _fmt(res.get("test_bpd"), 3),
+                    *common,
+                    f"{100 * dropped:.1f} %" if dropped else "0",
+                    where,
+                ]
+            )
+            + " |"
+        )
     lines += ["", *_claims(table, records), "", f"Machine: {machine}."]
     return "\n".join(lines) + "\n"
 
@@ -119,26 +164,43 @@ def _claims(table: str, records: Sequence[dict[str, Any]]) -> list[str]:
     done = {r["cell"]: r for r in records if r.get("ours") is not None}
     out = []
     if table in PAPER_BATCHES_PER_S and done:
-        within = [r["cell"] for r in done.values() if r.get("rel_diff") is not None and abs(r["rel_diff"]) <= 0.01]
-        out.append(f"- Within 1 % of the paper: {len(within)} of {len(done)} finished cells"
-                   + (f" ({', '.join(within)})" if within else "") + ".")
-        order = sorted(done.values(), key=lambda r: r["ours"])
-        out.append("- Our order (best first): " + " < ".join(f"{r['loss'].upper()} {r['ours']:.1f}" for r in order)
-                   + "; the paper's: " + " < ".join(
-                       f"{r['loss'].upper()} {r['paper']:.1f}" for r in sorted(done.values(), key=lambda r: r["paper"])) + ".")
+        within = [
+            r["cell"] for r in done.values() if r.get("rel_diff") is not None and abs(r["rel_diff"]) <= 0.01
+        ]
+        out.append(
+            f"- Within 1 % of the paper: {len(within)} of {len(done)} finished cells"
+            + (f" ({', '.join(within)})" if within else "")
+            + "."
+        )
+        ours = sorted(done.values(), key=lambda r: r["ours"])
+        paper = sorted(done.values(), key=lambda r: r["paper"])
+        out.append(
+            "- Our order (best first): "
+            + " < ".join(f"{r['loss'].upper()} {r['ours']:.1f}" for r in ours)
+            + "; the paper's: "
+            + " < ".join(f"{r['loss'].upper()} {r['paper']:.1f}" for r in paper)
+            + "."
+        )
     if table == "ablation" and done:
         for prefix in ("fc", "cnn"):
             for loss in ("ssm", "dsm", "fdssm"):
                 vals = [done.get(f"{prefix}-{loss}-{s}") for s in ("noema-nomap", "ema-nomap", "ema-map")]
                 if all(v is not None for v in vals):
                     a, b, c = (v["ours"] for v in vals)  # type: ignore[index]
-                    line = f"- {prefix.upper()} {loss.upper()}: no EMA/no MaP {a:.1f} → EMA {b:.1f} → EMA + MaP {c:.1f}: "
+                    line = (
+                        f"- {prefix.upper()} {loss.upper()}: no EMA/no MaP {a:.1f} → EMA {b:.1f} "
+                        f"→ EMA + MaP {c:.1f}: "
+                    )
                     if any(v["results"].get("dropped_fraction", 0) >= 1 for v in vals):  # type: ignore[index]
-                        line += ("the no-MaP cells dropped every example, so the objective never trained "
-                                 "them (only weight decay, if any, moved them): no comparison.")
+                        line += (
+                            "the no-MaP cells dropped every example, so the objective never trained "
+                            "them (only weight decay, if any, moved them): no comparison."
+                        )
                     else:
-                        line += (f"EMA {'helps' if b < a else 'does not help'}, "
-                                 f"MaP {'helps' if c < b else 'does not help'}.")
+                        line += (
+                            f"EMA {'helps' if b < a else 'does not help'}, "
+                            f"MaP {'helps' if c < b else 'does not help'}."
+                        )
                     out.append(line)
     return out
 
@@ -168,15 +230,11 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str) -> Pa
     curves = [r for r in records if r.get("curve")]
     if not curves:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot(path.name)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax in axes:
         for r in curves:
-            t, v = zip(*r["curve"])
+            t, v = zip(*r["curve"], strict=True)
             ax.plot([s / 60 for s in t], v, label=r["cell"])
             if r["paper"] is not None and r["metric"] == "nll":
                 ax.axhline(r["paper"], color=ax.lines[-1].get_color(), ls=":", lw=0.8)
@@ -201,8 +259,10 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str) -> Pa
 def _machine() -> str:
     import torch
 
-    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
-            f"torch {torch.__version__}")
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
+        f"torch {torch.__version__}"
+    )
 
 
 def write_report(table: str, cells: Sequence[Cell], out_dir: Path) -> Path:
@@ -212,8 +272,14 @@ def write_report(table: str, cells: Sequence[Cell], out_dir: Path) -> Path:
     machine = _machine()
     text = f"# ebflow reproduce {table}\n\n" + render_report(table, records, machine)
     (folder / "report.md").write_text(text)
-    (folder / "results.json").write_text(json.dumps({"table": table, "machine": machine,
-                                                     "cells": records}, indent=2))
-    plot_curves(records, folder / "val_nll_vs_time.png", f"{table}: validation NLL")
+    (folder / "results.json").write_text(
+        json.dumps({"table": table, "machine": machine, "cells": records}, indent=2)
+    )
+    try:
+        plot_curves(records, folder / "val_nll_vs_time.png", f"{table}: validation NLL")
+    except MissingDependencyError as err:  # the report is what matters; its plot is optional
+        warnings.warn(
+            f"{err}; report.md and results.json are written without it", RuntimeWarning, stacklevel=2
+        )
     logger.info("%s", text)
     return folder / "report.md"

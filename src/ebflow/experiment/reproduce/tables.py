@@ -39,27 +39,35 @@ class Cell:
 
 
 def _likelihood_row(preset: str, paper: Sequence[float]) -> list[Cell]:
-    return [Cell(loss, preset, loss, value, group=preset) for loss, value in zip(SM_LOSSES, paper)]
+    return [
+        Cell(loss, preset, loss, value, group=preset) for loss, value in zip(SM_LOSSES, paper, strict=True)
+    ]
 
 
 def _ablation() -> list[Cell]:
     # (model, objective) -> (no EMA no MaP, EMA no MaP, EMA + MaP): the paper's Table 4
     paper = {
-        ("fc", "ssm"): (1757.5, 1720.5, 1092.8), ("fc", "dsm"): (4660.3, 4455.0, 1099.2),
-        ("fc", "fdssm"): (3267.0, 3166.3, 1104.1), ("cnn", "ssm"): (3518.0, 3504.5, 1107.5),
-        ("cnn", "dsm"): (3170.0, 3180.0, 1109.5), ("cnn", "fdssm"): (3593.3, 3560.3, 1122.1),
+        ("fc", "ssm"): (1757.5, 1720.5, 1092.8),
+        ("fc", "dsm"): (4660.3, 4455.0, 1099.2),
+        ("fc", "fdssm"): (3267.0, 3166.3, 1104.1),
+        ("cnn", "ssm"): (3518.0, 3504.5, 1107.5),
+        ("cnn", "dsm"): (3170.0, 3180.0, 1109.5),
+        ("cnn", "fdssm"): (3593.3, 3560.3, 1122.1),
     }
-    settings = (("noema-nomap", {"ema_decay": 0.0, "map": False}),
-                ("ema-nomap", {"map": False}),
-                ("ema-map", {}))
+    settings: tuple[tuple[str, dict[str, Any]], ...] = (
+        ("noema-nomap", {"ema_decay": 0.0, "map": False}),
+        ("ema-nomap", {"map": False}),
+        ("ema-map", {}),
+    )
     cells = []
     for (model, loss), values in paper.items():
-        for (label, sets), value in zip(settings, values):
+        for (label, sets), value in zip(settings, values, strict=True):
             sets = dict(sets)
             if not sets.get("map", True) and OBJECTIVES[loss].perturbs_input:
                 sets["drop_out_of_domain"] = True
-            cells.append(Cell(f"{model}-{loss}-{label}", f"mnist-{model}", loss, value, sets,
-                              group=f"{model}-{label}"))
+            cells.append(
+                Cell(f"{model}-{loss}-{label}", f"mnist-{model}", loss, value, sets, group=f"{model}-{label}")
+            )
     return cells
 
 
@@ -69,11 +77,16 @@ TABLES: dict[str, list[Cell]] = {
     "cifar-fc": _likelihood_row("cifar-fc", (11912.9, 11915.6, 11917.7, 11940.0, 12347.8)),
     "cifar-cnn": _likelihood_row("cifar-cnn", (11408.7, 11553.6, 11435.5, 11462.3, 11766.0)),
     "ablation": _ablation(),
-    "toy2d": [Cell(f"{data}-{loss}", f"toy2d-{data}", loss, None, metric="kl", group=data)
-              for data in ("sine", "swirl", "checkerboard") for loss in SM_LOSSES],
+    "toy2d": [
+        Cell(f"{data}-{loss}", f"toy2d-{data}", loss, None, metric="kl", group=data)
+        for data in ("sine", "swirl", "checkerboard")
+        for loss in SM_LOSSES
+    ],
     "mm10": [Cell(p, f"mm10-{p}", "ml", None, group="mm10") for p in ("full", "tril", "triu", "lu")],
-    "glow": [Cell("ssm", "mnist-glow", "ssm", 728.0, group="glow"),
-             Cell("dsm", "mnist-glow", "dsm", None, group="glow")],
+    "glow": [
+        Cell("ssm", "mnist-glow", "ssm", 728.0, group="glow"),
+        Cell("dsm", "mnist-glow", "dsm", None, group="glow"),
+    ],
 }
 #: The paper's GPU throughput (batches per second) for the likelihood tables (Table 2).
 PAPER_BATCHES_PER_S = {
@@ -84,8 +97,9 @@ PAPER_BATCHES_PER_S = {
 }
 
 
-def cells_of(table: str, objectives: Sequence[str] | None = None,
-             only: Sequence[str] | None = None) -> list[Cell]:
+def cells_of(
+    table: str, objectives: Sequence[str] | None = None, only: Sequence[str] | None = None
+) -> list[Cell]:
     """The cells of ``table``, restricted to ``objectives`` and to names matching any of the
     glob patterns ``only``."""
     if table not in TABLES:
@@ -94,7 +108,9 @@ def cells_of(table: str, objectives: Sequence[str] | None = None,
     if objectives:
         unknown = sorted(set(objectives) - set(SM_LOSSES))
         if unknown:
-            raise ConfigError(f"unknown objective(s) {', '.join(unknown)}; choose from {', '.join(SM_LOSSES)}")
+            raise ConfigError(
+                f"unknown objective(s) {', '.join(unknown)}; choose from {', '.join(SM_LOSSES)}"
+            )
         cells = [c for c in cells if c.loss in objectives]
     if only:
         cells = [c for c in cells if any(fnmatch.fnmatch(c.name, pat) for pat in only)]

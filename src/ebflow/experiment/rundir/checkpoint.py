@@ -33,7 +33,7 @@ class CheckpointError(EBFlowError):
     """A checkpoint is missing, truncated, corrupted or does not belong to the run."""
 
 
-def _feed(h: "hashlib._Hash", obj: Any) -> None:
+def _feed(h: hashlib._Hash, obj: Any) -> None:
     if isinstance(obj, Tensor):
         t = obj.detach().cpu().contiguous().reshape(-1)
         h.update(f"T{t.dtype}{tuple(obj.shape)}".encode())
@@ -72,12 +72,22 @@ def _unreadable(path: Path, err: BaseException) -> CheckpointError:
     if "weights only load failed" in text.lower():
         # torch's refusal of a pickle that would run code; drop its advice to load it unsafely
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        why = next((ln for ln in lines[1:] if "weights_only" not in ln and "trusted" not in ln
-                    and "documentation" not in ln), "it asks to construct objects")
-        return CheckpointError(f"checkpoint {str(path)!r} was refused: it is not a plain checkpoint "
-                               f"of tensors and values ({why[:200]}); ebflow never runs code from a file")
-    return CheckpointError(f"checkpoint {str(path)!r} cannot be read: it is truncated, corrupted or "
-                           f"not an ebflow checkpoint ({type(err).__name__}: {first_line(err, 200)})")
+        why = next(
+            (
+                ln
+                for ln in lines[1:]
+                if "weights_only" not in ln and "trusted" not in ln and "documentation" not in ln
+            ),
+            "it asks to construct objects",
+        )
+        return CheckpointError(
+            f"checkpoint {str(path)!r} was refused: it is not a plain checkpoint "
+            f"of tensors and values ({why[:200]}); ebflow never runs code from a file"
+        )
+    return CheckpointError(
+        f"checkpoint {str(path)!r} cannot be read: it is truncated, corrupted or "
+        f"not an ebflow checkpoint ({type(err).__name__}: {first_line(err, 200)})"
+    )
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
@@ -90,13 +100,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {str(path)!r} is empty (an interrupted copy?)")
     try:
-        f = open(path, "rb")
+        f = open(path, "rb")  # noqa: SIM115 - apart from the load, to tell an OSError; closed below
     except OSError as err:
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {os_reason(err)}") from err
     try:
         with f:
             state = torch.load(f, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - a damaged file makes the unpickler raise anything
+    except Exception as err:  # a damaged file makes the unpickler raise anything
         raise _unreadable(path, err) from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not an ebflow checkpoint (no {FORMAT!r} tag)")

@@ -7,6 +7,7 @@ failure to write one is an :class:`OutputError` naming it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from pathlib import Path
@@ -47,10 +48,8 @@ def write_atomic(path: Path, write: Any, what: str) -> Path:
         os.replace(tmp, path)
     except BaseException as err:
         if tmp is not None and os.path.exists(tmp):
-            try:
+            with contextlib.suppress(OSError):  # else removed at the run's next start (remove_temp_files)
                 os.unlink(tmp)
-            except OSError:
-                pass  # removed at the run's next start (remove_temp_files)
         if isinstance(err, OSError):
             raise OutputError(f"could not write {what} {str(path)!r}: {os_reason(err)}") from err
         raise

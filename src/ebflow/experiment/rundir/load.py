@@ -15,31 +15,37 @@ from torch import Tensor
 from ...ema import EMA
 from ...errors import ConfigError
 from ...flow import EBFlow
+from ...image_flow import ImageFlow
 from ...mcmc import refine_samples
 from ...preprocessing import ImagePreprocessing
 from ..config.builders import build_model, build_preprocessing
 from ..config.schema import RunConfig, validate_config
-from ..data.datasets import DataSplits, load_data
+from ..data.datasets import load_data
+from ..data.splits import DataSplits
 from ..evaluation.nll import EVAL_SEED_OFFSET, evaluate_nll
 from ..evaluation.toy_metrics import toy_metrics
 from ..parallel.devices import resolve_device
 from .checkpoint import CheckpointError, load_checkpoint
 from .files import first_line
 
-__all__ = ["LoadedRun", "load_run", "find_checkpoint",
-           "draw_samples", "samples_to_pixels"]
+__all__ = ["LoadedRun", "load_run", "find_checkpoint", "draw_samples", "samples_to_pixels"]
 
 
 def find_checkpoint(path: str | Path) -> Path:
     """The checkpoint meant by ``path``: a file, or a run dir's best.pt (else last.pt)."""
     path = Path(path)
     if path.is_dir():
-        for candidate in (path / "checkpoints" / "best.pt", path / "checkpoints" / "last.pt",
-                          path / "best.pt", path / "last.pt"):
+        for candidate in (
+            path / "checkpoints" / "best.pt",
+            path / "checkpoints" / "last.pt",
+            path / "best.pt",
+            path / "last.pt",
+        ):
             if candidate.is_file():
                 return candidate
-        raise CheckpointError(f"{str(path)!r} holds no checkpoints/best.pt or checkpoints/last.pt; "
-                              "is it a run directory?")
+        raise CheckpointError(
+            f"{str(path)!r} holds no checkpoints/best.pt or checkpoints/last.pt; is it a run directory?"
+        )
     if not path.exists():
         raise CheckpointError(f"{str(path)!r} does not exist (give a run directory or a .pt checkpoint)")
     return path
@@ -64,13 +70,16 @@ class LoadedRun:
 
     @property
     def event_shape(self) -> tuple[int, ...]:
+        """The model's event shape (one example's shape, in the model's input space)."""
         return tuple(self.model.event_shape)
 
     @property
     def is_image(self) -> bool:
+        """True for image data (the run has an :class:`~ebflow.ImagePreprocessing`)."""
         return self.preprocessing is not None
 
     def splits(self) -> DataSplits:
+        """The run's data splits (train, val, test), loaded on first use and kept."""
         if self._splits is None:
             self._splits = load_data(self.config.data, num_bins=self.config.preprocessing.num_bins)
         return self._splits
@@ -79,20 +88,37 @@ class LoadedRun:
         """Raw data of a split: pixel levels (0..255 floats, digits 0..16) or points."""
         return self.splits().split(split)
 
+    @property
+    def image_flow(self) -> ImageFlow | None:
+        """The model with its preprocessing (likelihood and samples in pixel space), or ``None``
+        for data that are not images."""
+        if self.preprocessing is None:
+            return None
+        return ImageFlow(self.model, self.preprocessing, use_map=self.map)
+
+    @property
+    def eval_seed(self) -> int:
+        """The seed of the dequantisation noise used by :meth:`evaluate` (and ``ebflow eval``):
+        ``image_flow.nll(run.data(split), seed=run.eval_seed, batch_size=...)`` gives its number."""
+        return self.config.runtime.seed + EVAL_SEED_OFFSET
+
     def evaluate(self, split: str = "test") -> dict[str, float]:
-        """Exact NLL (nats per example, bits/dim); for 2-D toys also KL and Fisher divergence."""
+        """Exact NLL (nats per example, bits/dim; for images in pixel space, as
+        :meth:`ebflow.ImageFlow.nll`); for 2-D toys also KL and Fisher divergence."""
         splits = self.splits()
         x = splits.split(split)
         batch_size = self.config.bookkeeping.eval_batch_size
-        out = evaluate_nll(self.model, x, self.preprocessing, self.map, batch_size,
-                           seed=self.config.runtime.seed + EVAL_SEED_OFFSET)
+        out = evaluate_nll(self.model, x, self.preprocessing, self.map, batch_size, seed=self.eval_seed)
         if splits.mixture is not None:
             out.update(toy_metrics(self.model, splits.mixture, x, batch_size))
         return out
 
 
 def load_run(
-    path: str | Path, device: str | torch.device | None = None, *, splits: DataSplits | None = None,
+    path: str | Path,
+    device: str | torch.device | None = None,
+    *,
+    splits: DataSplits | None = None,
     weights: str = "ema",
 ) -> LoadedRun:
     """Load a run dir or checkpoint: the model with EMA weights (``weights="raw"``: the
@@ -117,18 +143,30 @@ def load_run(
     try:
         event_shape = tuple(int(s) for s in state["event_shape"])
         pre = build_preprocessing(config.preprocessing, state.get("num_bins"))
-        model = build_model(config.model, event_shape, pre, use_map=config.preprocessing.map, for_loading=True)
+        model = build_model(
+            config.model, event_shape, pre, use_map=config.preprocessing.map, for_loading=True
+        )
         model.load_state_dict(state["model"])
         ema = EMA(model, config.optim.ema_decay)
         ema.load_state_dict(state["ema"])
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError, ConfigError) as err:
-        raise CheckpointError(f"checkpoint {str(ckpt)!r} does not match the model of its own config: "
-                              f"its tensors do not fit ({first_line(err)})") from err
+        raise CheckpointError(
+            f"checkpoint {str(ckpt)!r} does not match the model of its own config: "
+            f"its tensors do not fit ({first_line(err)})"
+        ) from err
     if weights == "ema":
         ema.copy_to_model()
     model.to(dev).eval()
-    return LoadedRun(model, pre, config.preprocessing.map and pre is not None, config,
-                     _run_dir_of(ckpt), ckpt, int(state["step"]), splits)
+    return LoadedRun(
+        model,
+        pre,
+        config.preprocessing.map and pre is not None,
+        config,
+        _run_dir_of(ckpt),
+        ckpt,
+        int(state["step"]),
+        splits,
+    )
 
 
 # -- sampling ----------------------------------------------------------------------------------
@@ -141,30 +179,26 @@ def draw_samples(run: LoadedRun, n: int, *, seed: int = 0, refine: int = 0) -> T
     if refine:
         # MaP models refine in their own (preprocessed) input space; models with the
         # preprocessing inside refine on its logit-space image and return model-space values.
-        extra = {}
-        if run.is_image and not run.map:
+        pre = run.preprocessing if run.is_image and not run.map else None
+        if pre is not None:
             # dequantised pixels must lie strictly inside (0, num_bins) for the logit
-            extra = {"preprocessing": run.preprocessing}
-            top = float(run.preprocessing.num_bins)  # type: ignore[union-attr]
+            top = float(pre.num_bins)
             margin = 1e-3 * top
             x = torch.nan_to_num(x, nan=top / 2).clamp(margin, top - margin)
         model = run.model
-        if extra:
+        if pre is not None:
             # The chain's logit-space states pass through the model's own sigmoid/logit pair;
             # float64 keeps them away from sigmoid's saturation at 0 and 1.
             import copy
 
             model, x = copy.deepcopy(run.model).double(), x.double()
         with torch.enable_grad():
-            x = refine_samples(model, x, steps=refine, generator=g, **extra).to(run.model.dtype)
+            x = refine_samples(model, x, steps=refine, generator=g, preprocessing=pre).to(run.model.dtype)
     return x
 
 
 def samples_to_pixels(run: LoadedRun, x: Tensor) -> Tensor:
     """Model-space image samples -> pixel levels in ``[0, num_bins - 1]`` (non-finite -> 0)."""
-    pre = run.preprocessing
-    assert pre is not None
-    x = torch.nan_to_num(x.double(), nan=0.0, posinf=1e6, neginf=-1e6)
-    if run.map:
-        return pre.to_pixels(x)
-    return x.floor().clamp(0, pre.num_bins - 1)
+    images = run.image_flow
+    assert images is not None
+    return images.to_pixels(x)

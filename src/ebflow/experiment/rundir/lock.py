@@ -11,6 +11,7 @@ host no longer trains the run).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -65,8 +66,12 @@ class RunLock:
     def acquire(self) -> None:
         """Take the lock; raises :class:`RunLockedError` when a live process holds it."""
         token = secrets.token_hex(8)
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": token}
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "token": token,
+        }
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -97,7 +102,8 @@ class RunLock:
             raise RunLockedError(
                 f"{str(self.path.parent)!r} is being trained by process {pid} on {where} (since "
                 f"{holder.get('started', '?')}); wait for it to end, or stop it. If it no longer "
-                f"runs, delete {str(self.path)!r}")
+                f"runs, delete {str(self.path)!r}"
+            )
         try:
             self.path.unlink()
         except FileNotFoundError:
@@ -116,10 +122,8 @@ class RunLock:
         if self.token is None:
             return
         if self._read().get("token") == self.token:
-            try:
+            with contextlib.suppress(OSError):
                 self.path.unlink()
-            except OSError:
-                pass
         self.token = None
 
     @property

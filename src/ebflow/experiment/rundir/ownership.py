@@ -20,13 +20,30 @@ from ..config.schema import FIELDS, RESUMABLE_KEYS, validate_config
 from .checkpoint import CheckpointError
 from .files import OutputError, os_reason
 
-__all__ = ["RUN_FILE", "RUN_FILES", "resume_command", "check_new_run_dir", "claim_run_dir", "read_run_id",
-           "check_owner", "remove_temp_files"]
+__all__ = [
+    "RUN_FILE",
+    "RUN_FILES",
+    "resume_command",
+    "check_new_run_dir",
+    "claim_run_dir",
+    "read_run_id",
+    "check_owner",
+    "remove_temp_files",
+]
 
 RUN_FILE = "run.json"
 #: What ebflow writes into a run directory (a folder holding any of them is a run's).
-RUN_FILES = (RUN_FILE, "config.yaml", "metrics.csv", "results.json", "checkpoints", "tensorboard",
-             "samples.png", "density.png", "train.lock")
+RUN_FILES = (
+    RUN_FILE,
+    "config.yaml",
+    "metrics.csv",
+    "results.json",
+    "checkpoints",
+    "tensorboard",
+    "samples.png",
+    "density.png",
+    "train.lock",
+)
 _WRITTEN = ("last.pt", "best.pt", RUN_FILE, "config.yaml", "results.json")  # via temporary files
 
 
@@ -45,15 +62,20 @@ def check_new_run_dir(run_dir: Path) -> None:
         raise ConfigError(f"{where!r} is an existing file; --out must name a new or empty folder")
     held = [n for n in ("last.pt", "best.pt") if (run_dir / "checkpoints" / n).is_file()]
     if held:
-        raise ConfigError(f"{where!r} already holds a run (checkpoints/{held[0]}); use --resume {where} "
-                          "to continue it, or choose another --out")
+        raise ConfigError(
+            f"{where!r} already holds a run (checkpoints/{held[0]}); use --resume {where} "
+            "to continue it, or choose another --out"
+        )
     ours = [n for n in RUN_FILES if (run_dir / n).exists()]
     if ours:
-        raise ConfigError(f"{where!r} holds files of an ebflow run ({', '.join(ours)}) but no checkpoint "
-                          "to resume; ebflow never overwrites them: choose another --out or delete them")
+        raise ConfigError(
+            f"{where!r} holds files of an ebflow run ({', '.join(ours)}) but no checkpoint "
+            "to resume; ebflow never overwrites them: choose another --out or delete them"
+        )
     if any(run_dir.iterdir()):
-        raise ConfigError(f"{where!r} is not empty and not an ebflow run; choose a new or empty "
-                          "folder for --out")
+        raise ConfigError(
+            f"{where!r} is not empty and not an ebflow run; choose a new or empty folder for --out"
+        )
 
 
 def claim_run_dir(run_dir: Path) -> str:
@@ -86,8 +108,10 @@ def read_run_id(run_dir: Path) -> str | None:
             return run_id
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    raise CheckpointError(f"{str(path)!r} is damaged; it names the run that owns {str(run_dir)!r}, "
-                          "so ebflow does not resume there")
+    raise CheckpointError(
+        f"{str(path)!r} is damaged; it names the run that owns {str(run_dir)!r}, "
+        "so ebflow does not resume there"
+    )
 
 
 def check_owner(run_dir: Path, ckpt: Path, state: Mapping[str, Any]) -> None:
@@ -95,16 +119,23 @@ def check_owner(run_dir: Path, ckpt: Path, state: Mapping[str, Any]) -> None:
     the one in ``run.json`` (a run made before run ids: none), and its config must be the
     run's ``config.yaml`` except for the keys a resume may change."""
     own, theirs = read_run_id(run_dir), state.get("run_id")
-    refuse = (f"checkpoint {str(ckpt)!r} does not belong to the run in {str(run_dir)!r}"
-              if own is not None or theirs is not None else "")
+    refuse = (
+        f"checkpoint {str(ckpt)!r} does not belong to the run in {str(run_dir)!r}"
+        if own is not None or theirs is not None
+        else ""
+    )
     if own != theirs:
-        raise CheckpointError(f"{refuse}: it was written by run {theirs or '(no id)'}, this folder's "
-                              f"run is {own or '(no id)'}; ebflow does not resume it here")
+        raise CheckpointError(
+            f"{refuse}: it was written by run {theirs or '(no id)'}, this folder's "
+            f"run is {own or '(no id)'}; ebflow does not resume it here"
+        )
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         if own is None:
-            raise CheckpointError(f"cannot tell whether {str(ckpt)!r} belongs to {str(run_dir)!r}: "
-                                  f"the folder has neither {RUN_FILE} nor config.yaml")
+            raise CheckpointError(
+                f"cannot tell whether {str(ckpt)!r} belongs to {str(run_dir)!r}: "
+                f"the folder has neither {RUN_FILE} nor config.yaml"
+            )
         return
     try:
         run_config = validate_config(load_config(str(saved))).to_dict()
@@ -117,8 +148,10 @@ def check_owner(run_dir: Path, ckpt: Path, state: Mapping[str, Any]) -> None:
     diff = [k for k in FIELDS if k not in RESUMABLE_KEYS and run_config[k] != ckpt_config[k]]
     if diff:
         shown = ", ".join(f"{k}={ckpt_config[k]!r} (run: {run_config[k]!r})" for k in diff[:3])
-        raise CheckpointError(f"checkpoint {str(ckpt)!r} does not belong to the run in {str(run_dir)!r}: "
-                              f"it was trained with {shown}; ebflow does not resume it here")
+        raise CheckpointError(
+            f"checkpoint {str(ckpt)!r} does not belong to the run in {str(run_dir)!r}: "
+            f"it was trained with {shown}; ebflow does not resume it here"
+        )
 
 
 def remove_temp_files(run_dir: Path) -> list[Path]:

@@ -14,7 +14,6 @@ import time
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from ...ema import EMA
-from ...errors import ConfigError, InputError
+from ...errors import ConfigError
+from ...utils import step_seed
 from ..config.builders import (
     build_model,
     build_objective,
@@ -31,51 +31,34 @@ from ..config.builders import (
     build_scheduler,
 )
 from ..config.schema import RunConfig
-from ..data.batches import EpochShuffleSampler, augment_images, make_loader, model_input, step_seed
-from ..data.datasets import DataSplits, load_data
+from ..data.batches import EpochShuffleSampler, augment_images, make_loader, model_input
+from ..data.datasets import load_data
+from ..data.splits import DataSplits, check_pixel_range
 from ..evaluation.nll import EVAL_SEED_OFFSET, evaluate_nll
 from ..parallel.gradient_sync import make_gradient_sync
 from ..parallel.process_group import SINGLE_PROCESS, Distributed
 from ..rundir.checkpoint import CheckpointError, save_checkpoint
 from ..rundir.files import first_line
 from ..rundir.metrics import MetricsLog
+from .compiling import CompileClock
 from .progress import ProgressBar, ValidationReport
 from .state import StopRequest, TrainingDivergedError, TrainingInterrupted, TrainState
-from .step import StepOutcome, optimization_step
+from .step import StepOutcome, StepWindow, optimization_step
 
 __all__ = ["Trainer"]
-
-
-@dataclass
-class _Window:
-    """Training statistics since the last log line."""
-
-    loss: float = 0.0
-    grad_norm: float = 0.0
-    finite_steps: int = 0
-    seconds: float = 0.0
-
-    def add(self, out: StepOutcome) -> None:
-        if out.finite:
-            self.loss += out.loss
-            self.grad_norm += out.grad_norm
-            self.finite_steps += 1
-
-
-def _check_pixels(data: Tensor, num_bins: int, what: str) -> None:
-    """Pixel levels must lie in ``[0, num_bins - 1]`` (checked once, not per batch)."""
-    lo, hi = float(data.min()), float(data.max())
-    if lo < 0 or hi > num_bins - 1:
-        raise InputError(f"{what} pixel values must lie in [0, {num_bins - 1}], got range [{lo}, {hi}]; "
-                         "check the config key 'num_bins'")
 
 
 class Trainer:
     """Holds the state of one training run (see :func:`ebflow.experiment.training.run.train`)."""
 
     def __init__(
-        self, config: RunConfig, run_dir: Path, *, device: torch.device,
-        splits: DataSplits | None = None, resume_state: Mapping[str, Any] | None = None,
+        self,
+        config: RunConfig,
+        run_dir: Path,
+        *,
+        device: torch.device,
+        splits: DataSplits | None = None,
+        resume_state: Mapping[str, Any] | None = None,
         dist: Distributed = SINGLE_PROCESS,
     ) -> None:
         self.config = config
@@ -85,7 +68,9 @@ class Trainer:
         self.is_main = dist.is_main
         if splits is None:
             # one download per machine; an error anywhere stops every process
-            splits = dist.local_main_first(lambda: load_data(config.data, num_bins=config.preprocessing.num_bins))
+            splits = dist.local_main_first(
+                lambda: load_data(config.data, num_bins=config.preprocessing.num_bins)
+            )
         self.splits = splits
         self.pre = build_preprocessing(config.preprocessing, self.splits.num_bins)
         self.use_map = config.preprocessing.map and self.pre is not None
@@ -93,8 +78,9 @@ class Trainer:
         # random state: only the CPU generator is seeded, inside a fork that restores it
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(config.runtime.seed)
-            self.model = build_model(config.model, self.splits.event_shape, self.pre,
-                                     use_map=config.preprocessing.map).to(device)
+            self.model = build_model(
+                config.model, self.splits.event_shape, self.pre, use_map=config.preprocessing.map
+            ).to(device)
         # the batches are checked once, at load time: per-step input checks would read the
         # device at every step (a NaN that arises anyway makes a non-finite step, skipped)
         self.model.validate = False
@@ -105,13 +91,14 @@ class Trainer:
         self.scheduler = build_scheduler(config.optim, self.optimizer)
         self.ema = EMA(self.model, config.optim.ema_decay, warmup=config.optim.ema_warmup)
         if self.pre is not None:
-            _check_pixels(self.splits.train, self.pre.num_bins, "training")
+            check_pixel_range(self.splits.train, self.pre.num_bins, "training")
         self.train_data = self.splits.train.to(device)
         self.global_batch = config.training.batch_size
         self.local_batch = self.global_batch // dist.world_size
         self.sampler = EpochShuffleSampler(self.train_data.shape[0], config.runtime.seed)
-        self.loader = make_loader(self.train_data, self.global_batch, self.sampler,
-                                  rank=dist.rank, world_size=dist.world_size)
+        self.loader = make_loader(
+            self.train_data, self.global_batch, self.sampler, rank=dist.rank, world_size=dist.world_size
+        )
         self.batches_per_epoch = len(self.loader)
         self.noise_generator = torch.Generator(device=device)
         self.counters = TrainState(device_type=device.type)  # every counter: checkpoints and results read it
@@ -119,11 +106,12 @@ class Trainer:
         self.log: MetricsLog | None = None
         self.bar: ProgressBar | None = None
         self.report = ValidationReport(run_dir, f"{config.runtime.name} ({config.objective.loss})")
-        self.window = _Window()
+        self.window = StepWindow()
         if resume_state is not None:
             self._load_state(resume_state)
         else:
             self.initialize()
+        self.compile_clock = CompileClock(self.model, config.runtime.compile, self.counters, log=self.is_main)
         # after the (identical) initialisation: DDP broadcasts rank 0's parameters once
         self.sync = make_gradient_sync(dist, self.model, self.objective, config.training.grad_sync)
         self.train_module: nn.Module = self.sync.train_module if self.sync is not None else self.model
@@ -145,10 +133,14 @@ class Trainer:
         """What a checkpoint holds: the config, the weights, EMA, optimizer and schedule, the
         counters (:class:`TrainState`) and what the data looked like."""
         return {
-            "config": self.config.to_dict(), "model": self.model.state_dict(), "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
             **self.counters.to_checkpoint(),
-            "event_shape": list(self.splits.event_shape), "world_size": self.dist.world_size,
+            "event_shape": list(self.splits.event_shape),
+            "world_size": self.dist.world_size,
             "num_bins": self.pre.num_bins if self.pre is not None else None,
         }
 
@@ -164,8 +156,9 @@ class Trainer:
             self.objective.dropped_examples = self.counters.dropped_examples
             self.objective.seen_examples = self.counters.seen_examples
         except (KeyError, RuntimeError, ValueError, TypeError, IndexError, ConfigError) as err:
-            raise CheckpointError(f"does not match the model of its own config: its tensors do not "
-                                  f"fit ({first_line(err)})") from err
+            raise CheckpointError(
+                f"does not match the model of its own config: its tensors do not fit ({first_line(err)})"
+            ) from err
 
     def _note_device_change(self) -> None:
         """Warn when a run resumes on another kind of device: it continues correctly, but its
@@ -173,9 +166,13 @@ class Trainer:
         uninterrupted run bit for bit."""
         before, now = self.counters.device_type, self.device.type
         if before is not None and before != now and self.is_main:
-            warnings.warn(f"this run trained on {before} and resumes on {now}: it continues correctly, "
-                          f"but its noise streams are {now}'s from here on, so it will not repeat an "
-                          f"uninterrupted {before} run bit for bit", UserWarning, stacklevel=2)
+            warnings.warn(
+                f"this run trained on {before} and resumes on {now}: it continues correctly, "
+                f"but its noise streams are {now}'s from here on, so it will not repeat an "
+                f"uninterrupted {before} run bit for bit",
+                UserWarning,
+                stacklevel=2,
+            )
         self.counters.device_type = now
 
     def save(self, name: str) -> None:
@@ -190,7 +187,7 @@ class Trainer:
         (:math:`\sigma = s`: the clean points, and DSM's target is the exact smoothed score)."""
         s = self.splits.train_noise or 0.0
         if s and self.config.objective.loss == "dsm":
-            return math.sqrt(max(s * s - self.config.objective.sigma ** 2, 0.0))
+            return math.sqrt(max(s * s - self.config.objective.sigma**2, 0.0))
         return s
 
     def _step_inputs(self, xb: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -212,8 +209,9 @@ class Trainer:
             x = augment_images(x, g, self.global_batch, start)
         if self.pre is not None:
             u = torch.rand(shape, dtype=self.dtype, device=self.device, generator=g)
-            inp, _ = model_input(x, self.pre, self.use_map, dequantization_noise=u.narrow(0, start, rows),
-                                 check=False)
+            inp, _ = model_input(
+                x, self.pre, self.use_map, dequantization_noise=u.narrow(0, start, rows), check=False
+            )
         else:
             inp = x
         noise = self.objective.draw_noise(shape, dtype=self.dtype, device=self.device, generator=g)
@@ -235,8 +233,9 @@ class Trainer:
         """One optimisation step on a batch, then the EMA update and the step counters."""
         inp, noise = self._step_inputs(xb)
         extra = {"sync": self.sync} if self.sync is not None else {}
-        out = optimization_step(self.train_module, self._loss_fn(noise), self.optimizer, inp,
-                                self.config.optim.grad_clip, **extra)
+        out = optimization_step(
+            self.train_module, self._loss_fn(noise), self.optimizer, inp, self.config.optim.grad_clip, **extra
+        )
         c = self.counters
         c.step += 1
         c.batch_in_epoch += 1
@@ -255,9 +254,15 @@ class Trainer:
         """NLL of a split with EMA weights, sharded over the processes and reduced exactly."""
         with self.ema.average_parameters():
             self.model.eval()
-            out = evaluate_nll(self.model, self.splits.split(split), self.pre, self.use_map,
-                               self.config.bookkeeping.eval_batch_size,
-                               seed=self.config.runtime.seed + EVAL_SEED_OFFSET, dist=self.dist)
+            out = evaluate_nll(
+                self.model,
+                self.splits.split(split),
+                self.pre,
+                self.use_map,
+                self.config.bookkeeping.eval_batch_size,
+                seed=self.config.runtime.seed + EVAL_SEED_OFFSET,
+                dist=self.dist,
+            )
             self.model.train()
         return out
 
@@ -271,7 +276,7 @@ class Trainer:
             while not self.done():
                 if self.counters.batch_in_epoch >= self.batches_per_epoch:  # nothing left in this epoch
                     self._next_epoch()
-                self.sampler.set_epoch(self.counters.epoch)  # type: ignore[attr-defined]
+                self.sampler.set_epoch(self.counters.epoch)
                 self.loader.sampler.skip = self.counters.batch_in_epoch  # type: ignore[attr-defined]
                 t0 = time.perf_counter()
                 for xb in self.loader:
@@ -307,9 +312,11 @@ class Trainer:
 
     def done(self) -> bool:
         c = self.config.training
-        return ((c.max_iters is not None and self.counters.step >= c.max_iters)
-                or (c.epochs is not None and self.counters.epoch >= c.epochs)
-                or (c.max_minutes is not None and self.counters.train_seconds >= 60 * c.max_minutes))
+        return (
+            (c.max_iters is not None and self.counters.step >= c.max_iters)
+            or (c.epochs is not None and self.counters.epoch >= c.epochs)
+            or (c.max_minutes is not None and self.counters.train_seconds >= 60 * c.max_minutes)
+        )
 
     def _wait_for_device(self) -> None:
         """On a GPU, let the queued work finish every ``log_every`` steps, before the clock is
@@ -321,6 +328,7 @@ class Trainer:
     def _add_time(self, seconds: float) -> None:
         self.counters.train_seconds += seconds
         self.window.seconds += seconds
+        self.compile_clock.after_step(self.counters)
         if self.dist.is_distributed and self.config.training.max_minutes is not None:
             # the time budget must stop every process at the same step: rank 0's clock
             self.counters.train_seconds = self.dist.broadcast_float(self.counters.train_seconds)
@@ -328,8 +336,11 @@ class Trainer:
     @contextmanager
     def _progress(self) -> Iterator[Any]:
         """The loop's progress bar (None when off); stop requests are polled meanwhile."""
-        bar = (ProgressBar(self.config, self.batches_per_epoch, self.counters.step, self.counters.train_seconds)
-               if self.is_main and self.config.bookkeeping.progress else None)
+        bar = (
+            ProgressBar(self.config, self.batches_per_epoch, self.counters.step, self.counters.train_seconds)
+            if self.is_main and self.config.bookkeeping.progress
+            else None
+        )
         self.bar = bar
         self.stop.polling = True
         try:
@@ -350,23 +361,38 @@ class Trainer:
         # the loss of the global batch: the mean of the processes' losses
         loss = self.dist.mean(w.loss / w.finite_steps) if w.finite_steps else float("nan")
         if self.log is not None:
-            self.log.log(self.counters.step, {
-                "epoch": self.counters.epoch, "train_s": round(self.counters.train_seconds, 3), "loss": loss,
-                "grad_norm": w.grad_norm / w.finite_steps if w.finite_steps else float("nan"),
-                "ms_per_iter": 1000 * w.seconds / every,
-                "examples_per_s": self.global_batch * every / w.seconds if w.seconds > 0 else float("nan"),
-                "lr": self.optimizer.param_groups[0]["lr"], "skipped_steps": self.counters.skipped_steps,
-                "dropped_examples": self.counters.dropped_examples,
-            })
+            self.log.log(
+                self.counters.step,
+                {
+                    "epoch": self.counters.epoch,
+                    "train_s": round(self.counters.train_seconds, 3),
+                    "loss": loss,
+                    "grad_norm": w.grad_norm / w.finite_steps if w.finite_steps else float("nan"),
+                    "ms_per_iter": 1000 * w.seconds / every,
+                    "examples_per_s": self.global_batch * every / w.seconds
+                    if w.seconds > 0
+                    else float("nan"),
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "skipped_steps": self.counters.skipped_steps,
+                    "dropped_examples": self.counters.dropped_examples,
+                },
+            )
         if self.bar is not None:
             self.bar.set(loss=f"{loss:.4g}")
-        self.window = _Window()
+        self.window = StepWindow()
 
     def _validate(self) -> None:
         val, c = self.evaluate("val"), self.counters
         if self.log is not None:
-            self.log.log(c.step, {"epoch": c.epoch, "train_s": round(c.train_seconds, 3),
-                                  "val_nll": val["nll"], "val_bpd": val["bpd"]})
+            self.log.log(
+                c.step,
+                {
+                    "epoch": c.epoch,
+                    "train_s": round(c.train_seconds, 3),
+                    "val_nll": val["nll"],
+                    "val_bpd": val["bpd"],
+                },
+            )
         if self.is_main:
             self.report(self, val, self.bar)  # log line, bar, divergence warning, curves.png
         if math.isfinite(val["nll"]) and val["nll"] < c.best_val_nll:

@@ -22,14 +22,20 @@ from typing import Any
 
 import torch
 
-from ...errors import EBFlowError
+from ...errors import EBFlowError, MissingDependencyError
 from ..config.schema import RunConfig
 from ..images.plots import save_curves
 from ..rundir.metrics import MetricsLog
 from .state import TrainingDivergenceWarning
 
-__all__ = ["DIVERGENCE_MIN_NATS", "DIVERGENCE_FRACTION", "diverging", "ProgressBar", "ValidationReport",
-           "format_seconds"]
+__all__ = [
+    "DIVERGENCE_MIN_NATS",
+    "DIVERGENCE_FRACTION",
+    "diverging",
+    "ProgressBar",
+    "ValidationReport",
+    "format_seconds",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +63,7 @@ def format_seconds(seconds: float) -> str:
     """``12.34`` -> ``12.3 s``; ``75.3`` -> ``1:15``; ``3725`` -> ``1:02:05``."""
     if seconds < 59.95:
         return f"{seconds:.1f} s"
-    s = int(round(seconds))
+    s = round(seconds)
     h, rest = divmod(s, 3600)
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
@@ -78,13 +84,24 @@ class ProgressBar:
         self.postfix: dict[str, str] = {}
         if self.by_time:
             total = 60.0 * c.max_minutes  # type: ignore[operator]
-            self.bar = tqdm(total=total, initial=min(train_seconds, total), unit="s", desc=desc,
-                            dynamic_ncols=True, mininterval=0.5,
-                            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training "
-                                       "[{elapsed}<{remaining}{postfix}]")
+            self.bar = tqdm(
+                total=total,
+                initial=min(train_seconds, total),
+                unit="s",
+                desc=desc,
+                dynamic_ncols=True,
+                mininterval=0.5,
+                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training [{elapsed}<{remaining}{postfix}]",
+            )
         else:
-            self.bar = tqdm(total=min(totals) if totals else None, initial=step, unit="it",
-                            desc=desc, dynamic_ncols=True, mininterval=0.5)
+            self.bar = tqdm(
+                total=min(totals) if totals else None,
+                initial=step,
+                unit="it",
+                desc=desc,
+                dynamic_ncols=True,
+                mininterval=0.5,
+            )
 
     def advance(self, seconds: float) -> None:
         """One step done, which took ``seconds`` of training time."""
@@ -108,12 +125,18 @@ class ValidationReport:
     def __init__(self, run_dir: Path, name: str) -> None:
         self.run_dir, self.name = run_dir, name
         self.warned = False  # one warning per excursion above the threshold
+        self.curves = True  # False once curves.png cannot be drawn (no matplotlib): one warning
 
     def __call__(self, trainer: Any, val: dict[str, float], bar: ProgressBar | None) -> None:
         c = trainer.counters
         nll, bpd = val["nll"], val["bpd"]
-        logger.info("step %d: val NLL %.4f nats, %.4f bits/dim (%s of training)",
-                    c.step, nll, bpd, format_seconds(c.train_seconds))
+        logger.info(
+            "step %d: val NLL %.4f nats, %.4f bits/dim (%s of training)",
+            c.step,
+            nll,
+            bpd,
+            format_seconds(c.train_seconds),
+        )
         if bar is not None:
             bar.set(val=f"{nll:.4g}")
         self._check_divergence(c.step, nll, c.best_val_nll)
@@ -121,10 +144,15 @@ class ValidationReport:
         if log is None:
             return
         try:
-            save_curves(log.path, self.run_dir / "curves.png", title=self.name)
-        except Exception as err:  # a plot must never stop a run
-            warnings.warn(f"could not write {self.run_dir / 'curves.png'}: {err}", RuntimeWarning,
-                          stacklevel=2)
+            if self.curves:
+                save_curves(log.path, self.run_dir / "curves.png", title=self.name)
+        except MissingDependencyError as err:
+            self.curves = False
+            warnings.warn(f"{err}; the run goes on without it", RuntimeWarning, stacklevel=2)
+        except Exception as err:  # noqa: BLE001 - a plot must never stop a run
+            warnings.warn(
+                f"could not write {self.run_dir / 'curves.png'}: {err}", RuntimeWarning, stacklevel=2
+            )
         if log.writer is not None and trainer.pre is not None:
             self._samples_to_tensorboard(trainer, log)
 
@@ -140,7 +168,9 @@ class ValidationReport:
             f"(threshold: best + max({DIVERGENCE_MIN_NATS:g} nats, {100 * DIVERGENCE_FRACTION:g} % of "
             "|best|)): the run is probably diverging. It goes on (best.pt keeps the best step); "
             "a lower learning rate (--set lr=...) or gradient clipping (--set grad_clip=5) may help",
-            TrainingDivergenceWarning, stacklevel=2)
+            TrainingDivergenceWarning,
+            stacklevel=2,
+        )
 
     @staticmethod
     def _samples_to_tensorboard(trainer: Any, log: MetricsLog) -> None:

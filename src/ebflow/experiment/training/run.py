@@ -24,7 +24,7 @@ from torch import Tensor
 from ...errors import ConfigError, EBFlowError
 from ..config.resolve import dump_config
 from ..config.schema import RESUMABLE_KEYS, RunConfig, validate_config
-from ..data.datasets import DataSplits
+from ..data.splits import DataSplits
 from ..evaluation.nll import EVAL_SEED_OFFSET, evaluate_nll
 from ..evaluation.toy_metrics import toy_metrics
 from ..images.plots import save_density_plot, save_samples
@@ -62,8 +62,12 @@ class TrainResult(TrainState):
     @classmethod
     def of(cls, trainer: Trainer) -> TrainResult:
         """The result of a trainer as it stands (no test metrics yet)."""
-        return cls(**asdict(trainer.counters), run_dir=trainer.run_dir, world_size=trainer.dist.world_size,
-                   global_batch=trainer.global_batch)
+        return cls(
+            **asdict(trainer.counters),
+            run_dir=trainer.run_dir,
+            world_size=trainer.dist.world_size,
+            global_batch=trainer.global_batch,
+        )
 
     @property
     def dropped_fraction(self) -> float:
@@ -89,12 +93,19 @@ class TrainResult(TrainState):
         """The counters and throughput as ``results.json`` names them."""
         throughput = self.examples_per_second
         return {
-            "iterations": self.step, "epochs": self.epoch, "train_seconds": self.train_seconds,
-            "ms_per_iter": self.ms_per_iter, "processes": self.world_size, "global_batch": self.global_batch,
+            "iterations": self.step,
+            "epochs": self.epoch,
+            "train_seconds": self.train_seconds,
+            "compile_seconds": self.compile_seconds,
+            "ms_per_iter": self.ms_per_iter,
+            "processes": self.world_size,
+            "global_batch": self.global_batch,
             "batch_per_process": self.batch_per_process,
             "examples_per_s": throughput if math.isfinite(throughput) else None,
-            "skipped_steps": self.skipped_steps, "best_val_nll": self.best_val_nll,
-            "dropped_examples": self.dropped_examples, "dropped_fraction": self.dropped_fraction,
+            "skipped_steps": self.skipped_steps,
+            "best_val_nll": self.best_val_nll,
+            "dropped_examples": self.dropped_examples,
+            "dropped_fraction": self.dropped_fraction,
         }
 
 
@@ -156,12 +167,17 @@ def _drop_metrics_after(path: Path, step: int) -> None:
 def _write_failure(run_dir: Path, err: OSError | OutputError) -> OutputError:
     """One line: what could not be written and why, that the last checkpoint is intact, and
     how to resume."""
-    text = str(err) if isinstance(err, OutputError) else (
-        f"{err.filename}: {os_reason(err)}" if err.filename else os_reason(err))
+    text = (
+        str(err)
+        if isinstance(err, OutputError)
+        else (f"{err.filename}: {os_reason(err)}" if err.filename else os_reason(err))
+    )
     last = run_dir / "checkpoints" / "last.pt"
     if last.is_file():
-        text += (f". The last good checkpoint {last} is intact; when the cause is fixed, continue "
-                 f"with: {resume_command(run_dir)}")
+        text += (
+            f". The last good checkpoint {last} is intact; when the cause is fixed, continue "
+            f"with: {resume_command(run_dir)}"
+        )
     return OutputError(text)
 
 
@@ -179,10 +195,16 @@ def _run_device(requested: str | None, ctx: Distributed) -> torch.device:
 
 
 def train(
-    config: RunConfig | Mapping[str, Any] | None, run_dir: str | Path, *, resume: bool = False,
-    overrides: Mapping[str, Any] | None = None, device: str | torch.device | None = None,
-    splits: DataSplits | None = None, final_outputs: bool = True,
-    distributed: Distributed | None = None, stop: StopRequest | None = None,
+    config: RunConfig | Mapping[str, Any] | None,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    overrides: Mapping[str, Any] | None = None,
+    device: str | torch.device | None = None,
+    splits: DataSplits | None = None,
+    final_outputs: bool = True,
+    distributed: Distributed | None = None,
+    stop: StopRequest | None = None,
 ) -> TrainResult:
     """Train (or resume) a run in ``run_dir``; returns the final state and test metrics.
 
@@ -205,16 +227,24 @@ def train(
     """
     lock = RunLock(run_dir)  # one training process per run directory (rank 0 holds it)
     try:
-        return _locked_train(config, Path(run_dir), resume, overrides, device, splits, final_outputs,
-                             distributed, stop, lock)
+        return _locked_train(
+            config, Path(run_dir), resume, overrides, device, splits, final_outputs, distributed, stop, lock
+        )
     finally:
         lock.release()
 
 
 def _locked_train(
-    config: RunConfig | Mapping[str, Any] | None, run_dir: Path, resume: bool,
-    overrides: Mapping[str, Any] | None, device: str | torch.device | None, splits: DataSplits | None,
-    final_outputs: bool, distributed: Distributed | None, stop: StopRequest | None, lock: RunLock,
+    config: RunConfig | Mapping[str, Any] | None,
+    run_dir: Path,
+    resume: bool,
+    overrides: Mapping[str, Any] | None,
+    device: str | torch.device | None,
+    splits: DataSplits | None,
+    final_outputs: bool,
+    distributed: Distributed | None,
+    stop: StopRequest | None,
+    lock: RunLock,
 ) -> TrainResult:
     ctx = distributed if distributed is not None else current_distributed()
     state = None
@@ -236,16 +266,24 @@ def _locked_train(
     if runtime.num_threads is not None:
         torch.set_num_threads(runtime.num_threads)
     try:
-        return _train(config, run_dir, resume, state, dev, splits, final_outputs, ctx, stop or StopRequest(),
-                      lock)
+        return _train(
+            config, run_dir, resume, state, dev, splits, final_outputs, ctx, stop or StopRequest(), lock
+        )
     finally:
         torch.set_num_threads(threads)
 
 
 def _train(
-    config: RunConfig, run_dir: Path, resume: bool, state: Mapping[str, Any] | None,
-    dev: torch.device, splits: DataSplits | None, final_outputs: bool, ctx: Distributed,
-    stop: StopRequest, lock: RunLock,
+    config: RunConfig,
+    run_dir: Path,
+    resume: bool,
+    state: Mapping[str, Any] | None,
+    dev: torch.device,
+    splits: DataSplits | None,
+    final_outputs: bool,
+    ctx: Distributed,
+    stop: StopRequest,
+    lock: RunLock,
 ) -> TrainResult:
     if not resume:
         ctx.from_main(lambda: check_new_run_dir(run_dir))
@@ -259,7 +297,9 @@ def _train(
     try:
         ctx.from_main(lambda: _prepare_run_dir(trainer, resume, lock))
         if ctx.is_main:
-            log = MetricsLog(run_dir, trainer.counters.step if resume else None, config.bookkeeping.tensorboard)
+            log = MetricsLog(
+                run_dir, trainer.counters.step if resume else None, config.bookkeeping.tensorboard
+            )
         trainer.run(log)
         result = TrainResult.of(trainer)
         if final_outputs and (ctx.is_main or ctx.is_distributed):
@@ -298,18 +338,21 @@ def finish_run(trainer: Trainer, log: MetricsLog | None) -> dict[str, float]:
     run = loaded[0] if loaded else None
     model = run.model if run is not None else trainer.model
     if run is None:  # the other processes evaluate rank 0's weights
+        assert weights is not None  # rank 0 sends them in a multi-process run
         model.load_state_dict(weights)
         model.eval()
     batch_size = trainer.config.bookkeeping.eval_batch_size
     seed = trainer.config.runtime.seed + EVAL_SEED_OFFSET
-    test = evaluate_nll(model, trainer.splits.split("test"), trainer.pre, trainer.use_map, batch_size,
-                        seed=seed, dist=ctx)
+    test = evaluate_nll(
+        model, trainer.splits.split("test"), trainer.pre, trainer.use_map, batch_size, seed=seed, dist=ctx
+    )
     if not trainer.is_main or run is None:
         return test
     # the same checkpoint with the optimiser's own (not averaged) weights, for comparison
     raw = load_run(ckpt, device=trainer.device, splits=trainer.splits, weights="raw")
-    raw_test = evaluate_nll(raw.model, trainer.splits.split("test"), trainer.pre, trainer.use_map,
-                            batch_size, seed=seed)
+    raw_test = evaluate_nll(
+        raw.model, trainer.splits.split("test"), trainer.pre, trainer.use_map, batch_size, seed=seed
+    )
     test.update(raw_nll=raw_test["nll"], raw_bpd=raw_test["bpd"])
     if trainer.splits.mixture is not None:
         test.update(toy_metrics(run.model, trainer.splits.mixture, trainer.splits.split("test"), batch_size))
@@ -320,23 +363,34 @@ def finish_run(trainer: Trainer, log: MetricsLog | None) -> dict[str, float]:
 def _write_results(trainer: Trainer, run: Any, test: dict[str, float], log: MetricsLog | None) -> None:
     c = trainer.counters
     if log is not None:
-        log.log(c.step, {"epoch": c.epoch, "train_s": round(c.train_seconds, 3),
-                         **{f"test_{k}": v for k, v in test.items() if k in ("nll", "bpd")},
-                         **{k: v for k, v in test.items() if k in ("kl", "fisher")}})
+        log.log(
+            c.step,
+            {
+                "epoch": c.epoch,
+                "train_s": round(c.train_seconds, 3),
+                **{f"test_{k}": v for k, v in test.items() if k in ("nll", "bpd")},
+                **{k: v for k, v in test.items() if k in ("kl", "fisher")},
+            },
+        )
     config = trainer.config
     results = {
-        "config": config.runtime.name, "loss": config.objective.loss,
-        "checkpoint": run.checkpoint.name, "checkpoint_step": run.step,
+        "config": config.runtime.name,
+        "loss": config.objective.loss,
+        "checkpoint": run.checkpoint.name,
+        "checkpoint_step": run.step,
         **TrainResult.of(trainer).run_metrics(),
-        "ema_decay": config.optim.ema_decay, "ema_warmup": config.optim.ema_warmup,
-        "map": config.preprocessing.map, "threads": torch.get_num_threads(),
+        "ema_decay": config.optim.ema_decay,
+        "ema_warmup": config.optim.ema_warmup,
+        "map": config.preprocessing.map,
+        "threads": torch.get_num_threads(),
         "device": str(trainer.device),
         **{f"test_{k}": v for k, v in test.items()},
     }
     write_text_atomic(trainer.run_dir / "results.json", json.dumps(results, indent=2), "results")
     try:
-        save_samples(run, trainer.run_dir / "samples.png", config.bookkeeping.num_samples,
-                     seed=config.runtime.seed)
+        save_samples(
+            run, trainer.run_dir / "samples.png", config.bookkeeping.num_samples, seed=config.runtime.seed
+        )
         if run.event_shape == (2,):
             save_density_plot(run, trainer.run_dir / "density.png")
     except OutputError:

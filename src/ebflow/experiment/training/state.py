@@ -13,7 +13,13 @@ from typing import Any
 
 from ...errors import EBFlowError
 
-__all__ = ["TrainingDivergedError", "TrainingDivergenceWarning", "TrainingInterrupted", "StopRequest", "TrainState"]
+__all__ = [
+    "TrainingDivergedError",
+    "TrainingDivergenceWarning",
+    "TrainingInterrupted",
+    "StopRequest",
+    "TrainState",
+]
 
 
 class TrainingDivergedError(EBFlowError):
@@ -58,6 +64,7 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0  #: steps done in the current epoch
     train_seconds: float = 0.0  #: training time (evaluation and checkpoints excluded)
+    compile_seconds: float = 0.0  #: of train_seconds: compiling (config ``compile``), every (re)start
     skipped_steps: int = 0  #: non-finite steps, all in all
     consecutive_nonfinite: int = 0  #: non-finite steps since the last finite one
     dropped_examples: int = 0  #: outside the model's domain (drop_out_of_domain), of seen_examples
@@ -79,10 +86,11 @@ class TrainState:
         for f in fields(cls):
             if f.name not in state and f.name not in _ADDED_LATER:
                 raise KeyError(f.name)
-            value = state.get(f.name, f.default)
-            values[f.name] = value if f.default is None else type(f.default)(value)
+            default: Any = f.default  # every field has one (never dataclasses.MISSING)
+            value = state.get(f.name, default)
+            values[f.name] = value if default is None else type(default)(value)
         return cls(**values)
 
 
 #: Checkpoint keys that the first checkpoints did not have.
-_ADDED_LATER = frozenset({"dropped_examples", "seen_examples", "run_id", "device_type"})
+_ADDED_LATER = frozenset({"dropped_examples", "seen_examples", "run_id", "device_type", "compile_seconds"})

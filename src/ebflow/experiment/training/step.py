@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ...errors import InputError, SingularLayerError
 from ..parallel.gradient_sync import GradientSync, poisoned_loss
 
-__all__ = ["StepOutcome", "optimization_step"]
+__all__ = ["StepOutcome", "StepWindow", "optimization_step"]
 
 
 @dataclass
@@ -23,9 +23,30 @@ class StepOutcome:
     error: str = ""
 
 
+@dataclass
+class StepWindow:
+    """Training statistics since the last log line."""
+
+    loss: float = 0.0
+    grad_norm: float = 0.0
+    finite_steps: int = 0
+    seconds: float = 0.0
+
+    def add(self, out: StepOutcome) -> None:
+        if out.finite:
+            self.loss += out.loss
+            self.grad_norm += out.grad_norm
+            self.finite_steps += 1
+
+
 def optimization_step(
-    model: nn.Module, objective: Any, optimizer: torch.optim.Optimizer, x: Tensor,
-    grad_clip: float | None = None, *, sync: GradientSync | None = None,
+    model: nn.Module,
+    objective: Any,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    grad_clip: float | None = None,
+    *,
+    sync: GradientSync | None = None,
 ) -> StepOutcome:
     """One step: ``loss = objective(model, x)``, backward, gradient averaging over processes
     (``sync``), norm / clip, update.
@@ -74,8 +95,9 @@ def optimization_step(
     return StepOutcome(value, norm, True)
 
 
-def _local_update(model: nn.Module, loss: Tensor, optimizer: torch.optim.Optimizer,
-                  grad_clip: float | None) -> StepOutcome:
+def _local_update(
+    model: nn.Module, loss: Tensor, optimizer: torch.optim.Optimizer, grad_clip: float | None
+) -> StepOutcome:
     """Backward, norm, clip and update of a single process with one host read: the loss and the
     gradient norm are read together, after the backward pass (a non-finite loss gives non-finite
     gradients, so the rare failed step costs a backward pass; every other step saves a sync)."""
