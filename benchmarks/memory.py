@@ -55,7 +55,8 @@ def _cpu_peak(call: Callable[[], object]) -> int:
     changes = sorted(
         (float(e.get("ts", 0)), int(e["args"]["Bytes"]))
         for e in events
-        if e.get("name") == "[memory]" and "Bytes" in e.get("args", {})
+        if e.get("name") == "[memory]"
+        and "Bytes" in e.get("args", {})
         and str(e["args"].get("Device Type", 0)) in ("0", "cpu", "CPU")
     )
     total = peak = 0

@@ -7,33 +7,52 @@ import dataclasses
 import math
 import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
+from .compiled import compiled_table, compiled_targets
+from .peers import peers_table, peers_targets
 from .sections import Row
+from .small import small_table, small_targets
+from .tables import Target
+from .tables import find_row as _find
+from .tables import fmt as _fmt
+from .tables import markdown_table as _table
+from .tables import row_value as _value
 from .workloads import SCORE_MATCHING
 
 __all__ = [
-    "Target", "check_targets", "format_markdown", "write_csv", "write_plot", "CSV_COLUMNS",
-    "REFERENCE_MS", "REFERENCE_SOURCE", "STEP_CAPTION",
+    "Target",
+    "check_targets",
+    "format_markdown",
+    "write_csv",
+    "write_plot",
+    "CSV_COLUMNS",
+    "REFERENCE_MS",
+    "REFERENCE_SOURCE",
+    "STEP_CAPTION",
 ]
 
 CSV_COLUMNS = [f.name for f in dataclasses.fields(Row)]
 
 #: Where :data:`REFERENCE_MS` comes from: not from the run that is being reported.
-REFERENCE_SOURCE = ("measured once, 2026-11-29, public reference implementation, 2-core CPU; "
-                    "not this run")
+REFERENCE_SOURCE = "measured once, 2026-11-29, public reference implementation, 2-core CPU; not this run"
 
 #: ms per training iteration (batch 100) of the public reference implementation, measured once,
 #: 2026-11-29, on a 2-core CPU of this project's machine type; not measured by this benchmark.
 #: Only the two labelled speed-up targets use them. Keys: (model, method).
 REFERENCE_MS: dict[tuple[str, str], float] = {
-    ("mnist-fc", "ml"): 75.0, ("mnist-fc", "ssm"): 119.0,
-    ("mnist-fc", "dsm"): 38.0, ("mnist-fc", "fdssm"): 48.0,
-    ("cifar-fc", "ml"): 2261.0, ("cifar-fc", "ssm"): 2617.0,
-    ("cifar-fc", "dsm"): 1322.0, ("cifar-fc", "fdssm"): 1196.0,
-    ("mnist-cnn", "ml"): 299.0, ("mnist-cnn", "ssm"): 219.0,
-    ("mnist-cnn", "dsm"): 115.0, ("mnist-cnn", "fdssm"): 107.0,
+    ("mnist-fc", "ml"): 75.0,
+    ("mnist-fc", "ssm"): 119.0,
+    ("mnist-fc", "dsm"): 38.0,
+    ("mnist-fc", "fdssm"): 48.0,
+    ("cifar-fc", "ml"): 2261.0,
+    ("cifar-fc", "ssm"): 2617.0,
+    ("cifar-fc", "dsm"): 1322.0,
+    ("cifar-fc", "fdssm"): 1196.0,
+    ("mnist-cnn", "ml"): 299.0,
+    ("mnist-cnn", "ssm"): 219.0,
+    ("mnist-cnn", "dsm"): 115.0,
+    ("mnist-cnn", "fdssm"): 107.0,
 }
 
 #: Caption of the per-iteration table: what the two kinds of step run.
@@ -43,43 +62,10 @@ STEP_CAPTION = (
     "optimizer.zero_grad(); loss.backward(); optimizer.step()` as a library user writes it, "
     "timed in the same rounds. The large-block allocator setting "
     "(`ebflow.runtime.reuse_large_allocations`) is process-wide, so both rows ran under this "
-    "process's setting (\"large-block reuse\" in the header); a user loop in a process that never "
+    'process\'s setting ("large-block reuse" in the header); a user loop in a process that never '
     "calls it can be slower. × plain: time / the tuned plain step; × tuned: user loop / tuned "
     "step; ML ÷ this: ML's time / this time (all from this run)."
 )
-
-
-@dataclass(frozen=True)
-class Target:
-    """A speed target of issue 4: ``measured`` compared (``<=`` or ``>=``) with ``bound``."""
-
-    name: str
-    measured: float
-    op: str
-    bound: float
-
-    @property
-    def status(self) -> str:
-        if math.isnan(self.measured):
-            return "not measured"
-        ok = self.measured <= self.bound if self.op == "<=" else self.measured >= self.bound
-        return "met" if ok else "MISSED"
-
-
-def _find(
-    rows: Sequence[Row], section: str, model: str, method: str, metric: str | None = None,
-    *, user_loop: bool = False,
-) -> Row | None:
-    for r in rows:
-        if r.section == section and r.model == model and r.method == method and (
-            metric is None or r.metric == metric
-        ) and r.user_loop == user_loop:
-            return r
-    return None
-
-
-def _value(row: Row | None, attr: str = "value") -> float:
-    return math.nan if row is None else float(getattr(row, attr))
 
 
 #: Bounds on the time of a score-matching step / the plain step (issue 11).
@@ -92,60 +78,68 @@ def check_targets(rows: Sequence[Row], device: str = "cpu") -> list[Target]:
     it = lambda model, m: _find(rows, "iteration", model, m)  # noqa: E731
     targets = [
         Target("cifar-fc DSM / plain step", _value(it("cifar-fc", "dsm"), "vs_plain"), "<=", 2.2),
-        Target("cifar-fc FDSSM / plain step", _value(it("cifar-fc", "fdssm"), "vs_plain"), "<=",
-               2.2),
+        Target("cifar-fc FDSSM / plain step", _value(it("cifar-fc", "fdssm"), "vs_plain"), "<=", 2.2),
         Target("cifar-fc SSM / plain step", _value(it("cifar-fc", "ssm"), "vs_plain"), "<=", 4.0),
-        Target("cifar-fc ML / DSM", _value(it("cifar-fc", "ml")) / _value(it("cifar-fc", "dsm")),
-               ">=", 6.0),
+        Target("cifar-fc ML / DSM", _value(it("cifar-fc", "ml")) / _value(it("cifar-fc", "dsm")), ">=", 6.0),
     ]
     # convolutional and Glow models (issue 11): SSM, DSM and FDSSM against the plain step
     for model, bounds in (("mnist-cnn", CNN_BOUNDS), ("cifar-cnn", CNN_BOUNDS), ("mnist-glow", GLOW_BOUNDS)):
         for m, bound in bounds.items():
-            targets.append(Target(f"{model} {m.upper()} / plain step", _value(it(model, m), "vs_plain"),
-                                  "<=", bound))
+            targets.append(
+                Target(f"{model} {m.upper()} / plain step", _value(it(model, m), "vs_plain"), "<=", bound)
+            )
     # the README's quick-tour loop (plain .backward()) against the tuned step, worst case
     user = [r for r in rows if r.section == "iteration" and r.user_loop and not math.isnan(r.vs_tuned)]
     worst = max(user, key=lambda r: r.vs_tuned, default=None)
-    targets.append(Target(
-        "user loop / tuned step, worst" + (f" ({worst.model} {worst.method})" if worst else ""),
-        _value(worst, "vs_tuned"), "<=", 1.05))
+    targets.append(
+        Target(
+            "user loop / tuned step, worst" + (f" ({worst.model} {worst.method})" if worst else ""),
+            _value(worst, "vs_tuned"),
+            "<=",
+            1.05,
+        )
+    )
     for m in SCORE_MATCHING:
-        exp = next((r for r in rows if r.section == "scaling" and r.method == m
-                    and r.metric.startswith("exponent")), None)
+        exp = next(
+            (r for r in rows if r.section == "scaling" and r.method == m and r.metric.startswith("exponent")),
+            None,
+        )
         label = exp.metric.replace("exponent ", "D ") if exp else "D 1024-4096"
         targets.append(Target(f"{m.upper()} time exponent over {label}", _value(exp), "<=", 2.2))
     if device == "cpu":  # the reference figures are CPU figures from another day (labelled)
         for model in ("cifar-fc", "mnist-cnn"):
             bound = 4.0 if model == "cifar-fc" else 2.0
             ref = REFERENCE_MS[(model, "dsm")]
-            targets.append(Target(
-                f"{model} DSM speed-up vs reference ({ref:g} ms, {REFERENCE_SOURCE})",
-                ref / _value(it(model, "dsm")), ">=", bound,
-            ))
-    ev_pass = next((r for r in rows if r.section == "evaluation" and r.method == "NLL pass"
-                    and r.unit == "s"), None)
+            targets.append(
+                Target(
+                    f"{model} DSM speed-up vs reference ({ref:g} ms, {REFERENCE_SOURCE})",
+                    ref / _value(it(model, "dsm")),
+                    ">=",
+                    bound,
+                )
+            )
+    ev_pass = next(
+        (r for r in rows if r.section == "evaluation" and r.method == "NLL pass" and r.unit == "s"), None
+    )
     if ev_pass is not None:
-        targets.append(Target(f"{ev_pass.model} exact NLL pass ({ev_pass.metric}), s",
-                              ev_pass.value, "<=", 60.0))
-    log_z = _find(rows, "evaluation", ev_pass.model if ev_pass else "cifar-cnn", "log Z",
-                  "computations per pass")
+        targets.append(
+            Target(f"{ev_pass.model} exact NLL pass ({ev_pass.metric}), s", ev_pass.value, "<=", 60.0)
+        )
+    log_z = _find(
+        rows, "evaluation", ev_pass.model if ev_pass else "cifar-cnn", "log Z", "computations per pass"
+    )
     targets.append(Target("log Z computations per NLL pass", _value(log_z), "<=", 1.0))
     mem = next((r for r in rows if r.section == "memory" and r.method == "dsm"), None)
-    targets.append(Target(f"{mem.model if mem else 'cifar-fc'} DSM peak memory / plain step",
-                          _value(mem, "vs_plain"), "<=", 2.0))
-    return targets
-
-
-def _fmt(v: float, digits: int = 1) -> str:
-    if math.isnan(v):
-        return "–"
-    return f"{v:,.{digits}f}"
-
-
-def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    return "\n".join(lines)
+    targets.append(
+        Target(
+            f"{mem.model if mem else 'cifar-fc'} DSM peak memory / plain step",
+            _value(mem, "vs_plain"),
+            "<=",
+            2.0,
+        )
+    )
+    # the sections of issue 21: their targets appear only when the section ran
+    return targets + compiled_targets(rows) + peers_targets(rows) + small_targets(rows)
 
 
 def _step_label(row: Row) -> str:
@@ -153,13 +147,34 @@ def _step_label(row: Row) -> str:
 
 
 def _step_table(rows: Sequence[Row]) -> str:
-    body = [[
-        r.model, str(r.dim), r.method, _step_label(r), _fmt(r.value),
-        f"{_fmt(r.q1)}–{_fmt(r.q3)}", _fmt(r.vs_plain, 2), _fmt(r.vs_tuned, 2),
-        _fmt(r.vs_ml, 2),
-    ] for r in rows]
-    return _table(["model", "D", "method", "step", "ms / iteration (median)", "IQR (ms)",
-                   "× plain", "× tuned", "ML ÷ this"], body)
+    body = [
+        [
+            r.model,
+            str(r.dim),
+            r.method,
+            _step_label(r),
+            _fmt(r.value),
+            f"{_fmt(r.q1)}–{_fmt(r.q3)}",
+            _fmt(r.vs_plain, 2),
+            _fmt(r.vs_tuned, 2),
+            _fmt(r.vs_ml, 2),
+        ]
+        for r in rows
+    ]
+    return _table(
+        [
+            "model",
+            "D",
+            "method",
+            "step",
+            "ms / iteration (median)",
+            "IQR (ms)",
+            "× plain",
+            "× tuned",
+            "ML ÷ this",
+        ],
+        body,
+    )
 
 
 def _scaling_table(rows: Sequence[Row]) -> str:
@@ -176,15 +191,17 @@ def _scaling_table(rows: Sequence[Row]) -> str:
         body.append(cells)
     if exps:
         label = exps[0].metric.replace("exponent ", "")
-        body.append([f"**exponent ({label})**"] + [
-            _fmt(_value(next((r for r in exps if r.method == m), None)), 2) for m in methods
-        ])
+        body.append(
+            [f"**exponent ({label})**"]
+            + [_fmt(_value(next((r for r in exps if r.method == m), None)), 2) for m in methods]
+        )
     return _table(["D"] + [f"{m} (ms)" for m in methods], body)
 
 
 def _eval_table(rows: Sequence[Row]) -> str:
-    body = [[r.model, r.method, r.metric, _fmt(r.value, 2 if r.unit in ("s", "bpd") else 1),
-             r.unit] for r in rows]
+    body = [
+        [r.model, r.method, r.metric, _fmt(r.value, 2 if r.unit in ("s", "bpd") else 1), r.unit] for r in rows
+    ]
     return _table(["model", "quantity", "what", "value", "unit"], body)
 
 
@@ -194,7 +211,7 @@ def _memory_table(rows: Sequence[Row]) -> str:
 
 
 def _target_table(targets: Sequence[Target]) -> str:
-    body = [[t.name, _fmt(t.measured, 2), f"{t.op} {t.bound:g}", t.status] for t in targets]
+    body = [[t.name, _fmt(t.measured, 2), t.required, t.status] for t in targets]
     return _table(["target", "measured", "required", "status"], body)
 
 
@@ -203,20 +220,30 @@ def format_markdown(rows: Sequence[Row], targets: Sequence[Target], header: str 
     parts = [header] if header else []
     by = lambda s: [r for r in rows if r.section == s]  # noqa: E731
     if by("iteration"):
-        parts += ["### 1. Per-iteration time (forward + backward + RMSprop step)",
-                  STEP_CAPTION, _step_table(by("iteration"))]
+        parts += [
+            "### 1. Per-iteration time (forward + backward + RMSprop step)",
+            STEP_CAPTION,
+            _step_table(by("iteration")),
+        ]
     if by("scaling"):
-        parts += ["### 2. Scaling with D (FC architecture, 2 dense layers)",
-                  _scaling_table(by("scaling"))]
+        parts += ["### 2. Scaling with D (FC architecture, 2 dense layers)", _scaling_table(by("scaling"))]
     if by("evaluation"):
         parts += ["### 3. Exact evaluation cost", _eval_table(by("evaluation"))]
     if by("memory"):
         parts += ["### 4. Peak memory of one step", _memory_table(by("memory"))]
+    if by("compiled"):
+        parts += [
+            "### 5. Compiled step (`ebflow.compile_model`) and compile time",
+            compiled_table(by("compiled")),
+        ]
+    if by("peers"):
+        parts += ["### 6. Peers: the same flow in nflows, zuko and ebflow", peers_table(by("peers"))]
+    if by("small"):
+        parts += ["### 7. Small model: the training loop around the step", small_table(by("small"))]
     if targets:
         parts += ["### Targets", _target_table(targets)]
         if any("reference" in t.name for t in targets):
-            parts += [f"Reference figures: {REFERENCE_SOURCE}; every other figure is from this "
-                      "run."]
+            parts += [f"Reference figures: {REFERENCE_SOURCE}; every other figure is from this run."]
     return "\n\n".join(parts) + "\n"
 
 
@@ -240,9 +267,8 @@ def write_plot(rows: Sequence[Row], path: Path, title: str = "") -> None:
     import matplotlib.ticker
 
     panels = [s for s in ("iteration", "scaling", "memory") if any(r.section == s for r in rows)]
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(6 * max(len(panels), 1), 4.5),
-                             squeeze=False)
-    for ax, section in zip(axes[0], panels):
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(6 * max(len(panels), 1), 4.5), squeeze=False)
+    for ax, section in zip(axes[0], panels, strict=False):  # one empty axis when no panel
         sel = [r for r in rows if r.section == section]
         if section == "iteration":
             models = list(dict.fromkeys(r.model for r in sel))
@@ -251,8 +277,7 @@ def write_plot(rows: Sequence[Row], path: Path, title: str = "") -> None:
             for j, (m, user) in enumerate(series):
                 xs = [i + j * width for i, mod in enumerate(models)]
                 ys = [_value(_find(sel, section, mod, m, user_loop=user)) for mod in models]
-                ax.bar(xs, ys, width, label=f"{m} (user loop)" if user else m,
-                       hatch="//" if user else None)
+                ax.bar(xs, ys, width, label=f"{m} (user loop)" if user else m, hatch="//" if user else None)
             ax.set_xticks([i + 0.4 - width / 2 for i in range(len(models))], models)
             ax.set_yscale("log")
             ax.set_ylabel("ms / iteration")
@@ -262,8 +287,7 @@ def write_plot(rows: Sequence[Row], path: Path, title: str = "") -> None:
             times = [r for r in sel if r.metric == "time"]
             for m in dict.fromkeys(r.method for r in times):
                 pts = sorted((r.dim, r.value) for r in times if r.method == m)
-                exp = next((r for r in sel
-                            if r.method == m and r.metric.startswith("exponent")), None)
+                exp = next((r for r in sel if r.method == m and r.metric.startswith("exponent")), None)
                 slope = math.nan if exp is None else exp.value
                 label = m if math.isnan(slope) else f"{m} (slope {slope:.2f})"
                 ax.loglog([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)

@@ -6,6 +6,9 @@
 3. ``evaluation`` -- exact test-set NLL pass of a convolutional model: ``log Z`` once, then
    the energies of every batch.
 4. ``memory``     -- peak memory of one step per method.
+
+Three more live in their own modules: ``compiled`` (:mod:`benchmarks.compiled`), ``peers``
+(:mod:`benchmarks.peers`) and ``small`` (:mod:`benchmarks.small`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,14 @@ from ebflow.preprocessing import ImagePreprocessing
 from .memory import peak_memory_bytes
 from .timing import fit_power_law, synchronize, time_round_robin
 from .workloads import (
-    METHODS, SCORE_MATCHING, ModelSpec, fc_spec, get_spec, make_inputs, make_optimizer, make_step,
+    METHODS,
+    SCORE_MATCHING,
+    ModelSpec,
+    fc_spec,
+    get_spec,
+    make_inputs,
+    make_optimizer,
+    make_step,
     make_user_step,
 )
 
@@ -31,6 +41,7 @@ __all__ = [
     "BenchConfig",
     "Row",
     "SECTIONS",
+    "DEFAULT_SECTIONS",
     "FactorizationCounter",
     "iteration_section",
     "scaling_section",
@@ -38,17 +49,21 @@ __all__ = [
     "memory_section",
 ]
 
-SECTIONS: tuple[str, ...] = ("iteration", "scaling", "evaluation", "memory")
+#: Every section, in the order they run (``--sections`` choices).
+SECTIONS: tuple[str, ...] = ("iteration", "scaling", "evaluation", "memory", "compiled", "peers", "small")
+#: The sections of a run without ``--sections``: all but ``compiled``, which spends most of its
+#: time compiling (minutes per model and objective) and is asked for by name.
+DEFAULT_SECTIONS: tuple[str, ...] = ("iteration", "scaling", "evaluation", "memory", "peers", "small")
 
 
 @dataclass
 class BenchConfig:
-    """What to measure, and how hard. The defaults are the full benchmark of issue 4."""
+    """What to measure, and how hard. The defaults are the full benchmark (issues 4 and 21);
+    the fields from ``compiled_models`` on belong to the sections of issue 21."""
 
     device: str = "cpu"
-    sections: Sequence[str] = SECTIONS
-    models: Sequence[str] = ("mnist-fc", "cifar-fc", "mnist-cnn", "cifar-cnn", "mnist-glow",
-                             "toy2d")
+    sections: Sequence[str] = DEFAULT_SECTIONS
+    models: Sequence[str] = ("mnist-fc", "cifar-fc", "mnist-cnn", "cifar-cnn", "mnist-glow", "toy2d")
     methods: Sequence[str] = METHODS
     dims: Sequence[int] = (256, 512, 1024, 2048, 3072, 4096)
     fit_range: tuple[int, int] = (1024, 4096)
@@ -59,6 +74,14 @@ class BenchConfig:
     eval_images: int = 10_000
     eval_batch: int = 500
     memory_model: str = "cifar-fc"
+    #: models of the ``compiled`` section (mnist-glow-s1 stands in for mnist-glow: see
+    #: :mod:`benchmarks.compiled`)
+    compiled_models: Sequence[str] = ("mnist-cnn", "mnist-glow-s1")
+    #: dimensions of the ``peers`` section
+    peer_dims: Sequence[int] = (784, 3072)
+    #: steps per timed block of the ``small`` section; None: the preset's validation period
+    #: (its bookkeeping periods are scaled to a given block)
+    small_block: int | None = None
     seed: int = 0
     reuse_allocations: bool = True
     log: Callable[[str], None] | None = field(default=None, repr=False)
@@ -75,7 +98,8 @@ class Row:
     ``vs_plain`` is the ratio to the plain (tuned) step of the same model (or dimension),
     ``vs_ml`` the speed-up over ML (ML's time / this time), ``vs_tuned`` a user-loop row's
     ratio to the tuned step of the same objective. ``user_loop`` marks the rows of the loop
-    a library user writes (plain ``loss.backward()``)."""
+    a library user writes (plain ``loss.backward()``). ``note`` says why a figure is missing or
+    what it is not (an eager fallback is never reported as a compiled time)."""
 
     section: str
     model: str
@@ -91,11 +115,17 @@ class Row:
     vs_ml: float = math.nan
     vs_tuned: float = math.nan
     user_loop: bool = False
+    #: what the figure is not: ``eager fallback (...)``, ``skipped: nflows not installed`` ...
+    note: str = ""
 
 
 def _step_rows(
-    section: str, specs: Sequence[ModelSpec], config: BenchConfig, device: torch.device,
-    *, user_loop: bool = False,
+    section: str,
+    specs: Sequence[ModelSpec],
+    config: BenchConfig,
+    device: torch.device,
+    *,
+    user_loop: bool = False,
 ) -> list[Row]:
     """Time every method on every model of ``specs`` in the same interleaved rounds, so that a
     slow spell of the machine shifts all of them alike (ratios, and fitted exponents, hold).
@@ -113,8 +143,7 @@ def _step_rows(
         for m in methods:
             steps[(spec.name, m, False)] = make_step(model, m, x, optimizer, spec.options.get(m))
         for m in user_methods:
-            steps[(spec.name, m, True)] = make_user_step(
-                model, m, x, optimizer, spec.options.get(m))
+            steps[(spec.name, m, True)] = make_user_step(model, m, x, optimizer, spec.options.get(m))
     names = ", ".join(f"{s.name} (D={s.dim})" for s in specs)
     extra = f"; user loop: {', '.join(user_methods)}" if user_methods else ""
     config.say(f"{section}: {names}: {', '.join(methods)}{extra}")
@@ -127,12 +156,24 @@ def _step_rows(
             for user in (False, True) if m in user_methods else (False,):
                 t = timings[(spec.name, m, user)]
                 tuned = timings[(spec.name, m, False)].median_ms
-                rows.append(Row(
-                    section, spec.name, spec.dim, m, "time", t.median_ms, "ms", t.q1_ms, t.q3_ms,
-                    t.repeats, vs_plain=t.median_ms / plain,
-                    vs_ml=math.nan if ml is None else ml.median_ms / t.median_ms,
-                    vs_tuned=t.median_ms / tuned if user else math.nan, user_loop=user,
-                ))
+                rows.append(
+                    Row(
+                        section,
+                        spec.name,
+                        spec.dim,
+                        m,
+                        "time",
+                        t.median_ms,
+                        "ms",
+                        t.q1_ms,
+                        t.q3_ms,
+                        t.repeats,
+                        vs_plain=t.median_ms / plain,
+                        vs_ml=math.nan if ml is None else ml.median_ms / t.median_ms,
+                        vs_tuned=t.median_ms / tuned if user else math.nan,
+                        user_loop=user,
+                    )
+                )
     return rows
 
 
@@ -168,10 +209,18 @@ class FactorizationCounter(TorchFunctionMode):
     noise); the sub-millisecond cached ``log Z`` is therefore timed outside it.
     """
 
-    FUNCTIONS = frozenset({
-        torch.linalg.lu_factor, torch.linalg.lu_factor_ex, torch.linalg.lu, torch.linalg.slogdet,
-        torch.linalg.det, torch.slogdet, torch.logdet, torch.det,
-    })
+    FUNCTIONS = frozenset(
+        {
+            torch.linalg.lu_factor,
+            torch.linalg.lu_factor_ex,
+            torch.linalg.lu,
+            torch.linalg.slogdet,
+            torch.linalg.det,
+            torch.slogdet,
+            torch.logdet,
+            torch.det,
+        }
+    )
 
     def __init__(self) -> None:
         super().__init__()
@@ -195,12 +244,13 @@ def evaluation_section(config: BenchConfig, device: torch.device) -> list[Row]:
     model = spec.build().to(device).eval()
     pre = ImagePreprocessing(smoothness=spec.smoothness)
     gen = torch.Generator().manual_seed(config.seed)
-    pixels = torch.randint(0, 256, (config.eval_images, *spec.event_shape), generator=gen,
-                           dtype=torch.uint8)
-    config.say(f"evaluation: exact NLL of {config.eval_images} images on {spec.name} "
-               f"(D={spec.dim})")
-    first, _ = pre.forward(pre.dequantize(pixels[: config.eval_batch].float(),
-                                          generator=torch.Generator().manual_seed(config.seed)))
+    pixels = torch.randint(0, 256, (config.eval_images, *spec.event_shape), generator=gen, dtype=torch.uint8)
+    config.say(f"evaluation: exact NLL of {config.eval_images} images on {spec.name} (D={spec.dim})")
+    first, _ = pre.forward(
+        pre.dequantize(
+            pixels[: config.eval_batch].float(), generator=torch.Generator().manual_seed(config.seed)
+        )
+    )
     model.initialize(first.to(device))  # data-dependent (ActNorm), untimed
     linear = model.linear_layers
     counter = FactorizationCounter()
@@ -229,24 +279,33 @@ def evaluation_section(config: BenchConfig, device: torch.device) -> list[Row]:
     nll = total / config.eval_images
     bpd = nll / (spec.dim * math.log(2))
     n_layers = len(linear)
-    if per_log_z:
-        computations = counter.count / per_log_z
-    else:  # log Z needs no factorisation (e.g. triangular layers only): nothing to recompute
-        computations = 0.0 if counter.count == 0 else math.inf
+    # without a factorisation per log Z (e.g. triangular layers only) there is nothing to recompute
+    computations = counter.count / per_log_z if per_log_z else (0.0 if counter.count == 0 else math.inf)
     rows = [
         Row("evaluation", spec.name, spec.dim, "log Z", "first (computed)", log_z_s * 1e3, "ms"),
         Row("evaluation", spec.name, spec.dim, "log Z", "second (cached)", cached_s * 1e3, "ms"),
-        Row("evaluation", spec.name, spec.dim, "NLL pass", f"{config.eval_images} images, "
-            f"{batches} batches of {config.eval_batch}", pass_s, "s"),
-        Row("evaluation", spec.name, spec.dim, "NLL pass", "images per second",
-            config.eval_images / pass_s, "1/s"),
-        Row("evaluation", spec.name, spec.dim, "log Z", "computations per pass", computations,
-            "count"),
+        Row(
+            "evaluation",
+            spec.name,
+            spec.dim,
+            "NLL pass",
+            f"{config.eval_images} images, {batches} batches of {config.eval_batch}",
+            pass_s,
+            "s",
+        ),
+        Row(
+            "evaluation",
+            spec.name,
+            spec.dim,
+            "NLL pass",
+            "images per second",
+            config.eval_images / pass_s,
+            "1/s",
+        ),
+        Row("evaluation", spec.name, spec.dim, "log Z", "computations per pass", computations, "count"),
         Row("evaluation", spec.name, spec.dim, "log Z", "linear layers", n_layers, "count"),
-        Row("evaluation", spec.name, spec.dim, "log Z", "factorisations per log Z", per_log_z,
-            "count"),
-        Row("evaluation", spec.name, spec.dim, "NLL pass", "bits/dim (random model and images)",
-            bpd, "bpd"),
+        Row("evaluation", spec.name, spec.dim, "log Z", "factorisations per log Z", per_log_z, "count"),
+        Row("evaluation", spec.name, spec.dim, "NLL pass", "bits/dim (random model and images)", bpd, "bpd"),
     ]
     del model
     return rows
@@ -273,8 +332,16 @@ def memory_section(config: BenchConfig, device: torch.device) -> list[Row]:
         peaks[m] = peak_memory_bytes(step, device)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = [
-        Row("memory", spec.name, spec.dim, m, "peak of one step", peaks[m] / 2**20, "MiB",
-            vs_plain=peaks[m] / max(peaks["plain"], 1))
+        Row(
+            "memory",
+            spec.name,
+            spec.dim,
+            m,
+            "peak of one step",
+            peaks[m] / 2**20,
+            "MiB",
+            vs_plain=peaks[m] / max(peaks["plain"], 1),
+        )
         for m in methods
     ]
     rows.append(Row("memory", spec.name, spec.dim, "parameters", "size", params / 2**20, "MiB"))

@@ -16,10 +16,14 @@ import statistics
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 __all__ = ["Timing", "synchronize", "time_round_robin", "fit_power_law"]
+
+#: The names of the timed steps.
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass(frozen=True)
@@ -47,14 +51,14 @@ def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
 
 
 def time_round_robin(
-    steps: Mapping[Hashable, Callable[[], object]],
+    steps: Mapping[K, Callable[[], object]],
     *,
     device: torch.device,
     warmup: int = 2,
     repeats: int = 7,
     min_round_s: float = 0.02,
     on_round: Callable[[int], None] | None = None,
-) -> dict[Hashable, Timing]:
+) -> dict[K, Timing]:
     """Median wall-clock time of each step, measured in interleaved rounds after warm-up.
 
     A step that takes less than ``min_round_s`` is called several times per round (the round's
@@ -65,7 +69,7 @@ def time_round_robin(
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
     names = list(steps)
-    calls: dict[Hashable, int] = {}
+    calls: dict[K, int] = {}
     for name in names:
         last = 0.0
         for _ in range(max(warmup, 1)):
@@ -75,7 +79,7 @@ def time_round_robin(
             synchronize(device)
             last = time.perf_counter() - start
         calls[name] = max(1, min(1000, math.ceil(min_round_s / max(last, 1e-9))))
-    samples: dict[Hashable, list[float]] = {name: [] for name in names}
+    samples: dict[K, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
@@ -97,7 +101,7 @@ def time_round_robin(
 
 def fit_power_law(sizes: Sequence[float], times: Sequence[float]) -> float:
     """Exponent ``k`` of the least-squares fit ``log t = k log D + c``; NaN with < 2 points."""
-    pts = [(math.log(d), math.log(t)) for d, t in zip(sizes, times) if d > 0 and t > 0]
+    pts = [(math.log(d), math.log(t)) for d, t in zip(sizes, times, strict=True) if d > 0 and t > 0]
     if len(pts) < 2:
         return float("nan")
     mx = sum(p[0] for p in pts) / len(pts)

@@ -45,6 +45,7 @@ from ebflow.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = dict(
+    sections=("iteration", "scaling", "evaluation", "memory"),  # the others: test_benchmarks_sections.py
     models=("toy2d",),
     dims=(8, 16, 32),
     fit_range=(8, 32),

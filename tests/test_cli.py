@@ -48,7 +48,7 @@ def test_configs_lists_every_preset_with_one_line(capsys):
     assert main(["configs"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in lines] == list(list_presets())
-    assert len(lines) == 14
+    assert len(lines) == 16
     assert main(["configs", "--keys"]) == 0 and "sigma" in capsys.readouterr().out
     assert main(["configs", "--show", "mnist-fc"]) == 0 and "lr: 0.0001" in capsys.readouterr().out
 

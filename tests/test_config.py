@@ -21,6 +21,8 @@ PRESETS = [
     "mnist-cnn",
     "mnist-glow",
     "mnist-glow-small",
+    "mnist-mosaic2-fc",
+    "mnist-mosaic3-fc",
     "cifar-fc",
     "cifar-cnn",
 ]

@@ -108,3 +108,36 @@ def test_best_checkpoint_is_the_lowest_validation_and_the_test_nll_comes_from_it
     assert results["test_nll"] == pytest.approx(from_best, rel=1e-12)
     assert math.isfinite(from_last) and abs(from_last - from_best) > 1e-6 * abs(from_best)
     assert math.isfinite(results["test_raw_nll"])
+
+
+class _FakeClock:
+    """``time.perf_counter`` that advances by ``tick`` seconds per read: every training step of
+    the loop (from one read to the next) lasts exactly ``tick`` seconds."""
+
+    def __init__(self, tick: float) -> None:
+        self.now, self.tick = 0.0, tick
+
+    def perf_counter(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def _val_steps(run_dir) -> list[int]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [int(r["step"]) for r in csv.DictReader(f) if r.get("val_nll")]
+
+
+def test_eval_every_seconds_validates_at_the_first_step_past_each_period_and_on_resume(tmp_path, monkeypatch):
+    """With 0.125 s steps and ``eval_every_seconds=1``, validation happens every 8 steps (not at
+    the iteration-based ``eval_every``), and a resumed run goes on from its clock: no period is
+    validated twice or skipped. Fails if the key is ignored, the period counts steps, or the
+    slot restarts at 0 on resume."""
+    monkeypatch.setattr(trainer_module, "time", _FakeClock(0.125))
+    sets = {**QUIET, "max_train": 200, "batch_size": 20, "eval_every": 10_000, "checkpoint_every": 10_000}
+    config = resolve_config("digits-fc", {**sets, "max_iters": 25, "eval_every_seconds": 1.0})
+    train(config, tmp_path / "r")
+    # steps 8, 16, 24 (train_s 1, 2, 3 s: the first step at or past each period) and the last
+    first = _val_steps(tmp_path / "r")
+    assert first == [8, 16, 24, 25], first
+    train(None, tmp_path / "r", resume=True, overrides={"max_iters": 45})
+    assert _val_steps(tmp_path / "r") == [8, 16, 24, 25, 32, 40, 45]

@@ -1,5 +1,6 @@
-"""``ebflow reproduce TABLE``: train every cell of one of the paper's tables (resumable), then
-write report.md, results.json and a plot of validation NLL against training time."""
+"""``ebflow reproduce TABLE``: train every cell of one of the paper's tables, or of the scaling
+study (resumable), then write report.md, results.json and a plot of validation NLL against
+training time."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ import torch
 from ..errors import ConfigError
 from ..experiment.config.sections import MAX_SEED
 from ..experiment.parallel.devices import resolve_device
-from ..experiment.reproduce.cells import cell_done, device_slots, train_cell
+from ..experiment.reproduce.cells import cell_budget, cell_done, device_slots, train_cell
 from ..experiment.reproduce.progress import TableProgress
 from ..experiment.reproduce.report import write_report
+from ..experiment.reproduce.scaling_report import write_scaling_report
+from ..experiment.reproduce.seeds import with_seeds
 from ..experiment.reproduce.tables import SM_LOSSES, TABLES, Cell, cells_of
 
 __all__ = ["add_arguments", "run"]
@@ -31,7 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "Reproduce one of the paper's tables: train every cell (resumable: a rerun "
         "continues unfinished cells), then write report.md (the paper's value, ours, "
         "the difference, iterations and time per cell), results.json and a plot of "
-        "validation NLL against training time into OUT/TABLE."
+        "validation NLL against training time into OUT/TABLE. The table 'scaling' "
+        "is the scaling study instead (docs/scaling.md): every objective at D = 784, "
+        "3,136 and 7,056 (MNIST and MNIST mosaics), and the training time each needs to "
+        "reach maximum likelihood's NLL."
     )
     p.add_argument("table", choices=list(TABLES), help="which table")
     p.add_argument(
@@ -39,8 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="M",
-        help="training minutes per cell (optimisation steps only); default: the "
-        "presets' own stopping rule (the paper's epochs)",
+        help="training minutes per cell (optimisation steps only), for every cell; default: "
+        "the table's own per-cell budgets (scaling: 30 at D = 784 and 3,136, 60 at 7,056), "
+        "else the presets' own stopping rule (the paper's epochs)",
     )
     p.add_argument(
         "--objectives",
@@ -69,6 +76,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the presets' auto)")
     p.add_argument("--seed", type=int, default=0, help="random seed of every cell")
     p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="S",
+        help="repeat every cell once per seed (run directories CELL-seedS); the report adds "
+        "mean ± std (min–max) over the seeds (e.g. --seeds 0 1 2)",
+    )
+    p.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -96,22 +112,29 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--parallel must be >= 1, got {args.parallel}")
     if args.budget_minutes is not None and not args.budget_minutes > 0:
         raise ConfigError(f"--budget-minutes must be > 0, got {args.budget_minutes}")
-    if not 0 <= args.seed <= MAX_SEED:
-        raise ConfigError(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
+    for flag, seed in [("--seed", args.seed), *(("--seeds", s) for s in args.seeds or [])]:
+        if not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"{flag} must be in [0, {MAX_SEED}], got {seed}")
+    if args.seeds and args.seed != 0:
+        raise ConfigError("give either --seed or --seeds, not both")
+    if args.seeds and args.table == "scaling":
+        raise ConfigError("the scaling table runs one seed per cell (--seed), not --seeds")
     if args.device is not None:
         resolve_device(args.device)  # the cells' runs would all fail on a device this machine lacks
     if args.threads is not None and not 1 <= args.threads <= 1024:
         raise ConfigError(f"--threads must be in [1, 1024], got {args.threads}")
     if args.threads is None and args.parallel > 1:
         args.threads = max(1, (os.cpu_count() or 1) // args.parallel)
-    cells = cells_of(args.table, args.objectives, args.only)
+    cells = with_seeds(cells_of(args.table, args.objectives, args.only), args.seeds)
     out_dir = Path(args.out)
     failed = []
     if not args.report_only:
         todo = [
             c
             for c in cells
-            if not cell_done(out_dir / args.table / c.name, args.budget_minutes, args.overrides)
+            if not cell_done(
+                out_dir / args.table / c.name, cell_budget(c, args.budget_minutes), args.overrides
+            )
         ]
         for c in cells:
             if c not in todo:
@@ -122,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
             len(cells) - len(todo),
             args.budget_minutes,
             args.parallel,
+            budgets={c.name: cell_budget(c, args.budget_minutes) for c in cells},
         )
         free: Queue[str | None] = Queue()  # one device per concurrent cell (GPUs spread)
         for slot in device_slots(args.device, args.parallel, torch.cuda.device_count()):
@@ -141,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
         with progress.watching(args.progress_every), ThreadPoolExecutor(max_workers=args.parallel) as pool:
             codes = list(pool.map(run_cell, todo))
         failed = [c.name for c, code in zip(todo, codes, strict=True) if code != 0]
-    write_report(args.table, cells, out_dir)
+    report = write_scaling_report if args.table == "scaling" else write_report
+    report(args.table, cells, out_dir)
     if failed:
         print(
             f"error: {len(failed)} cell(s) failed: {', '.join(failed)} (see their .log files)",

@@ -10,10 +10,11 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, EBFlowError, InputError
+from ..errors import ConfigError, InputError
 from ..flow import EBFlow
 from ..utils import sum_except_batch
 from ..validation import check_batch, check_count, check_generator, check_number
+from .chain import Chain, potential_and_grad
 from .energy import (
     EnergyModel,
     PreprocessedSpaceEnergy,
@@ -79,14 +80,6 @@ def _check_mask(mask: Tensor | None, x: Tensor) -> Tensor | None:
     return mask
 
 
-def _potential_and_grad(potential: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
-    with torch.enable_grad():
-        xg = x.detach().requires_grad_(True)
-        u = potential(xg)
-        (g,) = torch.autograd.grad(u.sum(), xg)
-    return u.detach(), g.detach()
-
-
 def _check_states(model: EnergyModel, x: object, what: str) -> Tensor:
     """Chain states for ``model``: :func:`~ebflow.validation.check_batch` with the model's event
     shape, and its dtype and device when it has them (an :class:`~ebflow.EBFlow` does)."""
@@ -101,10 +94,6 @@ def _check_states(model: EnergyModel, x: object, what: str) -> Tensor:
     )
 
 
-def _per_chain(v: Tensor, x: Tensor) -> Tensor:
-    return v.view(-1, *([1] * (x.dim() - 1)))
-
-
 def default_step_size(model: EnergyModel, x: Tensor, mask: Tensor | None = None) -> float:
     r"""A starting step size from the score alone.
 
@@ -116,7 +105,7 @@ def default_step_size(model: EnergyModel, x: Tensor, mask: Tensor | None = None)
     model = check_energy_model(model)
     _check_states(model, x, "chain states x")
     m = _check_mask(mask, x)
-    _, g = _potential_and_grad(model.energy, x)
+    _, g = potential_and_grad(model.energy, x)
     if m is not None:
         g = torch.where(m, g, torch.zeros_like(g))
         d = sum_except_batch(m).to(x.dtype)
@@ -204,7 +193,7 @@ def langevin(
             u = u + smoothness_energy(x, event_shape, smoothness, blur_sigma)
         return u
 
-    chain = _Chain(potential, x0.detach().clone(), mask, generator)
+    chain = Chain(potential, x0.detach().clone(), mask, generator)
     iterator: Iterable[int] = range(steps)
     if progress:
         from tqdm.auto import tqdm
@@ -236,92 +225,6 @@ def langevin(
         step_size=eta.detach(),
         energy=chain.u,
     )
-
-
-class _Chain:
-    r"""The state of a batch of Langevin chains: positions :math:`x`, potentials :math:`U(x)`,
-    gradients :math:`\nabla U(x)`, each chain's adaptive step factor and accept count."""
-
-    def __init__(
-        self,
-        potential: Callable[[Tensor], Tensor],
-        x: Tensor,
-        mask: Tensor | None,
-        generator: torch.Generator | None,
-    ) -> None:
-        self.potential, self.x, self.mask, self.generator = potential, x, mask, generator
-        self.chains = x.shape[0]
-        self.scale = torch.ones(self.chains, dtype=x.dtype, device=x.device)
-        self.accepted = torch.zeros(self.chains, dtype=torch.float64, device=x.device)
-        # first ULA iteration with a non-finite state or energy (-1: none), kept on the device
-        self.first_divergence = torch.full((), -1, dtype=torch.long, device=x.device)
-        self.u, self.g = _potential_and_grad(potential, x)
-
-    def movable(self, t: Tensor) -> Tensor:
-        return t if self.mask is None else torch.where(self.mask, t, torch.zeros_like(t))
-
-    def propose(self, eta: Tensor, *, allow_nonfinite: bool, iteration: int) -> tuple[Tensor, Tensor]:
-        r"""The Langevin proposal :math:`x' = x - \eta\nabla U + \sqrt{2\eta}\,\xi` on the moving
-        coordinates, and which chains it keeps finite (a non-finite ULA proposal raises)."""
-        x = self.x
-        eta_b = _per_chain(eta, x)
-        noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=self.generator)
-        step = self.movable(-eta_b * self.g + torch.sqrt(2 * eta_b) * noise)
-        proposal = x + step if self.mask is None else torch.where(self.mask, x + step, x)
-        finite = torch.isfinite(proposal.reshape(self.chains, -1)).all(dim=1)
-        if allow_nonfinite:
-            proposal = torch.where(_per_chain(finite, x), proposal, x)  # rejected below
-        else:
-            self._note_divergence(~finite.all(), iteration)
-        return proposal, finite
-
-    def _note_divergence(self, bad: Tensor, iteration: int) -> None:
-        """Remember the first iteration at which ``bad`` held, without reading the device."""
-        first = (self.first_divergence < 0) & bad
-        self.first_divergence = torch.where(
-            first, torch.full_like(self.first_divergence, iteration), self.first_divergence
-        )
-
-    def raise_if_diverged(self) -> None:
-        """Raise :class:`EBFlowError` if a ULA state or energy went non-finite (one device read)."""
-        first = int(self.first_divergence)
-        if first >= 0:
-            raise EBFlowError(
-                f"unadjusted Langevin diverged at iteration {first} (non-finite states or energies); "
-                "use a smaller step size or MALA"
-            )
-
-    def accept_all(self, proposal: Tensor, *, iteration: int) -> None:
-        """ULA: move every chain to its proposal (divergence is checked every
-        ``_DIVERGENCE_CHECK_EVERY`` iterations by :meth:`raise_if_diverged`)."""
-        u_new, g_new = _potential_and_grad(self.potential, proposal)
-        self._note_divergence(~torch.isfinite(u_new).all(), iteration)
-        self.x, self.u, self.g = proposal, u_new, g_new
-
-    def metropolis_step(self, proposal: Tensor, finite: Tensor, eta: Tensor) -> Tensor:
-        r"""MALA: accept each chain's proposal with probability
-        :math:`\min(1, e^{U(x) - U(x')} q(x \mid x') / q(x' \mid x))`; returns that probability."""
-        x, g = self.x, self.g
-        eta_b = _per_chain(eta, x)
-        u_new, g_new = _potential_and_grad(self.potential, proposal)
-        # log q(x | x') - log q(x' | x), restricted to the moving coordinates.
-        forward_res = self.movable(proposal - x + eta_b * g)
-        backward_res = self.movable(x - proposal + eta_b * g_new)
-        log_q_ratio = (sum_except_batch(forward_res.pow(2)) - sum_except_batch(backward_res.pow(2))) / (
-            4 * eta
-        )
-        log_alpha = self.u - u_new + log_q_ratio
-        ok = finite & torch.isfinite(log_alpha)
-        log_alpha = torch.where(ok, log_alpha, torch.full_like(log_alpha, -math.inf))
-        alpha = torch.exp(log_alpha.clamp(max=0.0))
-        uniform = torch.rand(self.chains, dtype=x.dtype, device=x.device, generator=self.generator)
-        accept = uniform < alpha
-        self.accepted += accept.to(torch.float64)
-        a = _per_chain(accept, x)
-        self.x = torch.where(a, proposal, x)
-        self.u = torch.where(accept, u_new, self.u)
-        self.g = torch.where(a, g_new, g)
-        return alpha
 
 
 def ula(model: EnergyModel, x0: Tensor, steps: int, step_size: float, **options) -> LangevinResult:

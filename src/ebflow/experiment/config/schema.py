@@ -143,6 +143,7 @@ RESUMABLE_KEYS = frozenset(
         "max_iters",
         "max_minutes",
         "eval_every",
+        "eval_every_seconds",
         "checkpoint_every",
         "log_every",
         "num_samples",

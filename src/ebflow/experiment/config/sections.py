@@ -328,6 +328,12 @@ class BookkeepingConfig:
 
     eval_batch_size: int = key(500, "evaluation batch size", **_POS)
     eval_every: int = key(500, "validate (EMA weights) every N iterations", **_POS)
+    eval_every_seconds: float | None = key(
+        None,
+        "also validate at the first iteration past every T seconds of training time "
+        "(curves of objectives at different speeds on one time axis; null: off)",
+        **_POS,
+    )
     checkpoint_every: int = key(500, "write checkpoints/last.pt every N iterations", **_POS)
     log_every: int = key(50, "log training metrics every N iterations", **_POS)
     num_samples: int = key(64, "samples drawn for samples.png at the end", **_POS)

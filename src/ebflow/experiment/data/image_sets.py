@@ -25,7 +25,7 @@ from ...errors import ConfigError, InputError, MissingDependencyError
 from ..config.sections import DataConfig
 from .splits import DataSplits, DataUnavailableError
 
-__all__ = ["IMAGE_LOADERS", "default_data_dir", "read_idx"]
+__all__ = ["IMAGE_LOADERS", "default_data_dir", "mnist_like", "read_idx"]
 
 MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -148,7 +148,9 @@ def _download(name: str, root: Path, files: list[str]) -> None:
         cls(str(root), train=train, download=True)
 
 
-def _mnist_like(config: DataConfig, name: str) -> DataSplits:
+def mnist_like(config: DataConfig, name: str) -> DataSplits:
+    """MNIST or Fashion-MNIST (``name``) from its IDX files (downloaded when missing and allowed):
+    the last ``val_size`` (10,000) training images validate, the others train; the test file tests."""
     root = _data_root(config, name)
     paths = {k: _find_file(_mnist_folders(root, name), stem) for k, stem in MNIST_FILES.items()}
     if any(p is None for p in paths.values()):
@@ -249,8 +251,8 @@ def _cifar10(config: DataConfig) -> DataSplits:
 
 IMAGE_LOADERS: dict[str, Callable[[DataConfig], DataSplits]] = {
     "digits": _digits,
-    "mnist": lambda c: _mnist_like(c, "mnist"),
-    "fashion-mnist": lambda c: _mnist_like(c, "fashion-mnist"),
+    "mnist": lambda c: mnist_like(c, "mnist"),
+    "fashion-mnist": lambda c: mnist_like(c, "fashion-mnist"),
     "cifar10": _cifar10,
     "synthetic-mnist": lambda c: _synthetic_images(c, (1, 28, 28), "synthetic-mnist"),
     "synthetic-cifar10": lambda c: _synthetic_images(c, (3, 32, 32), "synthetic-cifar10"),

@@ -17,7 +17,7 @@ from typing import Any
 
 from .tables import Cell
 
-__all__ = ["resumable_overrides", "cell_done", "device_slots", "train_command", "train_cell"]
+__all__ = ["resumable_overrides", "cell_budget", "cell_done", "device_slots", "train_command", "train_cell"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,12 @@ def resumable_overrides(overrides: Sequence[str]) -> dict[str, str]:
         if key.strip() in RESUMABLE_KEYS:
             out[key.strip()] = value.strip()
     return out
+
+
+def cell_budget(cell: Cell, budget_minutes: float | None) -> float | None:
+    """The training minutes of a cell: ``--budget-minutes`` when given (it overrides every
+    cell's), else the cell's own default (None: the preset's stopping rule)."""
+    return budget_minutes if budget_minutes is not None else cell.budget_minutes
 
 
 def cell_done(run_dir: Path, budget: float | None, overrides: Sequence[str] = ()) -> bool:
@@ -63,15 +69,16 @@ def train_command(
     """The ``ebflow train`` command of a cell: a fresh run, or a resume when the cell's
     directory holds a checkpoint; ``device`` (default: ``args.device``) is where it trains."""
     sets = ["progress=false"]
-    if args.budget_minutes is not None:
-        sets.append(f"max_minutes={args.budget_minutes}")
-    if args.threads is not None:
-        sets.append(f"num_threads={args.threads}")
+    budget = cell_budget(cell, args.budget_minutes)
+    if budget is not None:
+        sets.append(f"max_minutes={budget}")
+    threads = [f"num_threads={args.threads}"] if args.threads is not None else []  # wins over the cell's
     resume = (run_dir / "checkpoints" / "last.pt").exists()
     if not resume:
         if args.data_dir:
             sets += [f"data_dir={args.data_dir}", "download=false"]
         sets += [f"{k}={_yaml_value(v)}" for k, v in cell.overrides.items()]
+        sets += threads
         sets += list(args.overrides)
         cmd = [
             "train",
@@ -82,12 +89,13 @@ def train_command(
             "--out",
             str(run_dir),
             "--seed",
-            str(args.seed),
+            str(cell.seed if cell.seed is not None else args.seed),
         ]
     else:
         if args.data_dir:
             sets += [f"data_dir={args.data_dir}"]
         cmd = ["train", "--resume", str(run_dir)]
+        sets += threads
         sets += [f"{k}={v}" for k, v in resumable_overrides(args.overrides).items()]
     device = device if device is not None else args.device
     if device:
@@ -96,6 +104,8 @@ def train_command(
 
 
 def _yaml_value(v: Any) -> str:
+    if v is None:
+        return "null"
     if isinstance(v, bool):
         return "true" if v else "false"
     return str(v)
@@ -105,8 +115,9 @@ def train_cell(cell: Cell, run_dir: Path, args: argparse.Namespace, device: str 
     cmd = train_command(cell, run_dir, args, device)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     env = os.environ.copy()
-    if args.threads is not None:
-        env["OMP_NUM_THREADS"] = str(args.threads)
+    threads = args.threads if args.threads is not None else cell.overrides.get("num_threads")
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     log_path = run_dir.parent / f"{cell.name}.log"
     logger.info("[%s] %s  (log: %s)", cell.name, " ".join(cmd[1:]), log_path)
     t0 = time.time()
@@ -121,7 +132,7 @@ def train_cell(cell: Cell, run_dir: Path, args: argparse.Namespace, device: str 
                     "cell": cell.name,
                     "preset": cell.preset,
                     "loss": cell.loss,
-                    "budget_minutes": args.budget_minutes,
+                    "budget_minutes": cell_budget(cell, args.budget_minutes),
                     "resumable_overrides": resumable_overrides(args.overrides),
                     "wall_seconds_last_call": time.time() - t0,
                 }

@@ -12,7 +12,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..training.progress import format_seconds
@@ -43,15 +43,24 @@ def _float(row: dict[str, str] | None, column: str) -> float | None:
 class TableProgress:
     """Counts the cells of one reproduction and reports them: :meth:`started` and
     :meth:`finished` from the cells' threads, :meth:`poll` (or the thread of :meth:`watching`)
-    for the running cells' latest validations."""
+    for the running cells' latest validations. ``budgets`` gives cells their own training
+    minutes (the scaling table's per-D budgets); the others have ``budget_minutes``."""
 
     def __init__(
-        self, table_dir: Path, todo: Sequence[str], skipped: int, budget_minutes: float | None, parallel: int
+        self,
+        table_dir: Path,
+        todo: Sequence[str],
+        skipped: int,
+        budget_minutes: float | None,
+        parallel: int,
+        budgets: Mapping[str, float | None] | None = None,
     ) -> None:
         self.table_dir, self.budget, self.parallel = table_dir, budget_minutes, max(1, parallel)
+        self.budgets = dict(budgets or {})
         self.total = len(todo) + skipped
         self.done = skipped
         self.running: dict[str, float] = {}  # cell -> wall time it started
+        self.waiting = list(todo)
         self.left = len(todo)
         self.failed = 0
         self.shown: dict[str, str] = {}  # cell -> the last validation shown
@@ -61,6 +70,8 @@ class TableProgress:
     def started(self, cell: str) -> None:
         with self.lock:
             self.left -= 1
+            if cell in self.waiting:
+                self.waiting.remove(cell)
             self.running[cell] = time.time()
             logger.info("%s", self.summary())
 
@@ -73,22 +84,29 @@ class TableProgress:
             logger.info("%s", self.summary())
 
     # -- what is shown ----------------------------------------------------------------------
+    def budget_of(self, cell: str) -> float | None:
+        """A cell's training minutes (None: no time budget)."""
+        return self.budgets.get(cell, self.budget)
+
     def cell_fraction(self, cell: str) -> float:
         """The part of its training budget a running cell has spent (0 without a budget)."""
-        if not self.budget:
+        budget = self.budget_of(cell)
+        if not budget:
             return 0.0
         seconds = _float(latest_row(self.table_dir / cell, "train_s"), "train_s") or 0.0
-        return min(1.0, max(0.0, seconds / (60 * self.budget)))
+        return min(1.0, max(0.0, seconds / (60 * budget)))
 
     def eta_seconds(self) -> float | None:
         """Training time left over the running and waiting cells, spread over the parallel
-        slots (None without ``--budget-minutes``: the presets' epochs give no time)."""
-        if not self.budget:
-            return None
+        slots (None when a cell has no time budget: the presets' epochs give no time)."""
         with self.lock:
-            running, left = list(self.running), self.left
-        cell_minutes = sum(1 - self.cell_fraction(c) for c in running) + left
-        return 60 * self.budget * cell_minutes / min(self.parallel, max(1, len(running) + left))
+            running, waiting = list(self.running), list(self.waiting)
+        budgets = [self.budget_of(c) for c in running + waiting]
+        if not all(budgets) or (not budgets and not self.budget):
+            return None
+        minutes = sum((1 - self.cell_fraction(c)) * (self.budget_of(c) or 0.0) for c in running)
+        minutes += sum(self.budget_of(c) or 0.0 for c in waiting)
+        return 60 * minutes / min(self.parallel, max(1, len(running) + len(waiting)))
 
     def summary(self) -> str:
         with self.lock:

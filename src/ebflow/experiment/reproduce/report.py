@@ -16,9 +16,10 @@ from typing import Any
 
 from ...errors import MissingDependencyError
 from ..images.plots import pyplot
+from .seeds import render_seed_summary, seed_summary
 from .tables import PAPER_BATCHES_PER_S, Cell
 
-__all__ = ["collect", "render_report", "write_report", "plot_curves", "zoom_limits"]
+__all__ = ["collect", "machine_description", "render_report", "write_report", "plot_curves", "zoom_limits"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ def collect(table: str, cells: Sequence[Cell], out_dir: Path) -> list[dict[str, 
             "paper": cell.paper,
             "metric": cell.metric,
             "overrides": cell.overrides,
+            "seed": cell.seed,
             "run_dir": str(run_dir),
         }
         results = run_dir / "results.json"
@@ -148,7 +150,17 @@ def render_report(table: str, records: Sequence[dict[str, Any]], machine: str) -
             )
             + " |"
         )
-    lines += ["", *_claims(table, records), "", f"Machine: {machine}."]
+    metrics = (
+        [
+            ("test_kl", "KL(data‖model)", 4),
+            ("test_fisher", "Fisher divergence", 4),
+            ("test_nll", "test NLL", 3),
+        ]
+        if kl
+        else [("test_nll", "test NLL (EMA)", 1), ("test_bpd", "bits/dim", 3)]
+    )
+    summary = render_seed_summary(seed_summary(records, [k for k, _, _ in metrics]), metrics)
+    lines += ["", *summary, *([""] if summary else []), *_claims(table, records), "", f"Machine: {machine}."]
     return "\n".join(lines) + "\n"
 
 
@@ -256,7 +268,8 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str) -> Pa
     return path
 
 
-def _machine() -> str:
+def machine_description() -> str:
+    """The machine a report was written on: architecture, cores, Python and torch versions."""
     import torch
 
     return (
@@ -269,11 +282,19 @@ def write_report(table: str, cells: Sequence[Cell], out_dir: Path) -> Path:
     records = collect(table, cells, out_dir)
     folder = out_dir / table
     folder.mkdir(parents=True, exist_ok=True)
-    machine = _machine()
+    machine = machine_description()
     text = f"# ebflow reproduce {table}\n\n" + render_report(table, records, machine)
     (folder / "report.md").write_text(text)
     (folder / "results.json").write_text(
-        json.dumps({"table": table, "machine": machine, "cells": records}, indent=2)
+        json.dumps(
+            {
+                "table": table,
+                "machine": machine,
+                "cells": records,
+                "over_seeds": seed_summary(records, ["test_kl", "test_fisher", "test_nll", "test_bpd"]),
+            },
+            indent=2,
+        )
     )
     try:
         plot_curves(records, folder / "val_nll_vs_time.png", f"{table}: validation NLL")

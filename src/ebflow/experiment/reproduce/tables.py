@@ -19,7 +19,17 @@ from typing import Any
 from ...errors import ConfigError
 from ...objectives import OBJECTIVES
 
-__all__ = ["Cell", "TABLES", "PAPER_BATCHES_PER_S", "SM_LOSSES", "cells_of"]
+__all__ = [
+    "COMPILED_CELLS",
+    "Cell",
+    "TABLES",
+    "PAPER_BATCHES_PER_S",
+    "SCALING_DIMENSIONS",
+    "SCALING_OBJECTIVES",
+    "SM_LOSSES",
+    "cells_of",
+    "scaling_key",
+]
 
 SM_LOSSES = ("ml", "sml", "ssm", "dsm", "fdssm")
 
@@ -36,11 +46,30 @@ class Cell:
     overrides: dict[str, Any] = field(default_factory=dict)
     metric: str = "nll"  # nll | kl (toy data: KL and Fisher divergence)
     group: str = ""  # a line of the plot / a row block of the table
+    #: training minutes when ``--budget-minutes`` is not given (None: the preset's stopping rule)
+    budget_minutes: float | None = None
+    #: the cell's random seed (None: the command's ``--seed``); set by ``--seeds`` repetitions
+    seed: int | None = None
+
+
+#: Objectives whose cells train with the compiled step (config ``compile``, docs/compiled.md) per
+#: preset: where it pays on a CPU (mnist-cnn SSM: about 0.7x the eager step after about a minute of
+#: compilation, so it pays after some 1,500 of the 50,000 steps; DSM and FDSSM gain little or lose).
+COMPILED_CELLS: dict[str, tuple[str, ...]] = {
+    "mnist-cnn": ("ssm",),
+    "cifar-cnn": ("ssm",),
+    "mnist-glow": ("ssm",),
+}
+
+
+def _compiled(preset: str, loss: str) -> dict[str, Any]:
+    return {"compile": True} if loss in COMPILED_CELLS.get(preset, ()) else {}
 
 
 def _likelihood_row(preset: str, paper: Sequence[float]) -> list[Cell]:
     return [
-        Cell(loss, preset, loss, value, group=preset) for loss, value in zip(SM_LOSSES, paper, strict=True)
+        Cell(loss, preset, loss, value, _compiled(preset, loss), group=preset)
+        for loss, value in zip(SM_LOSSES, paper, strict=True)
     ]
 
 
@@ -65,10 +94,63 @@ def _ablation() -> list[Cell]:
             sets = dict(sets)
             if not sets.get("map", True) and OBJECTIVES[loss].perturbs_input:
                 sets["drop_out_of_domain"] = True
+            if sets.get("map", True):  # without MaP the flow's Logit breaks the compiled graph
+                sets.update(_compiled(f"mnist-{model}", loss))
             cells.append(
                 Cell(f"{model}-{loss}-{label}", f"mnist-{model}", loss, value, sets, group=f"{model}-{label}")
             )
     return cells
+
+
+#: The scaling study's dimensions: D -> (preset, default budget in training minutes, validation
+#: period in seconds of training time: about 30 validations per curve).
+SCALING_DIMENSIONS: dict[int, tuple[str, float, float]] = {
+    784: ("mnist-fc", 30.0, 60.0),
+    3136: ("mnist-mosaic2-fc", 30.0, 60.0),
+    7056: ("mnist-mosaic3-fc", 60.0, 120.0),
+}
+#: The scaling study's objectives: label -> (loss, overrides). ML-LU is maximum likelihood with
+#: Dense(parameterization="lu") layers (W = PLU, O(D) log-determinant, O(B D²) per step).
+SCALING_OBJECTIVES: dict[str, tuple[str, dict[str, Any]]] = {
+    "ml": ("ml", {}),
+    "ml-lu": ("ml", {"parameterization": "lu"}),
+    "ssm": ("ssm", {}),
+    "dsm": ("dsm", {}),
+    "fdssm": ("fdssm", {}),
+}
+#: Steps between checkpoints at each D, full-matrix ML / the others: a few minutes of one busy
+#: thread each (ML's step is about D³-bound; a 7,056 checkpoint is about 1.2 GB).
+_SCALING_CHECKPOINTS = {784: (1000, 5000), 3136: (100, 1000), 7056: (10, 200)}
+
+
+def _scaling() -> list[Cell]:
+    """Every objective at every D, one thread each, stopped by training time only (no epoch
+    limit), validated every few seconds of training time rather than every N steps."""
+    cells = []
+    for d, (preset, minutes, period) in SCALING_DIMENSIONS.items():
+        for label, (loss, sets) in SCALING_OBJECTIVES.items():
+            full_ml = label == "ml"
+            overrides = {
+                **sets,
+                "epochs": None,
+                "eval_every": 10**9,
+                "eval_every_seconds": period,
+                "checkpoint_every": _SCALING_CHECKPOINTS[d][0 if full_ml else 1],
+                "log_every": 50 if d <= 784 else 10 if d <= 3136 else 5,
+                "num_threads": 1,
+            }
+            cells.append(
+                Cell(f"d{d}-{label}", preset, loss, None, overrides, group=str(d), budget_minutes=minutes)
+            )
+    return cells
+
+
+def scaling_key(cell_name: str) -> tuple[int, str]:
+    """``"d3136-ml-lu"`` -> ``(3136, "ml-lu")``: the dimension and objective label of a scaling cell."""
+    head, _, label = cell_name.partition("-")
+    if not head.startswith("d") or not head[1:].isdigit() or label not in SCALING_OBJECTIVES:
+        raise ConfigError(f"{cell_name!r} is not a cell of the scaling table (dD-OBJECTIVE)")
+    return int(head[1:]), label
 
 
 TABLES: dict[str, list[Cell]] = {
@@ -84,9 +166,10 @@ TABLES: dict[str, list[Cell]] = {
     ],
     "mm10": [Cell(p, f"mm10-{p}", "ml", None, group="mm10") for p in ("full", "tril", "triu", "lu")],
     "glow": [
-        Cell("ssm", "mnist-glow", "ssm", 728.0, group="glow"),
+        Cell("ssm", "mnist-glow", "ssm", 728.0, _compiled("mnist-glow", "ssm"), group="glow"),
         Cell("dsm", "mnist-glow", "dsm", None, group="glow"),
     ],
+    "scaling": _scaling(),
 }
 #: The paper's GPU throughput (batches per second) for the likelihood tables (Table 2).
 PAPER_BATCHES_PER_S = {

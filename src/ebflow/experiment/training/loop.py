@@ -22,7 +22,6 @@ from torch import Tensor, nn
 
 from ...ema import EMA
 from ...errors import ConfigError
-from ...utils import step_seed
 from ..config.builders import (
     build_model,
     build_objective,
@@ -31,7 +30,7 @@ from ..config.builders import (
     build_scheduler,
 )
 from ..config.schema import RunConfig
-from ..data.batches import EpochShuffleSampler, augment_images, make_loader, model_input
+from ..data.batches import EpochShuffleSampler, make_loader, model_input
 from ..data.datasets import load_data
 from ..data.splits import DataSplits, check_pixel_range
 from ..evaluation.nll import EVAL_SEED_OFFSET, evaluate_nll
@@ -41,6 +40,7 @@ from ..rundir.checkpoint import CheckpointError, save_checkpoint
 from ..rundir.files import first_line
 from ..rundir.metrics import MetricsLog
 from .compiling import CompileClock
+from .inputs import StepInputs
 from .progress import ProgressBar, ValidationReport
 from .state import StopRequest, TrainingDivergedError, TrainingInterrupted, TrainState
 from .step import StepOutcome, StepWindow, optimization_step
@@ -94,13 +94,21 @@ class Trainer:
             check_pixel_range(self.splits.train, self.pre.num_bins, "training")
         self.train_data = self.splits.train.to(device)
         self.global_batch = config.training.batch_size
-        self.local_batch = self.global_batch // dist.world_size
         self.sampler = EpochShuffleSampler(self.train_data.shape[0], config.runtime.seed)
         self.loader = make_loader(
             self.train_data, self.global_batch, self.sampler, rank=dist.rank, world_size=dist.world_size
         )
         self.batches_per_epoch = len(self.loader)
-        self.noise_generator = torch.Generator(device=device)
+        self.inputs = StepInputs(
+            config,
+            objective=self.objective,
+            pre=self.pre,
+            use_map=self.use_map,
+            train_noise=self.splits.train_noise or 0.0,
+            dtype=self.dtype,
+            device=device,
+            dist=dist,
+        )
         self.counters = TrainState(device_type=device.type)  # every counter: checkpoints and results read it
         self.stop = StopRequest()
         self.log: MetricsLog | None = None
@@ -111,6 +119,10 @@ class Trainer:
             self._load_state(resume_state)
         else:
             self.initialize()
+        # the last eval_every_seconds period validated (a resumed run goes on from its clock)
+        self._eval_slot = int(
+            self.counters.train_seconds // (config.bookkeeping.eval_every_seconds or math.inf)
+        )
         self.compile_clock = CompileClock(self.model, config.runtime.compile, self.counters, log=self.is_main)
         # after the (identical) initialisation: DDP broadcasts rank 0's parameters once
         self.sync = make_gradient_sync(dist, self.model, self.objective, config.training.grad_sync)
@@ -181,45 +193,12 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------
     def smoothing_std(self) -> float:
-        r"""Std of the fresh smoothing noise added to each training batch (0: none). 2-D toys
-        hold clean base points smoothed by :math:`s` = ``toy_noise``; DSM's own perturbation
-        :math:`\sigma \le s` is part of it, so DSM adds :math:`\sqrt{s^2 - \sigma^2}`
-        (:math:`\sigma = s`: the clean points, and DSM's target is the exact smoothed score)."""
-        s = self.splits.train_noise or 0.0
-        if s and self.config.objective.loss == "dsm":
-            return math.sqrt(max(s * s - self.config.objective.sigma**2, 0.0))
-        return s
+        """Std of the fresh smoothing noise of each training batch (:meth:`StepInputs.smoothing_std`)."""
+        return self.inputs.smoothing_std()
 
     def _step_inputs(self, xb: Tensor) -> tuple[Tensor, Tensor | None]:
-        """This process's model input and objective noise for the current step.
-
-        The dequantisation noise, the augmentation and the objective's noise are drawn for the
-        whole global batch from a generator seeded by ``(seed, step)`` -- the same numbers on
-        every process and in a resumed run -- and each process keeps the rows of its examples.
-        """
-        g = self.noise_generator.manual_seed(step_seed(self.config.runtime.seed, self.counters.step))
-        shape = (self.global_batch, *xb.shape[1:])
-        start, rows = self.dist.rank * self.local_batch, self.local_batch
-        x = xb.to(self.dtype)
-        std = self.smoothing_std()
-        if std:
-            smooth = torch.randn(shape, dtype=self.dtype, device=self.device, generator=g)
-            x = x + std * smooth.narrow(0, start, rows)
-        if self.config.training.augment and x.dim() == 4:
-            x = augment_images(x, g, self.global_batch, start)
-        if self.pre is not None:
-            u = torch.rand(shape, dtype=self.dtype, device=self.device, generator=g)
-            inp, _ = model_input(
-                x, self.pre, self.use_map, dequantization_noise=u.narrow(0, start, rows), check=False
-            )
-        else:
-            inp = x
-        noise = self.objective.draw_noise(shape, dtype=self.dtype, device=self.device, generator=g)
-        if noise is not None:
-            dim = self.objective.noise_batch_dim or 0
-            share = noise.shape[dim] // self.dist.world_size  # SML may draw another number of rows
-            noise = noise.narrow(dim, self.dist.rank * share, share)
-        return inp, noise
+        """This process's model input and objective noise for the current step (:class:`StepInputs`)."""
+        return self.inputs(xb, self.counters.step)
 
     def _loss_fn(self, noise: Tensor | None) -> Any:
         """The loss of this step as ``f(module, x)`` (the form :func:`optimization_step` takes)."""
@@ -303,12 +282,24 @@ class Trainer:
         done = self.done()
         if self.counters.step % every.log_every == 0:
             self._log_window()
-        if self.counters.step % every.eval_every == 0 or (done and not stop):
+        if self.counters.step % every.eval_every == 0 or self._eval_time_due() or (done and not stop):
             self._validate()
         if self.counters.step % every.checkpoint_every == 0 or done or stop:
             self.save("last.pt")
         if stop:
             raise TrainingInterrupted(stop, self.run_dir, self.counters.step)
+
+    def _eval_time_due(self) -> bool:
+        """``eval_every_seconds`` = T: validate at the first step past each multiple of T seconds of
+        training time, so curves of runs at different speeds share their time axis."""
+        period = self.config.bookkeeping.eval_every_seconds
+        if period is None:
+            return False
+        slot = int(self.counters.train_seconds // period)
+        if slot <= self._eval_slot:
+            return False
+        self._eval_slot = slot
+        return True
 
     def done(self) -> bool:
         c = self.config.training
@@ -329,8 +320,9 @@ class Trainer:
         self.counters.train_seconds += seconds
         self.window.seconds += seconds
         self.compile_clock.after_step(self.counters)
-        if self.dist.is_distributed and self.config.training.max_minutes is not None:
-            # the time budget must stop every process at the same step: rank 0's clock
+        timed = self.config.training.max_minutes is not None or self.config.bookkeeping.eval_every_seconds
+        if self.dist.is_distributed and timed:
+            # a time budget or timed validation must act on every process at the same step: rank 0's clock
             self.counters.train_seconds = self.dist.broadcast_float(self.counters.train_seconds)
 
     @contextmanager

@@ -44,6 +44,7 @@ from ..rundir.ownership import (
     resume_command,
 )
 from .loop import Trainer
+from .memory import peak_memory_bytes
 from .state import StopRequest, TrainState
 
 __all__ = ["TrainResult", "train", "finish_run"]
@@ -384,6 +385,7 @@ def _write_results(trainer: Trainer, run: Any, test: dict[str, float], log: Metr
         "map": config.preprocessing.map,
         "threads": torch.get_num_threads(),
         "device": str(trainer.device),
+        "peak_memory_bytes": peak_memory_bytes(),  # of this process, at the end of its test
         **{f"test_{k}": v for k, v in test.items()},
     }
     write_text_atomic(trainer.run_dir / "results.json", json.dumps(results, indent=2), "results")

@@ -1,0 +1,152 @@
+"""The scaling study's report: time to target (interpolated, first crossing), the step-time
+exponent, the speed-ups, and partial reports (cells or D values missing, cells unfinished)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from ebflow.experiment.reproduce.scaling_metrics import growth_exponent, time_to_target
+from ebflow.experiment.reproduce.scaling_report import render_scaling_report, summarise, write_scaling_report
+from ebflow.experiment.reproduce.tables import cells_of
+from ebflow.experiment.training.memory import peak_memory_bytes
+
+
+# -- time to target -------------------------------------------------------------------------------
+def test_time_to_target_interpolates_between_the_validations_around_the_crossing():
+    curve = [(60.0, 100.0), (120.0, 90.0), (180.0, 80.0), (240.0, 70.0)]
+    # 85 lies half-way from 90 (at 120 s) to 80 (at 180 s): 150 s, not 180 s (the validation at
+    # or below) nor 120 s (the one before)
+    assert time_to_target(curve, 85.0) == pytest.approx(150.0)
+    assert time_to_target(curve, 88.0) == pytest.approx(132.0)  # 120 + 60 * (90 - 88) / 10
+    assert time_to_target(curve, 80.0) == pytest.approx(180.0)  # exactly at a validation
+    assert time_to_target(curve, 65.0) is None  # never reached
+    assert time_to_target(curve, 120.0) == 60.0  # the first validation is already below
+    assert time_to_target([], 1.0) is None
+
+
+def test_time_to_target_is_the_first_crossing_not_the_last():
+    curve = [(60.0, 100.0), (120.0, 80.0), (180.0, 95.0), (240.0, 70.0)]
+    assert time_to_target(curve, 90.0) == pytest.approx(90.0)  # 60 + 60 * 10 / 20; the last: 192
+
+
+def test_time_to_target_skips_non_finite_validations():
+    assert time_to_target([(60.0, math.nan), (120.0, 80.0)], 90.0) == 120.0
+    assert time_to_target([(60.0, math.inf), (120.0, 95.0), (180.0, 85.0)], 90.0) == pytest.approx(150.0)
+
+
+# -- the exponent ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("a", [1.0, 2.0, 2.37, 3.0])
+def test_growth_exponent_is_exact_on_power_laws(a):
+    assert growth_exponent({d: 0.003 * d**a for d in (784, 3136, 7056)}) == pytest.approx(a, rel=1e-12)
+    assert growth_exponent({784: 5.0, 7056: 5.0 * 9**a}) == pytest.approx(a, rel=1e-12)
+
+
+def test_growth_exponent_is_the_least_squares_slope():
+    """log-log points (0, 0), (1, 0), (3, 3): the least-squares slope is 5 / (14/3) = 15/14, not
+    the slope of the end points (1.0) nor of the last two (1.5)."""
+    e = math.e
+    assert growth_exponent({1: 1.0, e: 1.0, e**3: e**3}) == pytest.approx(15 / 14)  # type: ignore[dict-item]
+    assert growth_exponent({784: 10.0}) is None and growth_exponent({}) is None
+
+
+# -- summaries and partial reports -------------------------------------------------------------------------
+def _record(cell, curve, *, status="finished", ms=100.0, steps=1000, test=None):
+    results = {
+        "iterations": steps,
+        "train_seconds": ms * steps / 1000,
+        "checkpoint_step": steps,
+        "test_nll": test if test is not None else curve[-1][1] if curve else None,
+        "test_bpd": 2.0,
+        "peak_memory_bytes": 3 * 2**30,
+    }
+    rec = {"cell": cell, "status": status, "curve": curve, "run_dir": "/nonexistent", "budget_minutes": 30.0}
+    if status == "finished":
+        rec["results"] = results
+    return rec
+
+
+def _planted():
+    """D = 784: ML ends at 100 after 30 min (its final validation, first reached at 1,800 s), SSM
+    reaches 100 at 600 s, DSM at 300 s, ML-LU at 1,000 s, FDSSM never. D = 3,136: ML only 50 % of
+    the way, SSM reaches its final value at 120 s, ML-LU never (its last validation at 1,500 s)."""
+    return [
+        _record("d784-ml", [(600.0, 130.0), (1200.0, 110.0), (1800.0, 100.0)], ms=200.0, steps=9000),
+        _record("d784-ml-lu", [(600.0, 120.0), (1200.0, 90.0)], ms=50.0),
+        _record("d784-ssm", [(300.0, 120.0), (900.0, 80.0)], ms=40.0),
+        _record("d784-dsm", [(300.0, 100.0), (600.0, 95.0)], ms=20.0),
+        _record("d784-fdssm", [(300.0, 150.0), (1800.0, 101.0)], ms=20.0),
+        _record("d3136-ml", [(600.0, 500.0), (1800.0, 450.0)], ms=200.0 * 4**3),
+        _record("d3136-ml-lu", [(600.0, 600.0), (1500.0, 460.0)], ms=50.0 * 4**2),
+        _record("d3136-ssm", [(60.0, 460.0), (180.0, 440.0)], ms=40.0 * 4**2),
+    ]
+
+
+def test_summary_targets_times_speedups_and_exponents():
+    summary = summarise(_planted())
+    d784, d3136 = summary["dimensions"]
+    assert d784["target_nll"] == 100.0 and d3136["target_nll"] == 450.0
+    times = {r["objective"]: r["time_to_target_s"] for r in d784["rows"]}
+    assert times == {"ml": 1800.0, "ml-lu": 1000.0, "ssm": 600.0, "dsm": 300.0, "fdssm": None}
+    assert d784["order"] == ["dsm", "ssm", "ml-lu", "ml"] and d784["best_score_matching"] == "dsm"
+    assert d784["speedup_over_ml"] == {"factor": 6.0, "lower_bound": False}
+    assert d784["speedup_over_ml_lu"]["factor"] == pytest.approx(1000 / 300)
+    # at 3,136 SSM reaches 450 at 60 + 120 * 10 / 20 = 120 s; ML-LU never did (a bound: 1,500 s)
+    assert d3136["speedup_over_ml"]["factor"] == pytest.approx(1800 / 120)
+    assert d3136["speedup_over_ml_lu"] == {"factor": pytest.approx(1500 / 120), "lower_bound": True}
+    exps = summary["exponents"]
+    assert exps["ml"]["exponent"] == pytest.approx(3.0) and exps["ssm"]["exponent"] == pytest.approx(2.0)
+    assert exps["dsm"]["exponent"] is None  # one D only
+    text = render_scaling_report(summary, "test machine")
+    assert "Target: **100.0 nats**" in text and "| DSM | finished | 95.0 |" in text
+    assert "| FDSSM | finished |" in text and "| not reached |" in text and "3.00 GiB" in text
+    assert "DSM reaches ML's final validation NLL (100.0 nats) first (DSM 5.0 min, SSM 10.0 min" in text
+    assert "6.0× faster than ML and 3.3× faster than ML-LU" in text
+    assert "≥ 12.5× over ML-LU" in text and "FDSSM (best 101.0, +1.0)" in text
+    assert "ML 3.00 (D = 784, 3,136)" in text and "| ML | 200.0 | 12,800.0 | 3.00 |" in text
+
+
+def test_partial_reports_missing_ml_missing_d_and_no_score_matching():
+    records = [r for r in _planted() if r["cell"] not in ("d3136-ml", "d784-ssm", "d784-dsm")]
+    summary = summarise(records)
+    d784, d3136 = summary["dimensions"]
+    assert d3136["target_nll"] is None and d3136["best_score_matching"] is None
+    assert all(r["time_to_target_s"] is None for r in d3136["rows"])
+    assert d784["best_score_matching"] is None and d784["speedup_over_ml"] is None
+    text = render_scaling_report(summary, "m")
+    assert "No target: the ML cell at this D has no validation yet." in text
+    assert "No score-matching objective reaches it within its budget" in text
+    assert "D = 7,056" not in text  # a D with no cell selected has no section
+    only_one = render_scaling_report(summarise([_record("d7056-ssm", [])]), "m")
+    assert "No step-time exponent yet" in only_one and "no target yet" in only_one
+
+
+def test_an_unfinished_cell_reports_its_steps_so_far_and_a_provisional_target(tmp_path):
+    run = tmp_path / "d784-ml"
+    run.mkdir()
+    (run / "metrics.csv").write_text("step,train_s,val_nll\n50,10.0,\n100,20.0,300.0\n")
+    rec = {**_record("d784-ml", [(20.0, 300.0)], status="unfinished"), "run_dir": str(run)}
+    summary = summarise([rec])
+    row = summary["dimensions"][0]["rows"][0]
+    assert (row["steps"], row["ms_per_step"], row["test_nll"]) == (100, 200.0, None)
+    assert "(ML unfinished: provisional)" in render_scaling_report(summary, "m")
+
+
+def test_write_scaling_report_with_nothing_run(tmp_path):
+    cells = cells_of("scaling", only=["d784-*", "d7056-ssm"])
+    write_scaling_report("scaling", cells, tmp_path)
+    text = (tmp_path / "scaling" / "report.md").read_text()
+    assert text.count("| not run |") == 6 and not (tmp_path / "scaling" / "val_nll_vs_time.png").exists()
+    data = json.loads((tmp_path / "scaling" / "results.json").read_text())
+    assert [d["dimension"] for d in data["dimensions"]] == [784, 7056]
+    assert data["dimensions"][0]["rows"][0]["budget_minutes"] == 30.0
+
+
+def test_peak_memory_is_in_bytes_and_sees_a_large_allocation():
+    before = peak_memory_bytes()
+    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    assert before is not None and peak_memory_bytes() >= 64 * 2**20
+    del x
