@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -111,3 +113,23 @@ def accumulated_leaves(loss: torch.Tensor) -> list[torch.Tensor]:
             leaves.append(node.variable)
         stack.extend(next_node for next_node, _ in node.next_functions)
     return leaves
+
+
+#: The ways the host reads a tensor's value: each is a device synchronisation on a GPU.
+HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
+
+
+def count_host_reads(monkeypatch, when: Callable[[], bool] = lambda: True) -> list[int]:
+    """Count (in the returned one-element list) every read of a tensor's value by the host
+    (:data:`HOST_READS`) made while ``when()`` holds."""
+    count = [0]
+    for name in HOST_READS:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, **kwargs):
+            if when():
+                count[0] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return count
