@@ -278,3 +278,17 @@ def test_cli_writes_the_new_sections(tmp_path: Path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "### 5. Compiled step" in printed and "### 6. Peers" in printed and "### 7. Small model" in printed
     assert "note" in (tmp_path / "bench.csv").read_text().splitlines()[0]
+
+
+def test_own_cpu_time_counts_finished_child_processes():
+    """The compile probes run in child processes: their CPU time is the benchmark's own, not
+    another process's load (a run of the compiled section was once flagged as shared by them)."""
+    import subprocess
+    import sys
+
+    from benchmarks.machine import _own_seconds
+
+    before = _own_seconds()
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass"
+    subprocess.run([sys.executable, "-c", burn], check=True)
+    assert _own_seconds() - before >= 0.45
