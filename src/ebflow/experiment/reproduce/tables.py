@@ -54,7 +54,7 @@ class Cell:
 
 #: Objectives whose cells train with the compiled step (config ``compile``, docs/compiled.md) per
 #: preset: where it pays on a CPU (mnist-cnn SSM: about 0.7x the eager step after about a minute of
-#: compilation, so it pays after some 1,500 of the 50,000 steps; DSM and FDSSM gain little or lose).
+#: compilation, so it pays after some 1,800 of the 50,000 steps; DSM and FDSSM gain little or lose).
 COMPILED_CELLS: dict[str, tuple[str, ...]] = {
     "mnist-cnn": ("ssm",),
     "cifar-cnn": ("ssm",),
