@@ -11,26 +11,10 @@ import pytest
 
 from ebflow.cli import build_parser, main
 from ebflow.experiment.config.resolve import list_presets
-from helpers import cli_sets
+from helpers import TINY_CLI, cli_sets
 
-TINY = [
-    "max_iters=4",
-    "epochs=null",
-    "eval_every=100",
-    "checkpoint_every=2",
-    "log_every=1",
-    "num_samples=4",
-    "batch_size=20",
-    "eval_batch_size=50",
-    "max_train=60",
-    "max_eval=20",
-    "toy_train_size=200",
-    "toy_eval_size=50",
-    "toy_points=50",
-    "tensorboard=false",
-    "progress=false",
-    "num_threads=1",
-]
+#: the tiny CLI run, plus small sizes for the point-data presets (toy2d, mm10)
+TINY = [*TINY_CLI, "toy_train_size=200", "toy_eval_size=50", "toy_points=50"]
 SHRINK = {  # keep the architecture family, cut the cost (log-det of 3072x3072 convolutions)
     "mnist-glow": ["steps=1", "hidden=16"],  # the paper's layer types, not its 512-wide conditioners
     "mnist-glow-small": ["steps=2"],

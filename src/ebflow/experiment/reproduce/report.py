@@ -19,7 +19,15 @@ from ..images.plots import pyplot
 from .seeds import render_seed_summary, seed_summary
 from .tables import PAPER_BATCHES_PER_S, Cell
 
-__all__ = ["collect", "machine_description", "render_report", "write_report", "plot_curves", "zoom_limits"]
+__all__ = [
+    "collect",
+    "format_value",
+    "machine_description",
+    "render_report",
+    "write_report",
+    "plot_curves",
+    "zoom_limits",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +84,9 @@ def collect(table: str, cells: Sequence[Cell], out_dir: Path) -> list[dict[str, 
     return records
 
 
-def _fmt(v: Any, digits: int = 1) -> str:
+def format_value(v: Any, digits: int = 1) -> str:
+    """A table cell: "–" for a missing or non-finite value, floats with ``digits`` decimals and
+    thousands separators, ints with separators, anything else as its text."""
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "–"
     if isinstance(v, float):
@@ -102,14 +112,14 @@ def render_report(table: str, records: Sequence[dict[str, Any]], machine: str) -
         res = r.get("results", {})
         where = f"{res.get('device', '–')}, {res.get('threads', '–')}" if res else "–"
         common = [
-            _fmt(r.get("budget_minutes"), 1),
+            format_value(r.get("budget_minutes"), 1),
             _iterations(res),
-            _fmt(res.get("train_seconds", math.nan) / 60 if res else None, 1),
-            _fmt(res.get("ms_per_iter"), 1),
+            format_value(res.get("train_seconds", math.nan) / 60 if res else None, 1),
+            format_value(res.get("ms_per_iter"), 1),
         ]
         if r["status"] != "finished":
             lines.append(
-                f"| {r['cell']} | {r['loss']} | {_fmt(r['paper'])} | {r['status']} |"
+                f"| {r['cell']} | {r['loss']} | {format_value(r['paper'])} | {r['status']} |"
                 + " |" * (head.count("|") - 5)
             )
             continue
@@ -120,9 +130,9 @@ def render_report(table: str, records: Sequence[dict[str, Any]], machine: str) -
                     [
                         r["cell"],
                         r["loss"],
-                        _fmt(res.get("test_kl"), 4),
-                        _fmt(res.get("test_fisher"), 4),
-                        _fmt(res.get("test_nll"), 3),
+                        format_value(res.get("test_kl"), 4),
+                        format_value(res.get("test_fisher"), 4),
+                        format_value(res.get("test_nll"), 3),
                         *common,
                         where,
                     ]
@@ -137,12 +147,12 @@ def render_report(table: str, records: Sequence[dict[str, Any]], machine: str) -
                 [
                     r["cell"],
                     r["loss"],
-                    _fmt(r["paper"]),
-                    _fmt(r.get("ours")),
-                    _fmt(r.get("diff")),
-                    _fmt(100 * r["rel_diff"], 2) if "rel_diff" in r else "–",
-                    _fmt(res.get("test_raw_nll")),
-                    _fmt(res.get("test_bpd"), 3),
+                    format_value(r["paper"]),
+                    format_value(r.get("ours")),
+                    format_value(r.get("diff")),
+                    format_value(100 * r["rel_diff"], 2) if "rel_diff" in r else "–",
+                    format_value(res.get("test_raw_nll")),
+                    format_value(res.get("test_bpd"), 3),
                     *common,
                     f"{100 * dropped:.1f} %" if dropped else "0",
                     where,
@@ -169,7 +179,7 @@ def _iterations(res: dict[str, Any]) -> str:
     validation) and the steps trained."""
     if not res:
         return "–"
-    return f"{_fmt(res.get('checkpoint_step'))} / {_fmt(res.get('iterations'))}"
+    return f"{format_value(res.get('checkpoint_step'))} / {format_value(res.get('iterations'))}"
 
 
 def _claims(table: str, records: Sequence[dict[str, Any]]) -> list[str]:

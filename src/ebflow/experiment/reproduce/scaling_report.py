@@ -19,7 +19,7 @@ from typing import Any
 
 from ...errors import MissingDependencyError
 from .progress import latest_row
-from .report import collect, machine_description
+from .report import collect, format_value, machine_description
 from .scaling_metrics import growth_exponent, time_to_target
 from .scaling_plot import plot_scaling_curves
 from .tables import SCALING_DIMENSIONS, SCALING_OBJECTIVES, Cell, scaling_key
@@ -122,12 +122,6 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 # -- Markdown ---------------------------------------------------------------------------------------
-def _num(v: Any, digits: int = 1) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "–"
-    return f"{v:,.{digits}f}" if isinstance(v, float) else f"{v:,}"
-
-
 def _memory(n: int | None) -> str:
     if not n:
         return "–"
@@ -165,11 +159,12 @@ def _dimension_section(dim: dict[str, Any]) -> list[str]:
     out += [head, "|" + "---|" * 10]
     for r in dim["rows"]:
         time = _minutes(r["time_to_target_s"]) if target is not None else "–"
-        steps = f"{_num(r['checkpoint_step'])} / {_num(r['steps'])}"
+        steps = f"{format_value(r['checkpoint_step'])} / {format_value(r['steps'])}"
         out.append(
-            f"| {_name(r['objective'])} | {r['status']} | {_num(r['test_nll'])} | {_num(r['test_bpd'], 3)} | "
-            f"{steps} | {_num(r['ms_per_step'])} | {_memory(r['peak_memory_bytes'])} | {time} | "
-            f"{_num(r['train_minutes'])} | {_num(r['budget_minutes'])} |"
+            f"| {_name(r['objective'])} | {r['status']} | {format_value(r['test_nll'])} | "
+            f"{format_value(r['test_bpd'], 3)} | "
+            f"{steps} | {format_value(r['ms_per_step'])} | {_memory(r['peak_memory_bytes'])} | {time} | "
+            f"{format_value(r['train_minutes'])} | {format_value(r['budget_minutes'])} |"
         )
     best = dim["best_score_matching"]
     if best is not None:
@@ -199,8 +194,8 @@ def _exponent_section(summary: dict[str, Any]) -> list[str]:
     head = "| objective | " + " | ".join(f"ms/step at D = {d:,}" for d in dims) + " | exponent |"
     out = ["## Time per step against D", "", head, "|" + "---|" * (len(dims) + 2)]
     for label, e in summary["exponents"].items():
-        cells = [_num(e["ms_per_step"].get(d)) for d in dims]
-        out.append(f"| {_name(label)} | " + " | ".join(cells) + f" | {_num(e['exponent'], 2)} |")
+        cells = [format_value(e["ms_per_step"].get(d)) for d in dims]
+        out.append(f"| {_name(label)} | " + " | ".join(cells) + f" | {format_value(e['exponent'], 2)} |")
     return [
         *out,
         "",
