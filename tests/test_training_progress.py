@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import logging
 import re
+import signal
 import warnings
 
 import pytest
@@ -20,7 +21,7 @@ from ebflow.experiment.rundir.metrics import CSV_COLUMNS
 from ebflow.experiment.training.loop import Trainer
 from ebflow.experiment.training.progress import diverging
 from ebflow.experiment.training.run import train
-from ebflow.experiment.training.state import TrainingDivergenceWarning
+from ebflow.experiment.training.state import StopRequest, TrainingDivergenceWarning, TrainingInterrupted
 from helpers import cli_sets
 
 QUIET = dict(tensorboard=False, progress=False, num_threads=1, num_samples=4)
@@ -124,8 +125,8 @@ def test_time_budget_alone_gives_a_bar_over_training_seconds_with_a_total_and_an
 
 
 # -- curves.png ------------------------------------------------------------------------------
-def test_every_validation_rewrites_curves_png(tmp_path, monkeypatch):
-    """Fails when curves.png is not written, or not at every validation."""
+def _count_drawn_validations(monkeypatch):
+    """Spy on save_curves: the number of validations in metrics.csv at each drawing."""
     real, calls = progress_module.save_curves, []
 
     def spy(metrics_csv, out, **kw):
@@ -134,11 +135,44 @@ def test_every_validation_rewrites_curves_png(tmp_path, monkeypatch):
         return real(metrics_csv, out, **kw)
 
     monkeypatch.setattr(progress_module, "save_curves", spy)
+    return calls
+
+
+def test_curves_png_is_redrawn_at_every_validation_when_the_period_has_passed(tmp_path, monkeypatch):
+    """Fails when curves.png is not written, or not at a validation past the drawing period."""
+    calls = _count_drawn_validations(monkeypatch)
+    monkeypatch.setattr(progress_module, "CURVES_EVERY_SECONDS", 0.0)
     train(_config(), tmp_path / "r")
     assert calls == [1, 2, 3]  # after each of the 3 validations, with that validation in it
     png = (tmp_path / "r" / "curves.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     assert not list((tmp_path / "r").glob(".curves.png*"))  # written atomically: no temp file left
+
+
+def test_curves_png_is_drawn_at_most_once_per_period_and_at_the_end(tmp_path, monkeypatch):
+    """Fails when every validation draws (half a second each: a tenth of a small model's run),
+    or when the last validation is not drawn once the run ends."""
+    calls = _count_drawn_validations(monkeypatch)
+    monkeypatch.setattr(progress_module, "CURVES_EVERY_SECONDS", 3600.0)
+    train(_config(), tmp_path / "r")
+    assert calls == [1, 3]  # the first validation, then the run's end with all three
+
+
+def test_a_stopped_run_draws_its_last_validation(tmp_path, monkeypatch):
+    """Fails when a run stopped by a signal leaves curves.png without its latest validation."""
+    calls = _count_drawn_validations(monkeypatch)
+    monkeypatch.setattr(progress_module, "CURVES_EVERY_SECONDS", 3600.0)
+    stop, real = StopRequest(), progress_module.ValidationReport.__call__
+
+    def report_then_signal(self, trainer, val, bar):
+        real(self, trainer, val, bar)
+        if trainer.counters.step == 4:
+            stop.signum = signal.SIGTERM  # honoured after step 5: checkpoint, TrainingInterrupted
+
+    monkeypatch.setattr(progress_module.ValidationReport, "__call__", report_then_signal)
+    with pytest.raises(TrainingInterrupted):
+        train(_config(), tmp_path / "r", stop=stop)
+    assert calls == [1, 2]  # the first validation, then the stopped run's end with the second
 
 
 def test_a_failing_plot_is_a_warning_not_a_failed_run(tmp_path, monkeypatch):

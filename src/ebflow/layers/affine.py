@@ -37,6 +37,7 @@ class ActNorm(LinearFlowLayer):
     """
 
     initialized: Tensor  # buffer: bool, set by initialize()
+    caches_derived_values = False  # log|det| is a sum over channels: cheaper than a cache key
     #: a Python copy of a True ``initialized`` buffer (class default for pickled older modules)
     _known_initialized: bool = False
 
@@ -149,6 +150,8 @@ class FixedAffine(LinearFlowLayer):
     r"""Fixed element-wise map :math:`y = a x + b` (no parameters); :math:`\log|\det| = D \log|a|`.
 
     Cost: ``transform`` and inverse :math:`O(B D)`; ``log|det|`` :math:`O(1)`."""
+
+    caches_derived_values = False  # nothing worth a cache key
 
     def __init__(self, scale: float, shift: float = 0.0) -> None:
         super().__init__()

@@ -203,6 +203,12 @@ class LinearFlowLayer(FlowLayer):
     #: part (a dense or block LU); closed-form determinants (triangular, diagonal, permutation)
     #: leave it False.
     logdet_from_factors: bool = False
+    #: Keep ``log|det A|`` and the factors in the :class:`~ebflow.layers.cache.ParameterCache`.
+    #: False for layers whose derived values cost no more than one pass over the parameters (a
+    #: diagonal, masked triangles): the cache's key alone (a float64 sum and norm of every
+    #: parameter and buffer, at every call) would cost more than the value, so it is computed
+    #: at every call instead (Dense "lu" at D = 3,072: the keys took 60 % of an ML step).
+    caches_derived_values: bool = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -229,8 +235,15 @@ class LinearFlowLayer(FlowLayer):
         return needs_grad(self)
 
     def _cached(self, name: str, event_shape: Shape, compute: Callable[[], Any]) -> Any:
-        """``compute()`` through this layer's :class:`~ebflow.layers.cache.ParameterCache`."""
-        return self._cache.get(name, event_shape, compute, self)
+        """``compute()`` through this layer's :class:`~ebflow.layers.cache.ParameterCache` (with
+        :attr:`caches_derived_values`), else computed now (under ``no_grad`` unless gradients
+        are needed)."""
+        if self.caches_derived_values:
+            return self._cache.get(name, event_shape, compute, self)
+        if self._needs_grad():
+            return compute()
+        with torch.no_grad():
+            return compute()
 
     def _log_abs_det_of_factors(self, factors: Any, event_shape: Shape) -> Tensor:
         r""":math:`\sum_i \log|U_{ii}|` of the LU factorisation ``factors[0]`` (batched LUs: summed

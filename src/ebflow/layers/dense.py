@@ -120,6 +120,8 @@ class Dense(LinearFlowLayer):
         self.parameterization = parameterization
         # an unconstrained weight's determinant comes from the LU that the inverse uses
         self.logdet_from_factors = parameterization == "full"
+        # triangular and LU: log|det| is a diagonal, the factors masked triangles -- cheaper than a cache key
+        self.caches_derived_values = parameterization == "full"
         d = features
         if init is None:
             init = "identity" if parameterization in ("tril", "triu") else "orthogonal"

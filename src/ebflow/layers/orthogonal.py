@@ -50,6 +50,7 @@ class DCT(GenericLinear):
     """
 
     dense = False
+    caches_derived_values = False  # log|det| = 0 and no factors: nothing worth a cache key
 
     def __init__(self, event_shape: Sequence[int], **options: Any) -> None:
         shape = tuple(event_shape)

@@ -248,7 +248,9 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------
     def run(self, log: MetricsLog | None) -> None:
         """Train until :meth:`done`: steps, and after each, :meth:`after_step` (epoch rollover,
-        divergence check, log, validation, checkpoint)."""
+        divergence check, log, validation, checkpoint). ``curves.png`` may lag the last
+        validation by up to ``CURVES_EVERY_SECONDS``: ``report.flush()`` draws it (``train`` does
+        when the run ends)."""
         self.log = log
         self.model.train()
         with self._progress() as bar:

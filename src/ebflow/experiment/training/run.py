@@ -308,6 +308,8 @@ def _train(
     except (OSError, OutputError) as err:
         raise _write_failure(run_dir, err) from err
     finally:
+        if ctx.is_main:
+            trainer.report.flush()  # curves.png with the run's last validation (finished or stopped)
         if log is not None:
             log.close()
     return result
