@@ -27,6 +27,7 @@ from ebflow.experiment.training import step
 from ebflow.experiment.training.run import TrainResult, train
 from ebflow.experiment.training.state import TrainState
 from ebflow.layers import CONDITIONER_ACTIVATIONS, ActNorm, Dense
+from ebflow.layers.affine import ACTNORM_SCALES
 from ebflow.layers.dense import PARAMETERIZATIONS, Parameterization
 from ebflow.layers.shift_scale_coupling import SHIFT_ACTIVATIONS
 from ebflow.objectives import OBJECTIVES
@@ -98,6 +99,7 @@ REGISTRIES = {
     "parameterization": lambda: architectures.DENSE_FLOW_PARAMETERIZATIONS,
     "conditioner": lambda: architectures.CONDITIONERS,
     "shift_activation": lambda: SHIFT_ACTIVATIONS,
+    "actnorm_scale": lambda: ACTNORM_SCALES,
     "glow_activation": lambda: CONDITIONER_ACTIVATIONS,
     "glow_split_activation": lambda: CONDITIONER_ACTIVATIONS,
     "projection": lambda: PROJECTIONS,

@@ -16,7 +16,7 @@ from ebflow.experiment.config.resolve import resolve_config
 from ebflow.experiment.data.datasets import load_data
 from ebflow.experiment.data.toys import mm10_sample, toy2d_base_points
 from ebflow.experiment.training.loop import Trainer
-from ebflow.layers import Dense, LearnableSwish, ShiftScaleCoupling, random_orthogonal
+from ebflow.layers import ActNorm, Dense, LearnableSwish, ShiftScaleCoupling, random_orthogonal
 from ebflow.objectives import ml_loss, ssm_loss
 
 SMALL_TOY = {
@@ -308,7 +308,8 @@ def test_toy_presets_follow_the_reference_configs(preset):
             c.model.hidden,
             c.model.depth,
             c.model.dtype,
-        ) == ("coupling", "separate", 10, 64, 3, "float64")
+            c.model.actnorm_scale,
+        ) == ("coupling", "separate", 10, 64, 3, "float64", "linear")
         assert (
             c.objective.sigma,
             c.objective.eps,
@@ -373,6 +374,32 @@ def test_coupling_keys_reach_the_model():
     assert not any(torch.nn.utils.parametrize.is_parametrized(l) for l in swish.layers)
     joint = build(conditioner="joint")
     assert not any(isinstance(l, ShiftScaleCoupling) for l in joint.layers)
+    for scale in ("log", "linear"):
+        norms = [l for l in build(actnorm_scale=scale).layers if isinstance(l, ActNorm)]
+        assert len(norms) == 2 and all(n.scale_parameterization == scale for n in norms)
+
+
+def test_linear_actnorm_is_the_same_map_with_other_optimiser_steps():
+    """Fails when ``scale="linear"`` learns the log-scale after all (its Adam step would move
+    ``log a`` by the learning rate instead of ``a``), or when its map, inverse or log|det| differ
+    from the log-scale layer's at the same initialisation."""
+    x = torch.randn(64, 3, dtype=torch.float64) * torch.tensor([0.5, 2.0, 4.0], dtype=torch.float64) + 1.0
+    log, linear = ActNorm(3).double(), ActNorm(3, scale="linear").double()
+    for layer in (log, linear):
+        layer.initialize(x)
+    torch.testing.assert_close(linear.scale, log.log_scale.exp())
+    (y_log, ld_log), (y_lin, ld_lin) = log(x), linear(x)
+    torch.testing.assert_close(y_lin, y_log)
+    torch.testing.assert_close(ld_lin, ld_log)
+    torch.testing.assert_close(linear.inverse(y_lin), x)
+    assert {n for n, _ in linear.named_parameters()} == {"shift", "scale"}
+    before = linear.scale.detach().clone()
+    optimizer = torch.optim.Adam(linear.parameters(), lr=1e-2)
+    linear(x)[0].pow(2).sum().backward()  # shrinks every scale
+    optimizer.step()  # Adam's first step moves each parameter by the learning rate
+    torch.testing.assert_close(before - linear.scale.detach(), torch.full((3,), 1e-2, dtype=torch.float64))
+    with pytest.raises(ConfigError, match="unknown ActNorm scale 'exp'; choose log or linear"):
+        ActNorm(3, scale="exp")
 
 
 def test_sml_maps_its_standard_normal_draws_to_the_laplace_prior():

@@ -55,6 +55,7 @@ def coupling_flow(
     conditioner: str = "joint",
     shift_activation: str = "swish",
     weight_norm: bool = False,
+    actnorm_scale: str = "log",
     prior: nn.Module | None = None,
 ) -> EBFlow:
     """``blocks`` x [dense D x D, affine coupling (MLP), ActNorm] + a final dense layer (toy2d).
@@ -66,7 +67,9 @@ def coupling_flow(
     learnable-beta Swish, the shift network's activation ``shift_activation``, orthogonal
     weights) and dense layers initialised as ``torch.nn.Linear`` there (orthogonal weight,
     bias ``U(-1/sqrt(D), 1/sqrt(D))``). ``weight_norm`` reparameterises every dense weight as
-    ``W = g V / ||V||`` per row. ``prior``: the latent distribution (default standard normal)."""
+    ``W = g V / ||V||`` per row. ``actnorm_scale``: ActNorm learns its log-scale (``"log"``) or
+    its scale (``"linear"``, the reference's toy model). ``prior``: the latent distribution
+    (default standard normal)."""
     if conditioner not in CONDITIONERS:
         raise ConfigError(f"unknown coupling conditioner {conditioner!r}; choose {' or '.join(CONDITIONERS)}")
 
@@ -93,7 +96,7 @@ def coupling_flow(
             coupling = AffineCoupling(
                 (dim,), hidden=hidden, depth=depth, swap=bool(i % 2), scale_bound=scale_bound
             )
-        layers += [dense(), coupling, ActNorm(dim)]
+        layers += [dense(), coupling, ActNorm(dim, scale=actnorm_scale)]
     layers.append(dense())
     return EBFlow(layers, (dim,), prior)
 

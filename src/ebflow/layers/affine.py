@@ -20,8 +20,16 @@ _NOT_INITIALIZED = (
 )
 
 
+#: How ActNorm learns its per-channel scale: its logarithm (``"log"``) or the scale itself
+#: (``"linear"``, as the reference code's toy model).
+ACTNORM_SCALES: tuple[str, ...] = ("log", "linear")
+
+
 class ActNorm(LinearFlowLayer):
-    r"""Per-channel affine map :math:`y = (x + \beta) e^{s}` with learned :math:`\beta, s`.
+    r"""Per-channel affine map :math:`y = (x + \beta) e^{s}` with learned :math:`\beta, s`
+    (``scale="log"``), or :math:`y = (x + \beta)\, a` with learned :math:`a` (``scale="linear"``:
+    the same maps, another parameterisation, hence other optimiser steps; the reference's toy
+    model), :math:`\log|\det| = (\text{pixels per channel}) \sum_c \log|a_c|`.
 
     Channels are dimension 1 (features for vectors, channels for images).
     :math:`\log|\det| = (\text{pixels per channel}) \sum_c s_c`.
@@ -41,29 +49,44 @@ class ActNorm(LinearFlowLayer):
     #: a Python copy of a True ``initialized`` buffer (class default for pickled older modules)
     _known_initialized: bool = False
 
-    def __init__(self, channels: int, *, eps: float = 1e-6) -> None:
+    def __init__(self, channels: int, *, eps: float = 1e-6, scale: str = "log") -> None:
         super().__init__()
         if not isinstance(channels, int) or channels < 1:
             raise ConfigError(f"ActNorm needs a positive number of channels, got {channels!r}")
+        if scale not in ACTNORM_SCALES:
+            raise ConfigError(f"unknown ActNorm scale {scale!r}; choose {' or '.join(ACTNORM_SCALES)}")
         self.channels = channels
         self.eps = eps
+        self.scale_parameterization = scale
         self.shift = nn.Parameter(torch.zeros(channels))
-        self.log_scale = nn.Parameter(torch.zeros(channels))
+        if scale == "log":
+            self.log_scale = nn.Parameter(torch.zeros(channels))
+        else:
+            self.scale = nn.Parameter(torch.ones(channels))
         self.register_buffer("initialized", torch.tensor(False))
         self._known_initialized = False
 
     @classmethod
     def examples(cls) -> list[Example]:
         examples: list[Example] = []
-        for shape in ((3,), (2, 3, 3)):
+        for shape, scale in (((3,), "log"), ((2, 3, 3), "log"), ((3,), "linear"), ((2, 3, 3), "linear")):
             x = example_inputs(6, *shape)
-            layer = cls(shape[0]).double()
+            layer = cls(shape[0], scale=scale).double()
             layer.initialize(x)
             examples.append((perturbed(layer), x))
         return examples
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}"
+        linear = ", scale='linear'" if self.scale_parameterization == "linear" else ""
+        return f"channels={self.channels}{linear}"
+
+    def _multiplier(self) -> Tensor:
+        """The per-channel scale :math:`e^{s}` or :math:`a`."""
+        return self.log_scale.exp() if self.scale_parameterization == "log" else self.scale
+
+    def _log_abs_multiplier(self) -> Tensor:
+        """:math:`s` or :math:`\\log|a|` per channel."""
+        return self.log_scale if self.scale_parameterization == "log" else self.scale.abs().log()
 
     def _view(self, t: Tensor, ndim: int) -> Tensor:
         return t.view(1, -1, *([1] * (ndim - 2)))
@@ -99,7 +122,10 @@ class ActNorm(LinearFlowLayer):
         if not bool(torch.isfinite(mean).all() and torch.isfinite(std).all()):
             raise InputError(f"ActNorm({self.channels}) cannot initialize from non-finite data")
         self.shift.copy_(-mean)
-        self.log_scale.copy_(-torch.log(std + self.eps))
+        if self.scale_parameterization == "log":
+            self.log_scale.copy_(-torch.log(std + self.eps))
+        else:
+            self.scale.copy_(1.0 / (std + self.eps))
         self.initialized.fill_(True)
         self._known_initialized = True
 
@@ -126,7 +152,7 @@ class ActNorm(LinearFlowLayer):
                 f"dimension 1, got shape {tuple(x.shape)}"
             )
         self._check_initialized()
-        return (x + self._view(self.shift, x.dim())) * self._view(self.log_scale, x.dim()).exp()
+        return (x + self._view(self.shift, x.dim())) * self._view(self._multiplier(), x.dim())
 
     def log_abs_det(self, event_shape: Shape) -> Tensor:
         self._check_initialized()
@@ -137,13 +163,13 @@ class ActNorm(LinearFlowLayer):
         return super().inverse(y)
 
     def _log_abs_det(self, event_shape: Shape) -> Tensor:
-        return math.prod(event_shape[1:]) * self.log_scale.sum()
+        return math.prod(event_shape[1:]) * self._log_abs_multiplier().sum()
 
     def _factorize(self, event_shape: Shape) -> None:
         return None
 
     def _inverse_with(self, factors: None, y: Tensor) -> Tensor:
-        return y * self._view(-self.log_scale, y.dim()).exp() - self._view(self.shift, y.dim())
+        return y / self._view(self._multiplier(), y.dim()) - self._view(self.shift, y.dim())
 
 
 class FixedAffine(LinearFlowLayer):

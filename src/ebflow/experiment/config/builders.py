@@ -76,6 +76,7 @@ def _coupling(c: ModelConfig, shape: tuple[int, ...], for_loading: bool) -> EBFl
         conditioner=c.conditioner,
         shift_activation=c.shift_activation,
         weight_norm=c.weight_norm,
+        actnorm_scale=c.actnorm_scale,
         prior=_prior(c),
     )
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from ...architectures import CONDITIONERS, DENSE_FLOW_PARAMETERIZATIONS
 from ...layers import CONDITIONER_ACTIVATIONS
+from ...layers.affine import ACTNORM_SCALES
 from ...layers.shift_scale_coupling import SHIFT_ACTIVATIONS
 from ...objectives import OBJECTIVES
 from ...objectives.toolkit import PROJECTIONS
@@ -202,6 +203,12 @@ class ModelConfig:
     )
     weight_norm: bool = key(
         False, "coupling: weight normalisation W = g V / |V| (per row) of the dense layers"
+    )
+    actnorm_scale: str = key(
+        "log",
+        "coupling: ActNorm learns its log-scale (log) or its scale (linear: the reference's toy model; "
+        "same maps, other optimiser steps)",
+        choices=ACTNORM_SCALES,
     )
     convs_per_block: int = key(2, "conv: convolutions per block", **in_range(1, 64))
     kernel_size: int = key(
