@@ -150,7 +150,7 @@ def test_curves_png_is_redrawn_at_every_validation_when_the_period_has_passed(tm
 
 
 def test_curves_png_is_drawn_at_most_once_per_period_and_at_the_end(tmp_path, monkeypatch):
-    """Fails when every validation draws (half a second each: a tenth of a small model's run),
+    """Fails when every validation draws (0.2 s each: about 4 % of a small model's run),
     or when the last validation is not drawn once the run ends."""
     calls = _count_drawn_validations(monkeypatch)
     monkeypatch.setattr(progress_module, "CURVES_EVERY_SECONDS", 3600.0)
