@@ -10,6 +10,7 @@ import pytest
 from ebflow.cli import main
 from ebflow.errors import ConfigError
 from ebflow.experiment.reproduce.report import _claims, collect, render_report, zoom_limits
+from ebflow.experiment.reproduce.seeds import render_seed_summary, seed_summary
 from ebflow.experiment.reproduce.tables import TABLES, cells_of
 
 TINY = [
@@ -174,6 +175,37 @@ def test_report_marks_cells_not_run_and_checks_the_claims(tmp_path):
     assert "Within 1 % of the paper: 4 of 5" in text
     assert "iterations (evaluated / trained)" in text and text.count("| 8 / 10 |") == 5
     assert "Our order (best first): ML 1093.0 < SML 1094.0 < SSM 1095.0 < DSM 1100.0 < FDSSM 1200.0" in text
+
+
+def test_report_says_which_cells_failed_and_why_from_their_last_attempt(tmp_path):
+    """A cell whose last ``ebflow train`` call failed (e.g. diverged) is "failed: <reason>", not
+    "unfinished": resuming it at the same settings fails again. A failure followed by a resume
+    that is still running or was interrupted to be resumed is not a failure."""
+    cells = [c for c in cells_of("toy2d") if c.name in ("sine-sml", "sine-ssm", "sine-dsm")]
+    table = tmp_path / "toy2d"
+    for cell in cells:
+        (table / cell.name / "checkpoints").mkdir(parents=True)
+        (table / cell.name / "checkpoints" / "last.pt").write_bytes(b"")
+    diverged = (
+        "error: training stopped at step 154: 20 consecutive steps were skipped (non-finite loss; "
+        "40 skipped in all). The parameters of the last finite step are in /x/last.pt; lower the lr"
+    )
+    (table / "sine-sml.log").write_text(f"$ python -m ebflow train --config a\ntraining\n{diverged}\n")
+    # failed once, then resumed and interrupted by the session's deadline: resumable
+    (table / "sine-ssm.log").write_text(
+        f"$ python -m ebflow train --config a\n{diverged}\n$ python -m ebflow train --resume r\n"
+        "interrupted by SIGTERM at step 90; checkpoint written\n"
+    )
+    (table / "sine-dsm.log").write_text("$ python -m ebflow train --config a\nstep 3: val NLL 5.0\n")
+    status = {r["cell"]: r["status"] for r in collect("toy2d", cells, tmp_path)}
+    assert status["sine-sml"] == (
+        "failed: training stopped at step 154: 20 consecutive steps were skipped (non-finite loss; "
+        "40 skipped in all)"
+    )
+    assert status["sine-ssm"] == status["sine-dsm"] == "unfinished (resume with the same command)"
+    repeated = [{**r, "cell": f"{r['cell']}-seed0", "seed": 0} for r in collect("toy2d", cells, tmp_path)]
+    lines = render_seed_summary(seed_summary(repeated, ["test_kl"]), [("test_kl", "KL", 2)])
+    assert "| sine-sml | sml | 0 of 1; failed: 0 | – |" in lines
 
 
 def test_zoomed_plot_range_shows_the_paper_and_the_end_of_each_curve_not_its_start():

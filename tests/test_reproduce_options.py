@@ -98,6 +98,28 @@ def test_reproduce_toy_table_over_seeds_trains_each_seed_and_reports_the_spread(
     assert "Over seeds" in report and "| sine-ssm | ssm | 2 of 2 (0, 1) |" in report
     summary = json.loads((table / "results.json").read_text())["over_seeds"]
     assert summary[0]["test_kl"]["mean"] == pytest.approx(sum(kls) / 2)
+    # the reference code's p·log p "KL" sits beside ours, in each cell and over the seeds
+    refs = [json.loads((table / f"sine-ssm-seed{s}" / "results.json").read_text()) for s in (0, 1)]
+    assert "KL, reference's p·log p formula" in report
+    assert refs[0]["test_kl_reference"] != pytest.approx(refs[0]["test_kl"])
+    mean_ref = sum(r["test_kl_reference"] for r in refs) / 2
+    assert summary[0]["test_kl_reference"]["mean"] == pytest.approx(mean_ref)
+
+
+def test_report_gives_the_reference_kl_of_cells_that_predate_it(tmp_path, capsys):
+    """A cell whose results.json has no ``test_kl_reference`` (trained before it was recorded)
+    gets it from its KL and its test points: the value the training run itself records."""
+    out = tmp_path / "rep"
+    args = ["reproduce", "toy2d", "--only", "sine-ssm", "--out", str(out), *TOY]
+    assert main(args) == 0, capsys.readouterr().err
+    results = out / "toy2d" / "sine-ssm" / "results.json"
+    recorded = json.loads(results.read_text())
+    older = {k: v for k, v in recorded.items() if k != "test_kl_reference"}
+    results.write_text(json.dumps(older))
+    assert main(["reproduce", "toy2d", "--only", "sine-ssm", "--out", str(out), "--report-only"]) == 0
+    cells = json.loads((out / "toy2d" / "results.json").read_text())["cells"]
+    (cell,) = [c for c in cells if c["cell"] == "sine-ssm"]
+    assert cell["results"]["test_kl_reference"] == pytest.approx(recorded["test_kl_reference"], rel=1e-9)
 
 
 def test_reproduce_refuses_seed_and_seeds_together_and_seeds_for_scaling(capsys):

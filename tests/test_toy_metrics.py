@@ -14,6 +14,8 @@ from ebflow.experiment.evaluation.toy_metrics import (
     kl_divergence,
     mixture_log_prob,
     mixture_score,
+    reference_kl_offset,
+    toy_metrics,
 )
 from ebflow.layers import FixedAffine
 
@@ -71,3 +73,23 @@ def test_divergences_match_closed_forms_for_gaussians():
     model = _gaussian_model(1.0)
     assert kl_divergence(model, mix, x, batch_size=50000) == pytest.approx(3 - math.log(4), rel=0.03)
     assert fisher_divergence(model, mix, x, batch_size=50000) == pytest.approx(0.5 * 9 / 16 * 8, rel=0.03)
+
+
+def test_reference_kl_is_the_reference_codes_p_log_p_formula_and_differs_from_the_kl():
+    """``kl_reference`` = mean(p·log p − log q) (the paper's code), written out here from the
+    model's and the data's densities; fails if it is the true KL, drops the −log q term, or
+    uses log p where the reference used p·log p."""
+    mix = ToyMixture(torch.tensor([[0.0, 0.0], [1.5, -0.5]], dtype=torch.float64), 0.6)
+    x = torch.randn(300, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    model = _gaussian_model(1.3)
+    log_p = mixture_log_prob(mix, x)
+    log_q = model.log_prob(x).detach()
+    metrics = toy_metrics(model, mix, x)
+    expected = float((log_p.exp() * log_p - log_q).mean())
+    assert metrics["kl_reference"] == pytest.approx(expected, rel=1e-12)
+    assert metrics["kl"] == pytest.approx(float((log_p - log_q).mean()), rel=1e-12)
+    assert abs(metrics["kl_reference"] - metrics["kl"]) > 0.5  # the two formulas differ here
+    # the offset depends on the data points only: the same for another model
+    other = toy_metrics(_gaussian_model(0.7), mix, x)
+    assert other["kl_reference"] - other["kl"] == pytest.approx(reference_kl_offset(mix, x), rel=1e-12)
+    assert metrics["kl_reference"] - metrics["kl"] == pytest.approx(reference_kl_offset(mix, x), rel=1e-12)

@@ -9,7 +9,10 @@ whose log-density and score :math:`\nabla_x \log p(x) = \sum_i w_i(x)\,(c_i - x)
 :math:`x_k \sim p`:
 
 * ``kl``     -- :math:`\mathrm{KL}(p\,\|\,q) \approx \frac1K\sum_k \log p(x_k) - \log q(x_k)`;
-* ``fisher`` -- :math:`\frac1K\sum_k \tfrac12\|\nabla\log p(x_k) - \nabla\log q(x_k)\|^2`.
+* ``fisher`` -- :math:`\frac1K\sum_k \tfrac12\|\nabla\log p(x_k) - \nabla\log q(x_k)\|^2`;
+* ``kl_reference`` -- the paper's code's toy "KL", :math:`\frac1K\sum_k p(x_k)\log p(x_k) - \log q(x_k)`
+  (a density where a log-density belongs): ``kl`` plus a constant of the data points
+  (:func:`reference_kl_offset`), kept only to compare with numbers computed that way.
 
 The model :math:`q` is scored with its own prior -- the one it was trained with -- through
 :meth:`EBFlow.log_prob` and :meth:`EBFlow.score`.
@@ -25,7 +28,14 @@ from torch import Tensor
 from ...flow import EBFlow
 from ..data.splits import ToyMixture
 
-__all__ = ["mixture_log_prob", "mixture_score", "kl_divergence", "fisher_divergence", "toy_metrics"]
+__all__ = [
+    "mixture_log_prob",
+    "mixture_score",
+    "kl_divergence",
+    "fisher_divergence",
+    "reference_kl_offset",
+    "toy_metrics",
+]
 
 
 def _sq_dists(x: Tensor, centres: Tensor) -> Tensor:
@@ -83,9 +93,20 @@ def fisher_divergence(model: EBFlow, mix: ToyMixture, x: Tensor, batch_size: int
     return float(0.5 * (mixture_score(mix, x) - s_q).pow(2).sum(1).mean())
 
 
+def reference_kl_offset(mix: ToyMixture, x: Tensor) -> float:
+    r"""The reference code's toy "KL" minus the true one on samples ``x``:
+    :math:`\frac1K\sum_k p(x_k)\log p(x_k) - \log p(x_k)`. It depends on the data points only,
+    so it is the same for every model scored on them."""
+    log_p = mixture_log_prob(mix, x)
+    return float((log_p.exp() * log_p - log_p).mean())
+
+
 def toy_metrics(model: EBFlow, mix: ToyMixture, x: Tensor, batch_size: int = 5000) -> dict[str, float]:
-    """``{"kl": ..., "fisher": ...}`` of ``model`` against the smoothed data, on samples ``x``."""
+    """``{"kl": ..., "fisher": ..., "kl_reference": ...}`` of ``model`` against the smoothed
+    data, on samples ``x`` (``kl_reference``: the reference code's p·log p formula)."""
+    kl = kl_divergence(model, mix, x, batch_size)
     return {
-        "kl": kl_divergence(model, mix, x, batch_size),
+        "kl": kl,
         "fisher": fisher_divergence(model, mix, x, batch_size),
+        "kl_reference": kl + reference_kl_offset(mix, x),
     }

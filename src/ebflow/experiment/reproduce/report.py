@@ -22,6 +22,7 @@ from .tables import PAPER_BATCHES_PER_S, Cell
 __all__ = [
     "collect",
     "format_value",
+    "last_failure",
     "machine_description",
     "render_report",
     "write_report",
@@ -46,9 +47,51 @@ def _read_curve(run_dir: Path) -> list[tuple[float, float]]:
     return out
 
 
+def last_failure(log_path: Path) -> str | None:
+    """The first sentence of the ``error:`` line of the last ``ebflow train`` call in a cell's
+    log (e.g. "training stopped at step 154: 20 consecutive steps were skipped (...)"), or None
+    when that call did not fail (finished, interrupted to be resumed, still running, no log)."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    starts = [i for i, line in enumerate(lines) if line.startswith("$ ")]
+    for line in lines[starts[-1] + 1 :] if starts else lines:
+        _, sep, message = line.partition("error: ")
+        if sep and not _:  # the CLI's one-line report of a failure
+            sentence = message.split(". ", 1)[0].rstrip(".")
+            return sentence.replace("|", "/")
+    return None
+
+
+def _reference_kl(run_dir: Path, res: dict[str, Any], offsets: dict[str, float]) -> float | None:
+    """The reference code's p·log p toy "KL" of a finished cell whose ``results.json`` predates
+    it: its KL plus the offset of its test points (the same for every model scored on them, so
+    computed once per data recipe); None when the run cannot be read back."""
+    if res.get("test_kl") is None:
+        return None
+    from ...errors import EBFlowError
+    from ..evaluation.toy_metrics import reference_kl_offset
+    from ..rundir.load import load_run
+
+    try:
+        run = load_run(run_dir)
+        key = repr(run.config.data)
+        if key not in offsets:
+            splits = run.splits()
+            if splits.mixture is None:
+                return None
+            offsets[key] = reference_kl_offset(splits.mixture, splits.split("test"))
+    except (EBFlowError, OSError) as err:
+        logger.warning("%s: no reference-formula KL (%s)", run_dir.name, err)
+        return None
+    return float(res["test_kl"]) + offsets[key]
+
+
 def collect(table: str, cells: Sequence[Cell], out_dir: Path) -> list[dict[str, Any]]:
     """One record per cell: the paper's value, ours, and how the run went."""
     records = []
+    offsets: dict[str, float] = {}
     for cell in cells:
         run_dir = out_dir / table / cell.name
         rec: dict[str, Any] = {
@@ -67,11 +110,15 @@ def collect(table: str, cells: Sequence[Cell], out_dir: Path) -> list[dict[str, 
         if results.exists():
             res = json.loads(results.read_text())
             rec.update(status="finished", results=res)
+            if cell.metric == "kl" and res.get("test_kl_reference") is None:
+                res["test_kl_reference"] = _reference_kl(run_dir, res, offsets)
             ours = res.get("test_kl") if cell.metric == "kl" else res.get("test_nll")
             rec["ours"] = ours
             if cell.paper is not None and ours is not None:
                 rec["diff"] = ours - cell.paper
                 rec["rel_diff"] = (ours - cell.paper) / abs(cell.paper)
+        elif failure := last_failure(out_dir / table / f"{cell.name}.log"):
+            rec["status"] = f"failed: {failure}"
         elif (run_dir / "checkpoints" / "last.pt").exists():
             rec["status"] = "unfinished (resume with the same command)"
         else:
@@ -104,7 +151,8 @@ def render_report(table: str, records: Sequence[dict[str, Any]], machine: str) -
     )
     if kl:
         head = (
-            "| cell | objective | KL(data‖model) | Fisher divergence | test NLL | budget (min) | "
+            "| cell | objective | KL(data‖model) | KL, reference's p·log p formula | Fisher divergence | "
+            "test NLL | budget (min) | "
             "iterations (evaluated / trained) | train min | ms/iter | device, threads |"
         )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -131,6 +179,7 @@ def render_report(table: str, records: Sequence[dict[str, Any]], machine: str) -
                         r["cell"],
                         r["loss"],
                         format_value(res.get("test_kl"), 4),
+                        format_value(res.get("test_kl_reference"), 4),
                         format_value(res.get("test_fisher"), 4),
                         format_value(res.get("test_nll"), 3),
                         *common,
@@ -163,6 +212,7 @@ def render_report(table: str, records: Sequence[dict[str, Any]], machine: str) -
     metrics = (
         [
             ("test_kl", "KL(data‖model)", 4),
+            ("test_kl_reference", "KL, reference's formula", 4),
             ("test_fisher", "Fisher divergence", 4),
             ("test_nll", "test NLL", 3),
         ]
@@ -301,7 +351,9 @@ def write_report(table: str, cells: Sequence[Cell], out_dir: Path) -> Path:
                 "table": table,
                 "machine": machine,
                 "cells": records,
-                "over_seeds": seed_summary(records, ["test_kl", "test_fisher", "test_nll", "test_bpd"]),
+                "over_seeds": seed_summary(
+                    records, ["test_kl", "test_kl_reference", "test_fisher", "test_nll", "test_bpd"]
+                ),
             },
             indent=2,
         )

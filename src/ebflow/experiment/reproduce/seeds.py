@@ -40,7 +40,8 @@ def _spread(values: Sequence[float]) -> dict[str, float]:
 
 def seed_summary(records: Sequence[dict[str, Any]], metrics: Sequence[str]) -> list[dict[str, Any]]:
     """One row per repeated cell (records whose ``seed`` is set), in first-seen order: the seeds
-    that finished and the spread of each metric of their ``results.json`` over them."""
+    that finished, those whose training failed (e.g. diverged), and the spread of each metric of
+    their ``results.json`` over the finished ones."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         if r.get("seed") is None:
@@ -54,6 +55,7 @@ def seed_summary(records: Sequence[dict[str, Any]], metrics: Sequence[str]) -> l
             "cell": base,
             "loss": members[0]["loss"],
             "seeds": [m["seed"] for m in done],
+            "seeds_failed": [m["seed"] for m in members if str(m.get("status", "")).startswith("failed")],
             "seeds_run": len(members),
         }
         for key in metrics:
@@ -89,6 +91,8 @@ def render_seed_summary(rows: Sequence[dict[str, Any]], metrics: Sequence[tuple[
         seeds = f"{len(row['seeds'])} of {row['seeds_run']}" + (
             f" ({', '.join(map(str, row['seeds']))})" if row["seeds"] else ""
         )
+        if row.get("seeds_failed"):
+            seeds += f"; failed: {', '.join(map(str, row['seeds_failed']))}"
         cells = [_cell(row[key], digits) for key, _, digits in metrics]
         lines.append(f"| {row['cell']} | {row['loss']} | {seeds} | " + " | ".join(cells) + " |")
     return lines
