@@ -10,30 +10,21 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import math
-import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from ...errors import ConfigError, EBFlowError
+from ...errors import ConfigError
 from ..config.resolve import dump_config
 from ..config.schema import RESUMABLE_KEYS, RunConfig, validate_config
 from ..data.splits import DataSplits
-from ..evaluation.nll import EVAL_SEED_OFFSET, evaluate_nll
-from ..evaluation.toy_metrics import toy_metrics
-from ..images.plots import save_density_plot, save_samples
 from ..parallel.devices import resolve_device
 from ..parallel.process_group import Distributed
 from ..parallel.process_group import current as current_distributed
 from ..rundir.checkpoint import CheckpointError, load_checkpoint
 from ..rundir.files import OutputError, os_reason, write_text_atomic
-from ..rundir.load import load_run
 from ..rundir.lock import RunLock
 from ..rundir.metrics import MetricsLog
 from ..rundir.ownership import (
@@ -44,70 +35,10 @@ from ..rundir.ownership import (
     resume_command,
 )
 from .loop import Trainer
-from .memory import peak_memory_bytes
-from .state import StopRequest, TrainState
+from .results import TrainResult, finish_run
+from .state import StopRequest
 
 __all__ = ["TrainResult", "train", "finish_run"]
-
-
-@dataclass(kw_only=True)
-class TrainResult(TrainState):
-    """What :func:`train` returns: the run's final counters (:class:`TrainState`), its shape
-    (processes, global batch), the throughput derived from them, and its test metrics."""
-
-    run_dir: Path
-    world_size: int = 1
-    global_batch: int = 0
-    test: dict[str, float] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, trainer: Trainer) -> TrainResult:
-        """The result of a trainer as it stands (no test metrics yet)."""
-        return cls(
-            **asdict(trainer.counters),
-            run_dir=trainer.run_dir,
-            world_size=trainer.dist.world_size,
-            global_batch=trainer.global_batch,
-        )
-
-    @property
-    def dropped_fraction(self) -> float:
-        """dropped / seen examples (0 when none were seen)."""
-        return self.dropped_examples / self.seen_examples if self.seen_examples else 0.0
-
-    @property
-    def ms_per_iter(self) -> float:
-        """Milliseconds of training time per step."""
-        return 1000 * self.train_seconds / max(self.step, 1)
-
-    @property
-    def batch_per_process(self) -> int:
-        return self.global_batch // self.world_size
-
-    @property
-    def examples_per_second(self) -> float:
-        """Training throughput of the whole run: step x global batch / training seconds (NaN
-        before any training time)."""
-        return self.step * self.global_batch / self.train_seconds if self.train_seconds > 0 else math.nan
-
-    def run_metrics(self) -> dict[str, Any]:
-        """The counters and throughput as ``results.json`` names them."""
-        throughput = self.examples_per_second
-        return {
-            "iterations": self.step,
-            "epochs": self.epoch,
-            "train_seconds": self.train_seconds,
-            "compile_seconds": self.compile_seconds,
-            "ms_per_iter": self.ms_per_iter,
-            "processes": self.world_size,
-            "global_batch": self.global_batch,
-            "batch_per_process": self.batch_per_process,
-            "examples_per_s": throughput if math.isfinite(throughput) else None,
-            "skipped_steps": self.skipped_steps,
-            "best_val_nll": self.best_val_nll,
-            "dropped_examples": self.dropped_examples,
-            "dropped_fraction": self.dropped_fraction,
-        }
 
 
 def _resume_config(saved: Mapping[str, Any], overrides: Mapping[str, Any]) -> RunConfig:
@@ -313,91 +244,3 @@ def _train(
         if log is not None:
             log.close()
     return result
-
-
-def finish_run(trainer: Trainer, log: MetricsLog | None) -> dict[str, float]:
-    """Test the best-validation checkpoint; write results.json, samples.png (density.png).
-
-    In a data-parallel run rank 0 reads the checkpoint and shares its weights; the test NLL is
-    computed on shards and reduced exactly; only rank 0 writes."""
-    ctx = trainer.dist
-
-    ckpt = trainer.run_dir / "checkpoints" / "best.pt"
-    if not ckpt.exists():
-        ckpt = trainer.run_dir / "checkpoints" / "last.pt"
-
-    def load() -> Any:
-        return load_run(ckpt, device=trainer.device, splits=trainer.splits)
-
-    loaded: list[Any] = []
-
-    def load_on_main() -> dict[str, Tensor] | None:
-        loaded.append(load())
-        if not ctx.is_distributed:
-            return None
-        return {k: v.cpu() for k, v in loaded[0].model.state_dict().items()}
-
-    weights = ctx.from_main(load_on_main)  # a bad checkpoint stops every process
-    run = loaded[0] if loaded else None
-    model = run.model if run is not None else trainer.model
-    if run is None:  # the other processes evaluate rank 0's weights
-        assert weights is not None  # rank 0 sends them in a multi-process run
-        model.load_state_dict(weights)
-        model.eval()
-    batch_size = trainer.config.bookkeeping.eval_batch_size
-    seed = trainer.config.runtime.seed + EVAL_SEED_OFFSET
-    test = evaluate_nll(
-        model, trainer.splits.split("test"), trainer.pre, trainer.use_map, batch_size, seed=seed, dist=ctx
-    )
-    if not trainer.is_main or run is None:
-        return test
-    # the same checkpoint with the optimiser's own (not averaged) weights, for comparison
-    raw = load_run(ckpt, device=trainer.device, splits=trainer.splits, weights="raw")
-    raw_test = evaluate_nll(
-        raw.model, trainer.splits.split("test"), trainer.pre, trainer.use_map, batch_size, seed=seed
-    )
-    test.update(raw_nll=raw_test["nll"], raw_bpd=raw_test["bpd"])
-    if trainer.splits.mixture is not None:
-        test.update(toy_metrics(run.model, trainer.splits.mixture, trainer.splits.split("test"), batch_size))
-    _write_results(trainer, run, test, log)
-    return test
-
-
-def _write_results(trainer: Trainer, run: Any, test: dict[str, float], log: MetricsLog | None) -> None:
-    c = trainer.counters
-    if log is not None:
-        log.log(
-            c.step,
-            {
-                "epoch": c.epoch,
-                "train_s": round(c.train_seconds, 3),
-                **{f"test_{k}": v for k, v in test.items() if k in ("nll", "bpd")},
-                **{k: v for k, v in test.items() if k in ("kl", "fisher")},
-            },
-        )
-    config = trainer.config
-    results = {
-        "config": config.runtime.name,
-        "loss": config.objective.loss,
-        "checkpoint": run.checkpoint.name,
-        "checkpoint_step": run.step,
-        **TrainResult.of(trainer).run_metrics(),
-        "ema_decay": config.optim.ema_decay,
-        "ema_warmup": config.optim.ema_warmup,
-        "map": config.preprocessing.map,
-        "threads": torch.get_num_threads(),
-        "device": str(trainer.device),
-        "peak_memory_bytes": peak_memory_bytes(),  # of this process, at the end of its test
-        **{f"test_{k}": v for k, v in test.items()},
-    }
-    write_text_atomic(trainer.run_dir / "results.json", json.dumps(results, indent=2), "results")
-    try:
-        save_samples(
-            run, trainer.run_dir / "samples.png", config.bookkeeping.num_samples, seed=config.runtime.seed
-        )
-        if run.event_shape == (2,):
-            save_density_plot(run, trainer.run_dir / "density.png")
-    except OutputError:
-        raise
-    except EBFlowError as err:  # a model that cannot be inverted still has its metrics
-        warnings.warn(f"could not draw samples: {err}", RuntimeWarning, stacklevel=2)

@@ -58,7 +58,7 @@ class StopRequest:
 class TrainState:
     """The counters of a training run, in one place: the :class:`Trainer` holds one, a
     checkpoint stores its fields under their names (:meth:`to_checkpoint`,
-    :meth:`from_checkpoint`), and :class:`~ebflow.experiment.training.run.TrainResult` reports it."""
+    :meth:`from_checkpoint`), and :class:`~ebflow.experiment.training.results.TrainResult` reports it."""
 
     step: int = 0
     epoch: int = 0
