@@ -57,8 +57,8 @@ def last_failure(log_path: Path) -> str | None:
         return None
     starts = [i for i, line in enumerate(lines) if line.startswith("$ ")]
     for line in lines[starts[-1] + 1 :] if starts else lines:
-        _, sep, message = line.partition("error: ")
-        if sep and not _:  # the CLI's one-line report of a failure
+        before, sep, message = line.partition("error: ")
+        if sep and not before:  # the CLI's one-line report of a failure
             sentence = message.split(". ", 1)[0].rstrip(".")
             return sentence.replace("|", "/")
     return None
