@@ -33,8 +33,9 @@ def noise_ladder(batch: int, sigma_min: float, sigma_max: float, like: Tensor) -
     return sigma_min * torch.exp(ratio * steps.to(like.dtype))
 
 
-def multiscale_dsm_loss(model: EBFlow, x: Tensor, sigma_min: float = 0.05, sigma_max: float = 1.0,
-                        noise: Tensor | None = None) -> LossTerms:
+def multiscale_dsm_loss(
+    model: EBFlow, x: Tensor, sigma_min: float = 0.05, sigma_max: float = 1.0, noise: Tensor | None = None
+) -> LossTerms:
     x = checked_batch(model, x)  # the one input check; then check=False below
     eps = torch.randn_like(x) if noise is None else checked_noise(noise, tuple(x.shape), "noise", x)
     sigma = noise_ladder(x.shape[0], sigma_min, sigma_max, x).view(-1, *([1] * (x.dim() - 1)))
@@ -48,14 +49,22 @@ def _positive(name: str):
     def check(value: object) -> None:
         if not isinstance(value, (int, float)) or not value > 0:
             raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
     return check
 
 
-register_objective("multiscale_dsm", ObjectiveSpec(
-    multiscale_dsm_loss, defaults={"sigma_min": 0.05, "sigma_max": 1.0},
-    checks={"sigma_min": _positive("sigma_min"), "sigma_max": _positive("sigma_max")},
-    noise="gaussian", perturbs_input=True, help="multi-scale denoising score matching"),
-    replace=True)
+register_objective(
+    "multiscale_dsm",
+    ObjectiveSpec(
+        multiscale_dsm_loss,
+        defaults={"sigma_min": 0.05, "sigma_max": 1.0},
+        checks={"sigma_min": _positive("sigma_min"), "sigma_max": _positive("sigma_max")},
+        noise="gaussian",
+        perturbs_input=True,
+        help="multi-scale denoising score matching",
+    ),
+    replace=True,
+)
 
 
 def two_moons_like(n: int, generator: torch.Generator) -> Tensor:
@@ -79,7 +88,7 @@ def main(steps: int = 1500, seed: int = 0) -> dict[str, float]:
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     with torch.no_grad():
         before = -model.log_prob(test).mean().item()
-    for step in range(steps):
+    for _ in range(steps):
         batch = train[torch.randint(0, len(train), (256,), generator=g)]
         loss = objective(model, batch)
         optimizer.zero_grad()

@@ -48,6 +48,7 @@ LAYERS: dict[str, Callable[[tuple[int, int, int], int], LinearFlowLayer]] = {
 
 def load_mnist(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """The first 50,000 training images and the 10,000 test images, pixel levels as float32."""
+
     def images(stem: str) -> torch.Tensor:
         path = folder / f"{stem}.gz" if (folder / f"{stem}.gz").exists() else folder / stem
         return torch.from_numpy(read_idx(path).astype(np.float32)).unsqueeze(1)
@@ -74,10 +75,16 @@ def train(images: ImageFlow, data: torch.Tensor, minutes: float, seed: int, lr: 
         ema.update()
         times.append(time.perf_counter() - tick)
         if len(times) % 500 == 0:
-            print(f"  step {len(times):6d}  DSM loss {loss.item():9.4f}  ({time.perf_counter() - start:5.0f} s)",
-                  flush=True)
-    return {"ema": ema, "steps": len(times), "ms_per_step": 1000 * statistics.median(times[10:] or times),
-            "minutes": (time.perf_counter() - start) / 60}
+            print(
+                f"  step {len(times):6d}  DSM loss {loss.item():9.4f}  ({time.perf_counter() - start:5.0f} s)",
+                flush=True,
+            )
+    return {
+        "ema": ema,
+        "steps": len(times),
+        "ms_per_step": 1000 * statistics.median(times[10:] or times),
+        "minutes": (time.perf_counter() - start) / 60,
+    }
 
 
 @torch.no_grad()
@@ -94,8 +101,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=4.0, help="training time per model")
     parser.add_argument("--layer", choices=sorted(LAYERS), default="circular")
-    parser.add_argument("--data-dir", type=Path, default=os.environ.get("EBFLOW_DATA_DIR"),
-                        help="folder of the MNIST IDX files (default: $EBFLOW_DATA_DIR)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=os.environ.get("EBFLOW_DATA_DIR"),
+        help="folder of the MNIST IDX files (default: $EBFLOW_DATA_DIR)",
+    )
     parser.add_argument("--lr", type=float, default=1e-4, help="RMSprop learning rate (paper: 1e-4)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -106,30 +117,46 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     train_x, test_x = load_mnist(args.data_dir)
     pre = ImagePreprocessing(smoothness=0.75)  # MaP, the paper's CNN setting
-    builders = {f"{args.layer} conv (new)": lambda: conv_flow((1, 28, 28), conv=LAYERS[args.layer]),
-                "Conv2d (conv_flow)": lambda: conv_flow((1, 28, 28))}
+    builders = {
+        f"{args.layer} conv (new)": lambda: conv_flow((1, 28, 28), conv=LAYERS[args.layer]),
+        "Conv2d (conv_flow)": lambda: conv_flow((1, 28, 28)),
+    }
     rows = []
     for name, build in builders.items():
         torch.manual_seed(args.seed)
         model = build()
         images = ImageFlow(model, pre)
         params = sum(p.numel() for p in model.parameters())
-        print(f"{name}: {params} parameters, training {args.minutes:g} min with {args.threads} thread(s)", flush=True)
+        print(
+            f"{name}: {params} parameters, training {args.minutes:g} min with {args.threads} thread(s)",
+            flush=True,
+        )
         run = train(images, train_x, args.minutes, args.seed, args.lr)
         raw_nll, _, _ = test_nll(images, test_x)
         with run["ema"].average_parameters():
             nll, bpd, logz_s = test_nll(images, test_x)
-        rows.append((name, params, run["steps"], run["minutes"], run["ms_per_step"], nll, bpd, raw_nll, logz_s))
-        print(f"  test NLL {nll:.1f} nats ({bpd:.4f} bits/dim; without EMA {raw_nll:.1f} nats), "
-              f"{run['ms_per_step']:.1f} ms/step, log Z in {logz_s:.2f} s", flush=True)
+        rows.append(
+            (name, params, run["steps"], run["minutes"], run["ms_per_step"], nll, bpd, raw_nll, logz_s)
+        )
+        print(
+            f"  test NLL {nll:.1f} nats ({bpd:.4f} bits/dim; without EMA {raw_nll:.1f} nats), "
+            f"{run['ms_per_step']:.1f} ms/step, log Z in {logz_s:.2f} s",
+            flush=True,
+        )
 
-    print(f"\nMNIST, DSM (sigma 0.1), RMSprop lr {args.lr:g}, {args.minutes:g} min per model, {args.threads} thread(s), "
-          f"exact test NLL with EMA weights on 10,000 test images")
-    print(f"{'model':<24}{'params':>8}{'steps':>8}{'min':>6}{'ms/step':>9}{'NLL (nats)':>12}{'bits/dim':>10}"
-          f"{'no-EMA NLL':>12}{'log Z (s)':>11}")
+    print(
+        f"\nMNIST, DSM (sigma 0.1), RMSprop lr {args.lr:g}, {args.minutes:g} min per model, {args.threads} thread(s), "
+        f"exact test NLL with EMA weights on 10,000 test images"
+    )
+    print(
+        f"{'model':<24}{'params':>8}{'steps':>8}{'min':>6}{'ms/step':>9}{'NLL (nats)':>12}{'bits/dim':>10}"
+        f"{'no-EMA NLL':>12}{'log Z (s)':>11}"
+    )
     for name, params, steps, minutes, ms, nll, bpd, raw_nll, logz_s in rows:
-        print(f"{name:<24}{params:>8}{steps:>8}{minutes:>6.1f}{ms:>9.1f}{nll:>12.1f}{bpd:>10.4f}"
-              f"{raw_nll:>12.1f}{logz_s:>11.2f}")
+        print(
+            f"{name:<24}{params:>8}{steps:>8}{minutes:>6.1f}{ms:>9.1f}{nll:>12.1f}{bpd:>10.4f}"
+            f"{raw_nll:>12.1f}{logz_s:>11.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -29,13 +29,19 @@ def _run(tool: str, *args: str, fix: str) -> None:
         )
 
 
+# every Python file a user reads or runs: the package, its tests, the examples and the benchmarks
+CHECKED = ("src", "tests", "examples", "benchmarks")
+
+
 def test_ruff_lint_is_clean():
-    _run("ruff", "check", "src", "tests", fix="`ruff check --fix src tests` fixes some")
+    folders = " ".join(CHECKED)
+    _run("ruff", "check", *CHECKED, fix=f"`ruff check --fix {folders}` fixes some")
 
 
 def test_ruff_format_is_clean():
-    fix = "`ruff format --diff src tests` shows the changes, `ruff format src tests` makes them"
-    _run("ruff", "format", "--check", "--output-format", "concise", "src", "tests", fix=fix)
+    folders = " ".join(CHECKED)
+    fix = f"`ruff format --diff {folders}` shows the changes, `ruff format {folders}` makes them"
+    _run("ruff", "format", "--check", "--output-format", "concise", *CHECKED, fix=fix)
 
 
 def test_mypy_is_clean():
