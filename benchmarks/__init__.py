@@ -27,6 +27,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -78,7 +79,7 @@ BUSY_SHARE = 0.05
 #: The sections of issue 21 at tiny sizes too: peers at D = 32 and 64, the digits job in blocks of
 #: 48 steps (its bookkeeping periods scaled down alike) and, when asked for (``--sections``), a
 #: 16-D dense flow compiled: still minutes, as Inductor compiles even a tiny graph slowly.
-QUICK = dict(
+QUICK: dict[str, Any] = dict(
     models=("toy2d", "mnist-fc"),
     dims=(64, 128, 256),
     fit_range=(64, 256),
@@ -308,7 +309,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if args.quick:
         config = replace(config, **QUICK)
     sections = SECTIONS if args.sections == ("all",) else args.sections
-    overrides = {
+    overrides: dict[str, Any] = {
         "sections": sections,
         "models": args.models,
         "methods": args.methods,
