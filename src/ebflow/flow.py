@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .errors import ConfigError, InputError
 from .layers.base import FlowLayer, FlowLayerList, LinearFlowLayer, Shape
+from .linear_prefix import push_point_and_direction
 from .prior import PriorLike, StandardNormal
 from .runtime import full_precision
 from .utils import grad_ready
@@ -245,22 +246,7 @@ class EBFlow(nn.Module):
 
     def _linear_prefix(self, h: Tensor, direction: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`linear_prefix` without the input checks (callers checked)."""
-        prefix = self._prefix_layers()
-        if not prefix:
-            return h, direction
-        rows = torch.cat([direction, torch.zeros_like(direction[:1])])
-        if h.requires_grad:
-            # x on its own: its gradient must not run through v's rows.
-            for layer in prefix:
-                h = layer.transform(h)
-            for layer in prefix:
-                rows = layer.transform(rows)
-            return h, rows[:-1] - rows[-1:]
-        b = h.shape[0]
-        rows = torch.cat([h, rows])  # one pass: larger products, one weight gradient per layer
-        for layer in prefix:
-            rows = layer.transform(rows)
-        return rows[:b], rows[b:-1] - rows[-1:]
+        return push_point_and_direction(self._prefix_layers(), h, direction)
 
     def tail_energy(self, h: Tensor, *, check: bool = True) -> Tensor:
         """:math:`E(x)` from ``h``, the output of :meth:`linear_prefix` (same value as

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -163,7 +162,7 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.counters = TrainState.from_checkpoint(state)
-            self._note_device_change()
+            self.counters.resume_on(self.device.type, warn=self.is_main)
             # the objective counts its examples; it goes on from the checkpoint's counts
             self.objective.dropped_examples = self.counters.dropped_examples
             self.objective.seen_examples = self.counters.seen_examples
@@ -171,21 +170,6 @@ class Trainer:
             raise CheckpointError(
                 f"does not match the model of its own config: its tensors do not fit ({first_line(err)})"
             ) from err
-
-    def _note_device_change(self) -> None:
-        """Warn when a run resumes on another kind of device: it continues correctly, but its
-        random streams (noise, dequantisation) are the new device's, so it no longer repeats an
-        uninterrupted run bit for bit."""
-        before, now = self.counters.device_type, self.device.type
-        if before is not None and before != now and self.is_main:
-            warnings.warn(
-                f"this run trained on {before} and resumes on {now}: it continues correctly, "
-                f"but its noise streams are {now}'s from here on, so it will not repeat an "
-                f"uninterrupted {before} run bit for bit",
-                UserWarning,
-                stacklevel=2,
-            )
-        self.counters.device_type = now
 
     def save(self, name: str) -> None:
         if self.is_main:

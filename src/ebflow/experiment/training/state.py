@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import signal
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -72,6 +73,21 @@ class TrainState:
     best_val_nll: float = math.inf
     run_id: str | None = None  #: the run directory's id, carried by every checkpoint
     device_type: str | None = None  #: the kind of device that trained the run (cpu, cuda)
+
+    def resume_on(self, device_type: str, *, warn: bool = True) -> None:
+        """Record that the run goes on on ``device_type``; warn (``warn``) when it trained on another
+        kind of device: it continues correctly, but its random streams (noise, dequantisation) are
+        the new device's, so it no longer repeats an uninterrupted run bit for bit."""
+        before = self.device_type
+        if warn and before is not None and before != device_type:
+            warnings.warn(
+                f"this run trained on {before} and resumes on {device_type}: it continues correctly, "
+                f"but its noise streams are {device_type}'s from here on, so it will not repeat an "
+                f"uninterrupted {before} run bit for bit",
+                UserWarning,
+                stacklevel=3,
+            )
+        self.device_type = device_type
 
     def to_checkpoint(self) -> dict[str, Any]:
         """The counters as a checkpoint holds them: one key per field."""
