@@ -141,7 +141,17 @@ def test_every_public_class_function_and_method_has_a_docstring():
 
 #: Top-level library modules documented through another page (their public names are exported by
 #: ``ebflow``), or internal helpers; everything else under ``src/ebflow`` must be in PUBLIC_MODULES.
-NOT_A_PAGE = {"flow", "linear_prefix", "compiled", "utils", "validation", "experiment", "cli", "__main__", "__init__"}
+NOT_A_PAGE = {
+    "flow",
+    "linear_prefix",
+    "compiled",
+    "utils",
+    "validation",
+    "experiment",
+    "cli",
+    "__main__",
+    "__init__",
+}
 
 
 def test_every_top_level_module_is_listed_or_declared_internal():
