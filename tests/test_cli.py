@@ -82,7 +82,7 @@ def test_toy_run_writes_tensorboard_events_and_metrics(tmp_path, capsys):
     for col in ("loss", "val_nll", "val_bpd", "grad_norm", "ms_per_iter", "lr"):
         assert col in header
     out = capsys.readouterr().out
-    assert "KL(data||model)" in out and "Fisher divergence" in out
+    assert "KL(data||model)" in out and "Fisher divergence" in out and "median per point" in out
 
 
 def test_default_train_end_to_end_with_fewer_iterations(tmp_path):

@@ -106,20 +106,26 @@ def test_reproduce_toy_table_over_seeds_trains_each_seed_and_reports_the_spread(
     assert summary[0]["test_kl_reference"]["mean"] == pytest.approx(mean_ref)
 
 
-def test_report_gives_the_reference_kl_of_cells_that_predate_it(tmp_path, capsys):
-    """A cell whose results.json has no ``test_kl_reference`` (trained before it was recorded)
-    gets it from its KL and its test points: the value the training run itself records."""
+def test_report_gives_the_reference_kl_and_median_fisher_of_cells_that_predate_them(tmp_path, capsys):
+    """A cell whose results.json has no ``test_kl_reference`` or ``test_fisher_median`` (trained
+    before they were recorded) gets them from its KL, its checkpoint and its test points: the
+    values the training run itself records."""
     out = tmp_path / "rep"
     args = ["reproduce", "toy2d", "--only", "sine-ssm", "--out", str(out), *TOY]
     assert main(args) == 0, capsys.readouterr().err
     results = out / "toy2d" / "sine-ssm" / "results.json"
     recorded = json.loads(results.read_text())
-    older = {k: v for k, v in recorded.items() if k != "test_kl_reference"}
+    assert recorded["test_fisher_median"] != pytest.approx(recorded["test_fisher"])
+    older = {k: v for k, v in recorded.items() if k not in ("test_kl_reference", "test_fisher_median")}
     results.write_text(json.dumps(older))
     assert main(["reproduce", "toy2d", "--only", "sine-ssm", "--out", str(out), "--report-only"]) == 0
     cells = json.loads((out / "toy2d" / "results.json").read_text())["cells"]
     (cell,) = [c for c in cells if c["cell"] == "sine-ssm"]
     assert cell["results"]["test_kl_reference"] == pytest.approx(recorded["test_kl_reference"], rel=1e-9)
+    assert cell["results"]["test_fisher_median"] == pytest.approx(recorded["test_fisher_median"], rel=1e-9)
+    report = (out / "toy2d" / "report.md").read_text()
+    assert "Fisher, median per point" in report
+    assert f"{recorded['test_fisher_median']:,.4f}" in report
 
 
 def test_reproduce_refuses_seed_and_seeds_together_and_seeds_for_scaling(capsys):

@@ -11,6 +11,7 @@ from ebflow import EBFlow
 from ebflow.experiment.data.splits import ToyMixture
 from ebflow.experiment.evaluation.toy_metrics import (
     fisher_divergence,
+    fisher_terms,
     kl_divergence,
     mixture_log_prob,
     mixture_score,
@@ -93,3 +94,23 @@ def test_reference_kl_is_the_reference_codes_p_log_p_formula_and_differs_from_th
     other = toy_metrics(_gaussian_model(0.7), mix, x)
     assert other["kl_reference"] - other["kl"] == pytest.approx(reference_kl_offset(mix, x), rel=1e-12)
     assert metrics["kl_reference"] - metrics["kl"] == pytest.approx(reference_kl_offset(mix, x), rel=1e-12)
+
+
+def test_median_fisher_term_matches_its_closed_form_and_ignores_one_outlier():
+    """Data N(0, 4I), model N(0, I): each point's term is ½ (3/4)² |x|², and |x|²/4 is
+    exponential with mean 2, so the median term is 0.5 · 9/16 · 8 ln 2 (the mean: 2.25).
+    Fails if ``fisher_median`` is the mean, or a median of something other than the terms."""
+    mix = ToyMixture(torch.zeros(1, 2, dtype=torch.float64), 2.0)
+    x = 2.0 * torch.randn(40000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    model = _gaussian_model(1.0)
+    metrics = toy_metrics(model, mix, x, batch_size=7000)
+    assert metrics["fisher_median"] == pytest.approx(0.5 * 9 / 16 * 8 * math.log(2), rel=0.03)
+    assert metrics["fisher"] == pytest.approx(0.5 * 9 / 16 * 8, rel=0.03)
+    terms = fisher_terms(model, mix, x, batch_size=7000)
+    torch.testing.assert_close(terms, 0.5 * (9 / 16) * x.pow(2).sum(1))
+    assert metrics["fisher"] == pytest.approx(float(terms.mean()), rel=1e-12)
+    # one far point moves the mean by its term / K, the median by almost nothing
+    far = torch.cat([x, torch.tensor([[400.0, 0.0]], dtype=torch.float64)])
+    with_far = toy_metrics(model, mix, far, batch_size=7000)
+    assert with_far["fisher"] - metrics["fisher"] > 0.5 * 9 / 16 * 400.0**2 / 40001 * 0.99
+    assert with_far["fisher_median"] == pytest.approx(metrics["fisher_median"], rel=1e-3)

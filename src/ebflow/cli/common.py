@@ -48,6 +48,8 @@ def format_metrics(split: str, m: dict) -> str:
         text += f"; raw (non-EMA) weights {m['raw_nll']:.3f} nats"
     if "kl" in m:
         text += f"; KL(data||model) {m['kl']:.4f}, Fisher divergence {m['fisher']:.4f}"
+        if "fisher_median" in m:
+            text += f" (median per point {m['fisher_median']:.4f})"
     return text
 
 

@@ -64,28 +64,37 @@ def last_failure(log_path: Path) -> str | None:
     return None
 
 
-def _reference_kl(run_dir: Path, res: dict[str, Any], offsets: dict[str, float]) -> float | None:
-    """The reference code's p·log p toy "KL" of a finished cell whose ``results.json`` predates
-    it: its KL plus the offset of its test points (the same for every model scored on them, so
-    computed once per data recipe); None when the run cannot be read back."""
-    if res.get("test_kl") is None:
-        return None
+def _backfill_toy_metrics(run_dir: Path, res: dict[str, Any], offsets: dict[str, float]) -> None:
+    """Fill in the toy metrics a finished cell's ``results.json`` predates, as its training run
+    would have recorded them: the reference code's p·log p "KL" (its KL plus the offset of its
+    test points, the same for every model scored on them, so computed once per data recipe) and
+    the median per-point Fisher term (from its evaluated checkpoint). A run that cannot be read
+    back leaves them None."""
+    need_reference = res.get("test_kl_reference") is None and res.get("test_kl") is not None
+    need_median = res.get("test_fisher_median") is None and res.get("test_fisher") is not None
+    if not (need_reference or need_median):
+        return
     from ...errors import EBFlowError
-    from ..evaluation.toy_metrics import reference_kl_offset
+    from ..evaluation.toy_metrics import fisher_terms, reference_kl_offset
     from ..rundir.load import load_run
 
     try:
-        run = load_run(run_dir)
-        key = repr(run.config.data)
-        if key not in offsets:
-            splits = run.splits()
-            if splits.mixture is None:
-                return None
-            offsets[key] = reference_kl_offset(splits.mixture, splits.split("test"))
+        checkpoint = run_dir / "checkpoints" / str(res.get("checkpoint", "best.pt"))
+        run = load_run(checkpoint if checkpoint.is_file() else run_dir)
+        splits = run.splits()
+        if splits.mixture is None:
+            return
+        x = splits.split("test")
+        if need_reference:
+            key = repr(run.config.data)
+            if key not in offsets:
+                offsets[key] = reference_kl_offset(splits.mixture, x)
+            res["test_kl_reference"] = float(res["test_kl"]) + offsets[key]
+        if need_median:
+            batch_size = run.config.bookkeeping.eval_batch_size
+            res["test_fisher_median"] = float(fisher_terms(run.model, splits.mixture, x, batch_size).median())
     except (EBFlowError, OSError) as err:
-        logger.warning("%s: no reference-formula KL (%s)", run_dir.name, err)
-        return None
-    return float(res["test_kl"]) + offsets[key]
+        logger.warning("%s: no reference-formula KL or median Fisher term (%s)", run_dir.name, err)
 
 
 def collect(table: str, cells: Sequence[Cell], out_dir: Path) -> list[dict[str, Any]]:
@@ -110,8 +119,8 @@ def collect(table: str, cells: Sequence[Cell], out_dir: Path) -> list[dict[str, 
         if results.exists():
             res = json.loads(results.read_text())
             rec.update(status="finished", results=res)
-            if cell.metric == "kl" and res.get("test_kl_reference") is None:
-                res["test_kl_reference"] = _reference_kl(run_dir, res, offsets)
+            if cell.metric == "kl":
+                _backfill_toy_metrics(run_dir, res, offsets)
             ours = res.get("test_kl") if cell.metric == "kl" else res.get("test_nll")
             rec["ours"] = ours
             if cell.paper is not None and ours is not None:
@@ -152,7 +161,7 @@ def render_report(table: str, records: Sequence[dict[str, Any]], machine: str) -
     if kl:
         head = (
             "| cell | objective | KL(data‖model) | KL, reference's p·log p formula | Fisher divergence | "
-            "test NLL | budget (min) | "
+            "Fisher, median per point | test NLL | budget (min) | "
             "iterations (evaluated / trained) | train min | ms/iter | device, threads |"
         )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -181,6 +190,7 @@ def render_report(table: str, records: Sequence[dict[str, Any]], machine: str) -
                         format_value(res.get("test_kl"), 4),
                         format_value(res.get("test_kl_reference"), 4),
                         format_value(res.get("test_fisher"), 4),
+                        format_value(res.get("test_fisher_median"), 4),
                         format_value(res.get("test_nll"), 3),
                         *common,
                         where,
@@ -214,6 +224,7 @@ def render_report(table: str, records: Sequence[dict[str, Any]], machine: str) -
             ("test_kl", "KL(data‖model)", 4),
             ("test_kl_reference", "KL, reference's formula", 4),
             ("test_fisher", "Fisher divergence", 4),
+            ("test_fisher_median", "Fisher, median per point", 4),
             ("test_nll", "test NLL", 3),
         ]
         if kl
@@ -352,7 +363,15 @@ def write_report(table: str, cells: Sequence[Cell], out_dir: Path) -> Path:
                 "machine": machine,
                 "cells": records,
                 "over_seeds": seed_summary(
-                    records, ["test_kl", "test_kl_reference", "test_fisher", "test_nll", "test_bpd"]
+                    records,
+                    [
+                        "test_kl",
+                        "test_kl_reference",
+                        "test_fisher",
+                        "test_fisher_median",
+                        "test_nll",
+                        "test_bpd",
+                    ],
                 ),
             },
             indent=2,
