@@ -217,6 +217,36 @@ def test_epoch_sampler_depends_only_on_seed_and_epoch():
     assert list(s) == first
 
 
+def test_epoch_sampler_without_shuffle_gives_the_data_order_every_epoch():
+    s = EpochShuffleSampler(10, seed=2, shuffle=False)
+    for epoch in (0, 3):
+        s.set_epoch(epoch)
+        assert list(s) == list(range(10))
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_shuffle_false_trains_on_the_same_batches_in_data_order_every_epoch(tmp_path, monkeypatch, shuffle):
+    """``shuffle: false`` (the reference's MNIST loader): epoch e's batch k is rows [kB, (k+1)B)
+    of the training split, every epoch; the default reshuffles every epoch."""
+    from ebflow.experiment.training.loop import Trainer
+
+    batches: list[torch.Tensor] = []
+    real = Trainer.train_step
+    monkeypatch.setattr(
+        Trainer, "train_step", lambda self, xb: (batches.append(xb.clone()), real(self, xb))[1]
+    )
+    config = _tiny(
+        max_iters=None, epochs=2, batch_size=400, eval_every=100, checkpoint_every=100, shuffle=shuffle
+    )
+    train(config, tmp_path / "r")
+    rows = load_run(tmp_path / "r").data("train")
+    per_epoch = rows.shape[0] // 400
+    assert len(batches) == 2 * per_epoch
+    in_order = [rows[k * 400 : (k + 1) * 400] for k in range(per_epoch)]
+    same_order = [torch.equal(b, in_order[k % per_epoch]) for k, b in enumerate(batches)]
+    assert all(same_order) if not shuffle else not any(same_order)
+
+
 def test_load_run_gives_the_ema_model_and_raw_data(tmp_path):
     train(_tiny(), tmp_path / "r")
     for path in (tmp_path / "r", tmp_path / "r" / "checkpoints" / "last.pt"):

@@ -320,6 +320,11 @@ class TrainingConfig:
         "images: random horizontal flips and translations by up to "
         "2 pixels of the training batches (the CIFAR-10 recipe)",
     )
+    shuffle: bool = key(
+        True,
+        "reshuffle the training set every epoch (false: the same batches in the same order every "
+        "epoch, as the reference code's MNIST loader)",
+    )
     max_nonfinite: int = key(20, "stop after this many consecutive non-finite steps", **_POS)
     grad_sync: str = key(
         "auto",

@@ -27,20 +27,23 @@ __all__ = [
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """A fresh permutation of ``range(n)`` per epoch, fixed by ``(seed, epoch)`` alone.
+    """A fresh permutation of ``range(n)`` per epoch, fixed by ``(seed, epoch)`` alone;
+    ``shuffle=False``: ``0, 1, ..., n - 1`` every epoch (the reference code's MNIST order).
 
     Any sampler with ``set_epoch`` can be injected in its place. It must yield the *global*
     order (the same on every process): in data-parallel runs the loader itself gives each
     process its rows of every global batch, so a ``DistributedSampler`` would shard twice.
     """
 
-    def __init__(self, n: int, seed: int = 0) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, seed: int = 0, *, shuffle: bool = True) -> None:
+        self.n, self.seed, self.epoch, self.shuffle = n, seed, 0, shuffle
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.n))
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return iter(torch.randperm(self.n, generator=g).tolist())
 

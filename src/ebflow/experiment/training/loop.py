@@ -93,7 +93,9 @@ class Trainer:
             check_pixel_range(self.splits.train, self.pre.num_bins, "training")
         self.train_data = self.splits.train.to(device)
         self.global_batch = config.training.batch_size
-        self.sampler = EpochShuffleSampler(self.train_data.shape[0], config.runtime.seed)
+        self.sampler = EpochShuffleSampler(
+            self.train_data.shape[0], config.runtime.seed, shuffle=config.training.shuffle
+        )
         self.loader = make_loader(
             self.train_data, self.global_batch, self.sampler, rank=dist.rank, world_size=dist.world_size
         )
