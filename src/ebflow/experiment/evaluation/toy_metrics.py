@@ -86,7 +86,12 @@ def _model_log_prob(model: EBFlow, x: Tensor, batch_size: int) -> Tensor:
 
 def kl_divergence(model: EBFlow, mix: ToyMixture, x: Tensor, batch_size: int = 5000) -> float:
     """Monte-Carlo KL(data || model) over samples ``x`` of the data density (nats)."""
-    return float((mixture_log_prob(mix, x) - _model_log_prob(model, x, batch_size)).mean())
+    return _kl_given_log_p(model, mixture_log_prob(mix, x), x, batch_size)
+
+
+def _kl_given_log_p(model: EBFlow, log_p: Tensor, x: Tensor, batch_size: int) -> float:
+    """``mean_k log p(x_k) − log q(x_k)`` with the data's ``log p(x_k)`` already computed."""
+    return float((log_p - _model_log_prob(model, x, batch_size)).mean())
 
 
 def fisher_terms(model: EBFlow, mix: ToyMixture, x: Tensor, batch_size: int = 5000) -> Tensor:
@@ -120,7 +125,7 @@ def toy_metrics(model: EBFlow, mix: ToyMixture, x: Tensor, batch_size: int = 500
     """``{"kl", "fisher", "fisher_median", "kl_reference"}`` of ``model`` against the smoothed
     data, on samples ``x`` (``kl_reference``: the reference code's p·log p formula)."""
     log_p = mixture_log_prob(mix, x)  # once: the KL and the reference's offset share it
-    kl = float((log_p - _model_log_prob(model, x, batch_size)).mean())
+    kl = _kl_given_log_p(model, log_p, x, batch_size)
     terms = fisher_terms(model, mix, x, batch_size)
     return {
         "kl": kl,
