@@ -26,7 +26,7 @@ from torch import Tensor
 from ebflow.flow import EBFlow
 from ebflow.objectives import make_objective
 
-__all__ = ["PrecisionRow", "compare_precision", "main"]
+__all__ = ["PrecisionRow", "compare_precision", "main", "markdown"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def compare_precision(
     ``name -> options`` (e.g. ``{"fdssm": {"eps": 0.1}}``), over ``draws`` noise draws."""
     if draws < 2:
         raise ValueError(f"draws must be at least 2 (the spread needs two), got {draws}")
-    m32 = model.float().train()
+    m32 = copy.deepcopy(model).float().train()  # the caller's model is left as it was
     m64 = copy.deepcopy(m32).double()
     x32, x64 = x.float(), x.double()
     with torch.no_grad():
