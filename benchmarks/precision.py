@@ -26,6 +26,8 @@ from torch import Tensor
 from ebflow.flow import EBFlow
 from ebflow.objectives import make_objective
 
+from .tables import markdown_table
+
 __all__ = ["PrecisionRow", "compare_precision", "main", "markdown"]
 
 
@@ -87,17 +89,24 @@ def compare_precision(
 
 def markdown(rows: Sequence[PrecisionRow]) -> str:
     """The rows as a Markdown table."""
-    lines = [
-        "| objective | loss: float32 vs float64 | gradient: float32 vs float64 "
-        "| gradient spread over noise draws | mean abs(E) |",
-        "|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r.objective} | {r.loss_rel_error:.1e} | {r.grad_rel_error:.1e} | "
-            f"{r.grad_spread_over_noise:.2f} | {r.mean_abs_energy:.1f} |"
+    header = (
+        "objective",
+        "loss: float32 vs float64",
+        "gradient: float32 vs float64",
+        "gradient spread over noise draws",
+        "mean abs(E)",
+    )
+    body = [
+        (
+            r.objective,
+            f"{r.loss_rel_error:.1e}",
+            f"{r.grad_rel_error:.1e}",
+            f"{r.grad_spread_over_noise:.2f}",
+            f"{r.mean_abs_energy:.1f}",
         )
-    return "\n".join(lines)
+        for r in rows
+    ]
+    return markdown_table(header, body)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
