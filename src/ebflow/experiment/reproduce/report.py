@@ -17,7 +17,7 @@ from typing import Any
 from ...errors import MissingDependencyError
 from ..images.plots import pyplot
 from .seeds import render_seed_summary, seed_summary
-from .tables import PAPER_BATCHES_PER_S, Cell
+from .tables import PAPER_BATCHES_PER_S, PAPER_TOLERANCE, Cell
 
 __all__ = [
     "collect",
@@ -247,11 +247,15 @@ def _claims(table: str, records: Sequence[dict[str, Any]]) -> list[str]:
     done = {r["cell"]: r for r in records if r.get("ours") is not None}
     out = []
     if table in PAPER_BATCHES_PER_S and done:
+        tolerance = PAPER_TOLERANCE[table]
         within = [
-            r["cell"] for r in done.values() if r.get("rel_diff") is not None and abs(r["rel_diff"]) <= 0.01
+            r["cell"]
+            for r in done.values()
+            if r.get("rel_diff") is not None and abs(r["rel_diff"]) <= tolerance
         ]
         out.append(
-            f"- Within 1 % of the paper: {len(within)} of {len(done)} finished cells"
+            f"- Within {tolerance * 100:.0f} % of the paper (this table's target): "
+            f"{len(within)} of {len(done)} finished cells"
             + (f" ({', '.join(within)})" if within else "")
             + "."
         )
