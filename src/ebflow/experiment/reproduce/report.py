@@ -17,7 +17,7 @@ from typing import Any
 from ...errors import MissingDependencyError
 from ..images.plots import pyplot
 from .seeds import render_seed_summary, seed_summary
-from .tables import PAPER_BATCHES_PER_S, PAPER_TOLERANCE, Cell
+from .tables import PAPER_TOLERANCE, Cell
 
 __all__ = [
     "collect",
@@ -246,7 +246,7 @@ def _iterations(res: dict[str, Any]) -> str:
 def _claims(table: str, records: Sequence[dict[str, Any]]) -> list[str]:
     done = {r["cell"]: r for r in records if r.get("ours") is not None}
     out = []
-    if table in PAPER_BATCHES_PER_S and done:
+    if table in PAPER_TOLERANCE and done:
         tolerance = PAPER_TOLERANCE[table]
         within = [
             r["cell"]
