@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -61,6 +64,7 @@ def _record(cell, curve, *, status="finished", ms=100.0, steps=1000, test=None):
         "checkpoint_step": steps,
         "test_nll": test if test is not None else curve[-1][1] if curve else None,
         "test_bpd": 2.0,
+        "train_peak_memory_bytes": 2 * 2**30 + 2**29,
         "peak_memory_bytes": 3 * 2**30,
     }
     rec = {"cell": cell, "status": status, "curve": curve, "run_dir": "/nonexistent", "budget_minutes": 30.0}
@@ -102,7 +106,7 @@ def test_summary_targets_times_speedups_and_exponents():
     assert exps["dsm"]["exponent"] is None  # one D only
     text = render_scaling_report(summary, "test machine")
     assert "Target: **100.0 nats**" in text and "| DSM | finished | 95.0 |" in text
-    assert "| FDSSM | finished |" in text and "| not reached |" in text and "3.00 GiB" in text
+    assert "| FDSSM | finished |" in text and "| not reached |" in text and "2.50 GiB / 3.00 GiB" in text
     assert "DSM reaches ML's final validation NLL (100.0 nats) first (DSM 5.0 min, SSM 10.0 min" in text
     assert "6.0× faster than ML and 3.3× faster than ML-LU" in text
     assert "≥ 12.5× over ML-LU" in text and "FDSSM (best 101.0, +1.0)" in text
@@ -150,3 +154,38 @@ def test_peak_memory_is_in_bytes_and_sees_a_large_allocation():
     x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     assert before is not None and peak_memory_bytes() >= 64 * 2**20
     del x
+
+
+_PLANTED_TEST_ALLOCATION = r"""
+import sys, torch
+import ebflow.experiment.training.results as results
+real = results.evaluate_nll
+def evaluate_with_a_large_buffer(*args, **kwargs):
+    buffer = torch.ones(96 * 2**20)  # 384 MiB, touched: only the final test allocates it
+    out = real(*args, **kwargs)
+    return out if buffer.sum() > 0 else None
+results.evaluate_nll = evaluate_with_a_large_buffer
+from ebflow.cli import main
+sys.exit(main(["train", "--out", sys.argv[1], "--set", "max_iters=3", "--set", "epochs=null",
+               "--set", "eval_every=100", "--set", "progress=false", "--set", "tensorboard=false",
+               "--set", "num_samples=4"]))
+"""
+
+
+def test_results_record_the_training_peak_apart_from_the_final_test(tmp_path):
+    """``train_peak_memory_bytes`` is read when training stops, before the final test:
+    a 384 MiB buffer that only the test allocates raises ``peak_memory_bytes`` (the whole
+    process) by about that much and leaves the training peak below it."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _PLANTED_TEST_ALLOCATION, str(run)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((run / "results.json").read_text())
+    train_peak, peak = results["train_peak_memory_bytes"], results["peak_memory_bytes"]
+    assert 20 * 2**20 < train_peak < peak - 300 * 2**20, (train_peak, peak)

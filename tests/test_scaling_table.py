@@ -152,11 +152,12 @@ def test_reproduce_scaling_end_to_end_then_report_only(tmp_path, capsys):
     assert code == 0, (capsys.readouterr().err, {p.name: p.read_text()[-3000:] for p in table.glob("*.log")})
     results = json.loads((table / "d3136-ssm" / "results.json").read_text())
     assert results["peak_memory_bytes"] > 10 * 2**20 and results["iterations"] > 0
+    assert 10 * 2**20 < results["train_peak_memory_bytes"] <= results["peak_memory_bytes"]
     assert "data: mnist-mosaic2" in (table / "d3136-ssm" / "config.yaml").read_text()
     report = (table / "report.md").read_text()
     assert "## D = 784 (mnist-fc, 28×28)" in report and "## D = 3,136" in report
     assert "time to target (min)" in report and "## Findings" in report
-    assert re.search(r"\| \d+(\.\d+)? (MiB|GiB) \|", report)  # the peak memory column
+    assert re.search(r"\| \d+(\.\d+)? (MiB|GiB) / \d+(\.\d+)? (MiB|GiB) \|", report)  # peak memory
     data_json = json.loads((table / "results.json").read_text())
     d784 = data_json["dimensions"][0]
     ml_curve = next(c["curve"] for c in data_json["cells"] if c["cell"] == "d784-ml")

@@ -58,6 +58,7 @@ def _row(rec: dict[str, Any], target: float | None) -> dict[str, Any]:
         "steps": steps,
         "train_minutes": seconds / 60 if seconds is not None else None,
         "ms_per_step": 1000 * seconds / steps if steps and seconds is not None else None,
+        "train_peak_memory_bytes": res.get("train_peak_memory_bytes"),
         "peak_memory_bytes": res.get("peak_memory_bytes"),
         "budget_minutes": rec.get("budget_minutes"),
         "best_val_nll": min(v for _, v in curve) if curve else None,
@@ -154,7 +155,7 @@ def _dimension_section(dim: dict[str, Any]) -> list[str]:
         out += [f"Target: **{target:,.1f} nats**, ML's final validation NLL{note}.", ""]
     head = (
         "| objective | status | test NLL (nats) | bits/dim | steps (evaluated / trained) | ms/step | "
-        "peak memory | time to target (min) | trained (min) | budget (min) |"
+        "peak memory (training / with the test) | time to target (min) | trained (min) | budget (min) |"
     )
     out += [head, "|" + "---|" * 10]
     for r in dim["rows"]:
@@ -163,7 +164,8 @@ def _dimension_section(dim: dict[str, Any]) -> list[str]:
         out.append(
             f"| {_name(r['objective'])} | {r['status']} | {format_value(r['test_nll'])} | "
             f"{format_value(r['test_bpd'], 3)} | "
-            f"{steps} | {format_value(r['ms_per_step'])} | {_memory(r['peak_memory_bytes'])} | {time} | "
+            f"{steps} | {format_value(r['ms_per_step'])} | "
+            f"{_memory(r['train_peak_memory_bytes'])} / {_memory(r['peak_memory_bytes'])} | {time} | "
             f"{format_value(r['train_minutes'])} | {format_value(r['budget_minutes'])} |"
         )
     best = dim["best_score_matching"]

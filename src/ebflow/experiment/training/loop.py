@@ -40,6 +40,7 @@ from ..rundir.files import first_line
 from ..rundir.metrics import MetricsLog
 from .compiling import CompileClock
 from .inputs import StepInputs
+from .memory import peak_memory_bytes
 from .progress import ProgressBar, ValidationReport
 from .state import StopRequest, TrainingDivergedError, TrainingInterrupted, TrainState
 from .step import StepOutcome, StepWindow, optimization_step
@@ -116,6 +117,9 @@ class Trainer:
         self.bar: ProgressBar | None = None
         self.report = ValidationReport(run_dir, f"{config.runtime.name} ({config.objective.loss})")
         self.window = StepWindow()
+        #: this process's peak resident memory when training stopped, before the final test
+        #: (``train_peak_memory_bytes`` in ``results.json``; None until :meth:`run` returns)
+        self.train_peak_memory_bytes: int | None = None
         if resume_state is not None:
             self._load_state(resume_state)
         else:
@@ -257,6 +261,7 @@ class Trainer:
                     if self.done() or self.counters.batch_in_epoch == 0:  # budget spent, or epoch over
                         break
                     t0 = time.perf_counter()
+        self.train_peak_memory_bytes = peak_memory_bytes()
 
     def after_step(self, out: StepOutcome) -> None:
         """Bookkeeping after a step (not counted as training time); on a stop request, a

@@ -160,7 +160,10 @@ def _write_results(trainer: Trainer, run: Any, test: dict[str, float], log: Metr
         "map": config.preprocessing.map,
         "threads": torch.get_num_threads(),
         "device": str(trainer.device),
-        "peak_memory_bytes": peak_memory_bytes(),  # of this process, at the end of its test
+        # of this process: when training stopped (steps, validations, checkpoints), and at the
+        # end of its test (which holds the trainer and the tested checkpoint's model at once)
+        "train_peak_memory_bytes": trainer.train_peak_memory_bytes,
+        "peak_memory_bytes": peak_memory_bytes(),
         **{f"test_{k}": v for k, v in test.items()},
     }
     write_text_atomic(trainer.run_dir / "results.json", json.dumps(results, indent=2), "results")
