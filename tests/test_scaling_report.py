@@ -15,6 +15,7 @@ import torch
 from ebflow.experiment.reproduce.scaling_metrics import growth_exponent, time_to_target
 from ebflow.experiment.reproduce.scaling_report import render_scaling_report, summarise, write_scaling_report
 from ebflow.experiment.reproduce.tables import cells_of
+from ebflow.experiment.training import memory as memory_module
 from ebflow.experiment.training.memory import peak_memory_bytes
 
 
@@ -154,6 +155,22 @@ def test_peak_memory_is_in_bytes_and_sees_a_large_allocation():
     x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     assert before is not None and peak_memory_bytes() >= 64 * 2**20
     del x
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the inherited peak is Linux's ru_maxrss")
+def test_a_process_started_by_a_large_one_reports_its_own_peak():
+    """Linux keeps ``ru_maxrss`` across ``exec``: a cell started by a large parent would report
+    the parent's peak. A small child (the memory module alone, no torch) of this process, made
+    at least 512 MiB larger first, reports far less than this process's peak."""
+    buffer = torch.ones(128 * 2**20)  # 512 MiB, touched
+    parent = peak_memory_bytes()
+    code = "import runpy, sys; print(runpy.run_path(sys.argv[1])['peak_memory_bytes']())"
+    out = subprocess.run(
+        [sys.executable, "-c", code, memory_module.__file__], capture_output=True, text=True, check=True
+    ).stdout
+    del buffer
+    assert parent is not None and parent >= 512 * 2**20
+    assert 0 < int(out) < 256 * 2**20 < parent - 256 * 2**20, (int(out), parent)
 
 
 _PLANTED_TEST_ALLOCATION = r"""
