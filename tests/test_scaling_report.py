@@ -178,7 +178,7 @@ import sys, torch
 import ebflow.experiment.training.results as results
 real = results.evaluate_nll
 def evaluate_with_a_large_buffer(*args, **kwargs):
-    buffer = torch.ones(96 * 2**20)  # 384 MiB, touched: only the final test allocates it
+    buffer = torch.ones(128 * 2**20)  # 512 MiB, touched: only the final test allocates it
     out = real(*args, **kwargs)
     return out if buffer.sum() > 0 else None
 results.evaluate_nll = evaluate_with_a_large_buffer
@@ -191,7 +191,7 @@ sys.exit(main(["train", "--out", sys.argv[1], "--set", "max_iters=3", "--set", "
 
 def test_results_record_the_training_peak_apart_from_the_final_test(tmp_path):
     """``train_peak_memory_bytes`` is read when training stops, before the final test:
-    a 384 MiB buffer that only the test allocates raises ``peak_memory_bytes`` (the whole
+    a 512 MiB buffer that only the test allocates raises ``peak_memory_bytes`` (the whole
     process) by about that much and leaves the training peak below it."""
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
