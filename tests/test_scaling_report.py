@@ -109,7 +109,8 @@ def test_summary_targets_times_speedups_and_exponents():
     assert "Target: **100.0 nats**" in text and "| DSM | finished | 95.0 |" in text
     assert "| FDSSM | finished |" in text and "| not reached |" in text and "2.50 GiB / 3.00 GiB" in text
     assert "DSM reaches ML's final validation NLL (100.0 nats) first (DSM 5.0 min, SSM 10.0 min" in text
-    assert "6.0× faster than ML and 3.3× faster than ML-LU" in text
+    assert "Score matching (DSM) reaches it 6.0× sooner than ML and 3.3× sooner than ML-LU" in text
+    assert "reaches it 15.0× sooner than ML and ≥ 12.5× sooner than ML-LU" in text  # D = 3,136
     assert "≥ 12.5× over ML-LU" in text and "FDSSM (best 101.0, +1.0)" in text
     assert "ML 3.00 (D = 784, 3,136)" in text and "| ML | 200.0 | 12,800.0 | 3.00 |" in text
 
@@ -206,3 +207,39 @@ def test_results_record_the_training_peak_apart_from_the_final_test(tmp_path):
     results = json.loads((run / "results.json").read_text())
     train_peak, peak = results["train_peak_memory_bytes"], results["peak_memory_bytes"]
     assert 20 * 2**20 < train_peak < peak - 300 * 2**20, (train_peak, peak)
+
+
+def test_a_score_matching_objective_slower_than_ml_lu_is_not_called_faster():
+    """A speed-up below 1 is a slow-down: "takes 1.3× as long as ML-LU", never "0.8× faster"."""
+    records = [
+        _record("d784-ml", [(600.0, 120.0), (1800.0, 100.0)]),
+        _record("d784-ml-lu", [(300.0, 100.0)]),
+        _record("d784-dsm", [(390.0, 100.0)]),
+    ]
+    text = render_scaling_report(summarise(records), "m")
+    assert "Score matching (DSM) reaches it 4.6× sooner than ML and takes 1.3× as long as ML-LU." in text
+    assert "faster" not in text
+
+
+def test_cells_still_to_run_or_finish_are_not_reported_as_having_missed_the_target():
+    """While cells run, "not reached" is kept for stopped cells: an unfinished one is "not yet",
+    one not run has no time, and the finding says that score matching has not reached it *yet*."""
+    records = [
+        _record("d7056-ml", [(600.0, 120.0), (3600.0, 100.0)]),
+        _record("d7056-ssm", [(120.0, 300.0)], status="unfinished"),
+        _record("d7056-dsm", [], status="not run"),
+        _record("d7056-fdssm", [(120.0, 400.0), (3600.0, 150.0)]),
+    ]
+    text = render_scaling_report(summarise(records), "m")
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.count(" | ") == 9}  # cells
+    assert rows["| SSM"].split(" | ")[7] == "not yet"
+    assert rows["| DSM"].split(" | ")[7] == "–"
+    assert rows["| FDSSM"].split(" | ")[7] == "not reached"
+    assert "not reached by FDSSM (best 150.0, +50.0); not yet reached by SSM (best 300.0, +200.0)" in text
+    assert "No score-matching objective has reached it yet (SSM unfinished, DSM not run)" in text
+    assert "within its budget" not in text
+    # once every score-matching cell has stopped, the finding is final
+    done = [records[0], records[3]]
+    assert "No score-matching objective reaches it within its budget" in render_scaling_report(
+        summarise(done), "m"
+    )
