@@ -159,9 +159,8 @@ def _versus(s: dict[str, Any] | None, name: str, verb: str = "reaches it ") -> s
     ML-LU" (a speed-up of 0.8× is a slow-down, not "0.8× faster")."""
     if s is None:
         return f"has no time to compare with {name}'s"
-    bound = "≥ " if s["lower_bound"] else ""
     if s["factor"] >= 1 or s["lower_bound"]:
-        return f"{verb}{bound}{s['factor']:.1f}× sooner than {name}"
+        return f"{verb}{_factor(s)} sooner than {name}"
     return f"takes {1 / s['factor']:.1f}× as long as {name}"
 
 
@@ -237,7 +236,7 @@ def _findings(summary: dict[str, Any]) -> list[str]:
             continue
         rows = {r["objective"]: r for r in dim["rows"]}
         order = dim["order"]
-        line = f"- D = {d:,}: "
+        line = prefix = f"- D = {d:,}: "
         if order:
             times = ", ".join(f"{_name(o)} {rows[o]['time_to_target_s'] / 60:.1f} min" for o in order)
             line += (
@@ -250,7 +249,7 @@ def _findings(summary: dict[str, Any]) -> list[str]:
             missed = [r for r in unreached if _still_running(r) == still]
             if missed:
                 line += (
-                    ("; " if line != f"- D = {d:,}: " else "")
+                    ("; " if line != prefix else "")
                     + verb
                     + ", ".join(
                         f"{_name(r['objective'])} (best {r['best_val_nll']:,.1f}, "
