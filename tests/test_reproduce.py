@@ -246,6 +246,12 @@ def test_zoomed_plot_range_shows_the_paper_and_the_end_of_each_curve_not_its_sta
         "status": "unfinished",
     }
     assert zoom_limits([*finished, running]) == zoom_limits(finished)
+    # a lone finished curve ending on its best value (27,812.9 nats) still gets a readable range
+    lone = [
+        {"curve": [(0.0, 40000.0), (60.0, 27812.9)], "paper": None, "metric": "nll", "status": "finished"}
+    ]
+    lo, hi = zoom_limits(lone)
+    assert lo < 27812.9 < hi and hi - lo == pytest.approx(0.01 * 27812.9)
 
 
 @pytest.mark.parametrize("dropped, claim", [(0.5, "EMA helps, MaP helps."), (1.0, "dropped every example")])

@@ -295,7 +295,8 @@ def _claims(table: str, records: Sequence[dict[str, Any]]) -> list[str]:
 def zoom_limits(records: Sequence[dict[str, Any]]) -> tuple[float, float] | None:
     """The y range of the zoomed panel: the paper's values and every curve's best and last
     value, with a margin; the early, far larger values of a curve fall outside it. While some
-    cells have finished, the others' (still early) curves do not widen the range."""
+    cells have finished, the others' (still early) curves do not widen the range. The range is
+    at least 1 % of its top wide, so a lone curve whose best is its last value stays readable."""
     points = []
     finished = [r for r in records if r.get("status") == "finished"]
     for r in finished or records:
@@ -307,7 +308,7 @@ def zoom_limits(records: Sequence[dict[str, Any]]) -> tuple[float, float] | None
     if not points:
         return None
     lo, hi = min(points), max(points)
-    span = max(hi - lo, 1e-3 * max(abs(hi), 1.0))
+    span = max(hi - lo, 0.02 * max(abs(hi), 1.0))
     return lo - 0.15 * span, hi + 0.35 * span
 
 
