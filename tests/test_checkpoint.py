@@ -37,6 +37,25 @@ def test_round_trip_keeps_every_value(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temp file left
 
 
+def test_digest_of_a_fixed_state_is_pinned_so_older_checkpoints_still_verify():
+    # the digest is over each tensor's bytes (non-contiguous, bool, bfloat16, empty included);
+    # hashing them any other way would reject every checkpoint written before as "corrupted"
+    state = {
+        "model": {
+            "w": torch.arange(12, dtype=torch.float32).reshape(3, 4).t(),
+            "b": torch.linspace(-1, 1, 5, dtype=torch.float64),
+        },
+        "counts": torch.tensor([3, -7], dtype=torch.int64),
+        "mask": torch.tensor([True, False, True]),
+        "half": torch.arange(4, dtype=torch.bfloat16),
+        "empty": torch.empty(0, 3),
+        "step": 7,
+        "name": "x",
+        "lr": [1e-4, 0.5],
+    }
+    assert state_digest(state) == "3c5d466d665476bfed66850484e8a463a9ba2995f795b702574a203e38b993aa"
+
+
 def test_digest_changes_with_any_tensor_byte():
     state = _state()
     before = state_digest(state)

@@ -92,8 +92,11 @@ def finish_run(trainer: Trainer, log: MetricsLog | None) -> dict[str, float]:
     """Test the best-validation checkpoint; write results.json, samples.png (density.png).
 
     In a data-parallel run rank 0 reads the checkpoint and shares its weights; the test NLL is
-    computed on shards and reduced exactly; only rank 0 writes."""
+    computed on shards and reduced exactly; only rank 0 writes. The trainer's optimiser state,
+    gradients and EMA averages are freed first (:meth:`Trainer.release_training_state`): the
+    test needs only the checkpoint and the model's weights."""
     ctx = trainer.dist
+    trainer.release_training_state()
 
     ckpt = trainer.run_dir / "checkpoints" / "best.pt"
     if not ckpt.exists():
@@ -130,6 +133,7 @@ def finish_run(trainer: Trainer, log: MetricsLog | None) -> dict[str, float]:
         raw.model, trainer.splits.split("test"), trainer.pre, trainer.use_map, batch_size, seed=seed
     )
     test.update(raw_nll=raw_test["nll"], raw_bpd=raw_test["bpd"])
+    del raw  # its weights are not needed for the samples
     if trainer.splits.mixture is not None:
         test.update(toy_metrics(run.model, trainer.splits.mixture, trainer.splits.split("test"), batch_size))
     _write_results(trainer, run, test, log)
@@ -161,7 +165,7 @@ def _write_results(trainer: Trainer, run: Any, test: dict[str, float], log: Metr
         "threads": torch.get_num_threads(),
         "device": str(trainer.device),
         # of this process: when training stopped (steps, validations, checkpoints), and at the
-        # end of its test (which holds the trainer and the tested checkpoint's model at once)
+        # end of its test (the trainer's model and the tested checkpoint's model at once)
         "train_peak_memory_bytes": trainer.train_peak_memory_bytes,
         "peak_memory_bytes": peak_memory_bytes(),
         **{f"test_{k}": v for k, v in test.items()},
