@@ -8,13 +8,15 @@ RMSprop (the MNIST recipes; torch's default smoothing α = 0.99) divides the fir
 script measures it: one training step of the preset's own recipe (optimiser, learning rate,
 initialisation, first batch), then for every square weight :math:`\max|\Delta W|`,
 :math:`\|\Delta W\|_2` (power iteration, float64), the bound :math:`D\max|\Delta W|` and
-:math:`\|W_0\|_2`. The scaling study (``docs/scaling.md``) cites it for D = 784 and 3,136::
+:math:`\|W_0\|_2`. The scaling study (``docs/scaling.md``) cites it::
 
     python -m benchmarks.first_update --preset mnist-fc mnist-mosaic2-fc --loss ml ssm \
-        --data-dir PATH/TO/mnist
+        --data-dir PATH/TO/mnist --nll
 
 Prints one Markdown row per (preset, objective, weight). ``--max-train`` (default 500) keeps the
-data small: only the first batch is used.
+data small: only the first batch is used. ``--nll`` adds a second table: the exact validation NLL
+of the weights themselves (not their average) before and after that step, one row per (preset,
+objective).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["UpdateSize", "first_update_sizes", "operator_norm", "main"]
+__all__ = ["UpdateSize", "FirstUpdate", "first_update", "operator_norm", "main"]
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,21 @@ class UpdateSize:
         return self.max_abs_update * self.dimension
 
 
+@dataclass(frozen=True)
+class FirstUpdate:
+    """The first step of one preset under one objective: each square weight's update, and with
+    ``nll=True`` the validation NLL (``nll`` nats per example, ``bpd`` bits/dim) of the weights
+    before and after it."""
+
+    preset: str
+    loss: str
+    sizes: list[UpdateSize]
+    val_nll_before: dict[str, float] | None = None
+    val_nll_after: dict[str, float] | None = None
+
+
 def operator_norm(m: Tensor, iters: int = 100, seed: int = 0) -> float:
-    """:math:`\\|m\\|_2`, the largest singular value, by power iteration on :math:`m^T m` (float64)."""
+    r""":math:`\|m\|_2`, the largest singular value, by power iteration on :math:`m^T m` (float64)."""
     m = m.detach().double()
     v = torch.randn(m.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     v /= v.norm()
@@ -65,10 +80,14 @@ def operator_norm(m: Tensor, iters: int = 100, seed: int = 0) -> float:
     return float((m @ v).norm())
 
 
-def first_update_sizes(preset: str, loss: str, overrides: dict[str, Any] | None = None) -> list[UpdateSize]:
-    """One training step of ``preset`` with ``loss`` on one thread; the size of each square
-    weight's update. ``overrides`` are config keys (e.g. ``data_dir``, ``max_train``)."""
+def first_update(
+    preset: str, loss: str, overrides: dict[str, Any] | None = None, *, nll: bool = False
+) -> FirstUpdate:
+    """One training step of ``preset`` with ``loss`` on one thread: the size of each square
+    weight's update; with ``nll``, the exact validation NLL of the weights (not the EMA) before
+    and after it. ``overrides`` are config keys (e.g. ``data_dir``, ``max_train``)."""
     from ebflow.experiment.config.resolve import resolve_config
+    from ebflow.experiment.evaluation.nll import EVAL_SEED_OFFSET, evaluate_nll
     from ebflow.experiment.training.loop import Trainer
 
     quiet = {"tensorboard": False, "progress": False, "num_threads": 1}
@@ -79,18 +98,33 @@ def first_update_sizes(preset: str, loss: str, overrides: dict[str, Any] | None 
         with tempfile.TemporaryDirectory() as tmp:
             trainer = Trainer(config, Path(tmp) / "run", device=torch.device("cpu"))
             trainer.initialize()
-            square = {
+
+            def val_nll() -> dict[str, float]:
+                trainer.model.eval()
+                out = evaluate_nll(
+                    trainer.model,
+                    trainer.splits.split("val"),
+                    trainer.pre,
+                    trainer.use_map,
+                    config.bookkeeping.eval_batch_size,
+                    seed=config.runtime.seed + EVAL_SEED_OFFSET,
+                )
+                trainer.model.train()
+                return out
+
+            before = val_nll() if nll else None
+            initial = {
                 n: p.detach().clone()
                 for n, p in trainer.model.named_parameters()
                 if p.ndim == 2 and p.shape[0] == p.shape[1]
             }
             trainer.model.train()
             trainer.train_step(next(iter(trainer.loader)))
-            rows = []
+            sizes = []
             for name, p in trainer.model.named_parameters():
-                if name in square:
-                    delta = p.detach() - square[name]
-                    rows.append(
+                if name in initial:
+                    delta = p.detach() - initial[name]
+                    sizes.append(
                         UpdateSize(
                             preset,
                             loss,
@@ -99,16 +133,16 @@ def first_update_sizes(preset: str, loss: str, overrides: dict[str, Any] | None 
                             config.optim.lr,
                             float(delta.abs().max()),
                             operator_norm(delta),
-                            operator_norm(square[name]),
+                            operator_norm(initial[name]),
                         )
                     )
-            return rows
+            return FirstUpdate(preset, loss, sizes, before, val_nll() if nll else None)
     finally:
         torch.set_num_threads(threads)
 
 
-def format_rows(rows: Sequence[UpdateSize]) -> str:
-    """The Markdown table the script prints."""
+def format_sizes(rows: Sequence[UpdateSize]) -> str:
+    """The Markdown table of the updates' sizes."""
     lines = [
         "| preset | objective | weight | D | lr | max abs update | ‖ΔW‖₂ | D·max abs update | ‖W₀‖₂ |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -118,6 +152,21 @@ def format_rows(rows: Sequence[UpdateSize]) -> str:
             f"| {r.preset} | {r.loss} | {r.weight} | {r.dimension:,} | {r.lr:g} | {r.max_abs_update:.3g} "
             f"| {r.update_norm:.3f} | {r.bound:.3f} | {r.initial_norm:.3f} |"
         )
+    return "\n".join(lines)
+
+
+def format_nll(runs: Sequence[FirstUpdate]) -> str:
+    """The Markdown table of the validation NLL of the weights before and after the first step."""
+    lines = [
+        "| preset | objective | val NLL before (nats) | bits/dim | after one step (nats) | bits/dim |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        b, a = r.val_nll_before, r.val_nll_after
+        if b is not None and a is not None:
+            lines.append(
+                f"| {r.preset} | {r.loss} | {b['nll']:,.1f} | {b['bpd']:.2f} | {a['nll']:,.1f} | {a['bpd']:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -131,14 +180,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--loss", nargs="+", default=["ml", "ssm"], help="objectives (default ml ssm)")
     parser.add_argument("--data-dir", help="folder of the MNIST IDX files (MNIST presets)")
     parser.add_argument("--max-train", type=int, default=500, help="training examples to load (default 500)")
+    parser.add_argument(
+        "--nll", action="store_true", help="also the validation NLL before and after the step"
+    )
     args = parser.parse_args(argv)
-    overrides: dict[str, Any] = {"max_train": args.max_train, "max_eval": 100}
+    overrides: dict[str, Any] = {"max_train": args.max_train}
     if args.data_dir:
         overrides.update(data_dir=args.data_dir, download=False)
-    rows = [
-        r for preset in args.preset for loss in args.loss for r in first_update_sizes(preset, loss, overrides)
+    runs = [
+        first_update(preset, loss, overrides, nll=args.nll) for preset in args.preset for loss in args.loss
     ]
-    print(format_rows(rows))
+    print(format_sizes([size for run in runs for size in run.sizes]))
+    if args.nll:
+        print()
+        print(format_nll(runs))
     return 0
 
 
