@@ -243,3 +243,24 @@ def test_cells_still_to_run_or_finish_are_not_reported_as_having_missed_the_targ
     assert "No score-matching objective reaches it within its budget" in render_scaling_report(
         summarise(done), "m"
     )
+
+
+def test_an_unfinished_ml_lu_gives_no_speed_up_bound_over_it():
+    """ML-LU still training (8.8 of 60 min, above the target) may yet reach it before DSM's 47.6 min:
+    no "≥ 0.2×" bound from its time so far, only the speed-up over ML and ML-LU listed as pending."""
+    records = [
+        _record("d7056-ml", [(600.0, 40000.0), (3618.0, 27812.9)]),
+        _record("d7056-ml-lu", [(120.0, 285000.0), (528.0, 186480.0)], status="unfinished"),
+        _record("d7056-dsm", [(2760.0, 29784.9), (2881.0, 27346.5), (3600.0, 20206.5)]),
+    ]
+    dim = summarise(records)["dimensions"][0]
+    assert dim["speedup_over_ml_lu"] is None and dim["speedup_over_ml"]["lower_bound"] is False
+    text = render_scaling_report(summarise(records), "m")
+    assert "≥" not in text and "over ML-LU" not in text and "than ML-LU" not in text
+    assert (
+        "not yet reached by ML-LU (best 186,480.0, +158,667.1). Score matching (DSM) reaches it 1.3× sooner than ML."
+        in text
+    )
+    # stopped without reaching it, its training time is a bound again
+    records[1] = _record("d7056-ml-lu", [(120.0, 285000.0), (3600.0, 30000.0)])
+    assert summarise(records)["dimensions"][0]["speedup_over_ml_lu"]["lower_bound"] is True

@@ -69,14 +69,15 @@ def _row(rec: dict[str, Any], target: float | None) -> dict[str, Any]:
 
 
 def _speedup(rows: dict[str, dict[str, Any]], best: dict[str, Any] | None, ref: str) -> dict[str, Any] | None:
-    """``ref``'s time to target over the fastest score-matching objective's; when ``ref`` never
-    reached it, a lower bound: its training time so far over that time."""
+    """``ref``'s time to target over the fastest score-matching objective's; when ``ref`` stopped
+    (finished or failed) without reaching it, a lower bound: its training time over that time.
+    None while ``ref`` is unfinished and has not reached it: it may still get there sooner."""
     other = rows.get(ref)
     if best is None or other is None or not best["time_to_target_s"]:
         return None
     if other["time_to_target_s"] is not None:
         return {"factor": other["time_to_target_s"] / best["time_to_target_s"], "lower_bound": False}
-    if other["last_val_seconds"] is None:
+    if other["last_val_seconds"] is None or _still_running(other):
         return None
     return {"factor": other["last_val_seconds"] / best["time_to_target_s"], "lower_bound": True}
 
