@@ -120,7 +120,7 @@ class Trainer:
         #: this process's peak resident memory when training stopped, before the final test
         #: (``train_peak_memory_bytes`` in ``results.json``; None until :meth:`run` returns)
         self.train_peak_memory_bytes: int | None = None
-        self.released = False  # release_training_state() ran: no more checkpoints
+        self.released = False  # results.release_training_state ran: no more checkpoints
         if resume_state is not None:
             self._load_state(resume_state)
         else:
@@ -183,16 +183,6 @@ class Trainer:
             raise RuntimeError("internal error: a trainer whose training state was released cannot save")
         if self.is_main:
             save_checkpoint(self.run_dir / "checkpoints" / name, self.state())
-
-    def release_training_state(self) -> None:
-        """Free what only training needs once it is over: the optimiser's state, the gradients
-        and the EMA's averages (for two dense D×D layers with RMSprop, 6·D² numbers: 1.2 GB at
-        D = 7,056), before the final test loads the best checkpoint. The model's weights stay;
-        the trainer can no longer :meth:`save`."""
-        self.optimizer.state.clear()
-        self.model.zero_grad(set_to_none=True)
-        self.ema.shadow = {}
-        self.released = True
 
     # -- one step -------------------------------------------------------------------------
     def smoothing_std(self) -> float:
