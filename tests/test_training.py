@@ -17,7 +17,7 @@ from ebflow.experiment.config.resolve import resolve_config
 from ebflow.experiment.data.batches import EpochShuffleSampler, model_input
 from ebflow.experiment.evaluation.nll import evaluate_nll
 from ebflow.experiment.rundir.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ebflow.experiment.rundir.load import load_run
+from ebflow.experiment.rundir.load import load_run, load_run_and_raw_weights, swap_weights
 from ebflow.experiment.training.run import train
 from ebflow.experiment.training.state import TrainingDivergedError
 from kill_at_step import KILL_ENV as FAULT_ENV
@@ -192,18 +192,70 @@ def test_final_test_frees_the_training_state_before_it_loads_the_best_checkpoint
         t = trainers[0]
         grads = [p.grad for p in t.model.parameters()]
         seen.append((len(t.optimizer.state), sum(g is not None for g in grads), len(t.ema.shadow)))
-        return load_run(*args, **kwargs)
+        return load_run_and_raw_weights(*args, **kwargs)
 
     monkeypatch.setattr(loop.Trainer, "run", run_and_keep)
-    monkeypatch.setattr(results, "load_run", load_and_look)
+    monkeypatch.setattr(results, "load_run_and_raw_weights", load_and_look)
     result = train(_tiny(), tmp_path / "r")
-    assert seen == [(0, 0, 0), (0, 0, 0)]  # the EMA and the raw weights are both loaded after it
+    # one read of the checkpoint serves the EMA and the raw weights, after the release
+    assert seen == [(0, 0, 0)]
     assert math.isfinite(result.test["nll"]) and math.isfinite(result.test["raw_nll"])
     # the released trainer refuses to write a checkpoint that would lack them
     with pytest.raises(RuntimeError, match="released"):
         trainers[0].save("last.pt")
     state = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")
     assert state["optimizer"]["state"] and state["ema"]["shadow"]  # the run's own checkpoint is whole
+
+
+def test_final_test_scores_the_raw_weights_and_draws_samples_from_the_ema_ones(tmp_path, monkeypatch):
+    # the raw weights are swapped into the tested model and back: a swap that did nothing would
+    # report the EMA NLL twice, one that was not undone would draw the samples from the raw weights
+    from ebflow.experiment.training import results
+
+    sampled = []
+    save = results.save_samples
+
+    def look_and_save(run, *args, **kwargs):
+        sampled.append({k: v.clone() for k, v in run.model.state_dict().items()})
+        return save(run, *args, **kwargs)
+
+    monkeypatch.setattr(results, "save_samples", look_and_save)
+    result = train(_tiny(max_iters=9), tmp_path / "r")
+    ema, raw = load_run(tmp_path / "r"), load_run(tmp_path / "r", weights="raw")
+    assert not _equal_states(ema.model.state_dict(), raw.model.state_dict())
+    assert result.test["nll"] == pytest.approx(ema.evaluate("test")["nll"], rel=1e-12)
+    assert result.test["raw_nll"] == pytest.approx(raw.evaluate("test")["nll"], rel=1e-12)
+    assert result.test["raw_nll"] != result.test["nll"]
+    assert len(sampled) == 1 and _equal_states(sampled[0], ema.model.state_dict())
+
+
+def test_swap_weights_exchanges_the_states_and_refuses_weights_of_another_model(tmp_path):
+    train(_tiny(), tmp_path / "r")
+    run, raw = load_run_and_raw_weights(tmp_path / "r")
+    ema = {k: v.clone() for k, v in run.model.state_dict().items()}
+    held = {k: v.clone() for k, v in raw.items()}
+    swap_weights(run.model, raw)
+    assert _equal_states(run.model.state_dict(), held) and _equal_states(raw, ema)
+    swap_weights(run.model, raw)
+    assert _equal_states(run.model.state_dict(), ema) and _equal_states(raw, held)
+    key = next(iter(raw))
+    with pytest.raises(CheckpointError, match="missing"):
+        swap_weights(run.model, {k: v for k, v in raw.items() if k != key})
+    with pytest.raises(CheckpointError, match="shape"):
+        swap_weights(run.model, {**raw, key: raw[key][..., :1]})
+    assert _equal_states(run.model.state_dict(), ema)  # a refused swap changes nothing
+
+
+def test_swap_weights_swaps_a_tensor_shared_by_two_keys_once():
+    layer = torch.nn.Linear(3, 3)
+    model = torch.nn.Module()
+    model.a, model.b = layer, layer  # the same weights under two names
+    raw = {k: torch.full_like(v, 7.0) for k, v in model.state_dict().items()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    swap_weights(model, raw)
+    assert all(torch.equal(v, torch.full_like(v, 7.0)) for v in model.state_dict().values())
+    swap_weights(model, raw)
+    assert _equal_states(model.state_dict(), before)
 
 
 def test_existing_run_is_never_overwritten_and_resume_keeps_the_maths(tmp_path):

@@ -28,7 +28,15 @@ from ..parallel.devices import resolve_device
 from .checkpoint import CheckpointError, load_checkpoint
 from .files import first_line
 
-__all__ = ["LoadedRun", "load_run", "find_checkpoint", "draw_samples", "samples_to_pixels"]
+__all__ = [
+    "LoadedRun",
+    "load_run",
+    "load_run_and_raw_weights",
+    "swap_weights",
+    "find_checkpoint",
+    "draw_samples",
+    "samples_to_pixels",
+]
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -131,6 +139,49 @@ def load_run(
     """
     if weights not in ("ema", "raw"):
         raise ConfigError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    return _load(path, device, splits, weights)[0]
+
+
+def load_run_and_raw_weights(
+    path: str | Path, device: str | torch.device | None = None, *, splits: DataSplits | None = None
+) -> tuple[LoadedRun, dict[str, Tensor]]:
+    """:func:`load_run`'s EMA model and the checkpoint's raw weights (the optimiser's own, as a
+    state dict on the CPU), from one read of the checkpoint. The final test evaluates both:
+    swapping them (:func:`swap_weights`) costs one copy of the weights, where a second
+    :func:`load_run` would read the whole checkpoint again (optimiser state included)."""
+    return _load(path, device, splits, "ema")
+
+
+@torch.no_grad()
+def swap_weights(model: torch.nn.Module, weights: dict[str, Tensor]) -> None:
+    """Exchange ``model``'s state with ``weights`` in place, tensor by tensor: afterwards the
+    model holds ``weights`` and ``weights`` the model's former values (a second call undoes it).
+    ``weights`` must be a state dict of the same model (same keys and shapes)."""
+    state = model.state_dict(keep_vars=True)
+    if state.keys() != weights.keys():
+        missing, extra = sorted(state.keys() - weights.keys()), sorted(weights.keys() - state.keys())
+        raise CheckpointError(f"the weights do not fit the model (missing {missing}, unexpected {extra})")
+    for key, live in state.items():
+        other = weights[key]
+        if live.shape != other.shape:
+            raise CheckpointError(
+                f"the weights do not fit the model: {key} has shape {tuple(other.shape)}, "
+                f"the model's {tuple(live.shape)}"
+            )
+    swapped: set[int] = set()
+    for key, live in state.items():
+        if live.data_ptr() in swapped:  # a tensor shared by two keys is swapped once
+            continue
+        swapped.add(live.data_ptr())
+        held = live.detach().clone()
+        live.copy_(weights[key])
+        weights[key].copy_(held)
+
+
+def _load(
+    path: str | Path, device: str | torch.device | None, splits: DataSplits | None, weights: str
+) -> tuple[LoadedRun, dict[str, Tensor]]:
+    """The run of :func:`load_run` and its checkpoint's raw weights (``state["model"]``)."""
     dev = resolve_device(device) if device is not None else torch.device("cpu")
     ckpt = find_checkpoint(path)
     state = load_checkpoint(ckpt)
@@ -157,7 +208,7 @@ def load_run(
     if weights == "ema":
         ema.copy_to_model()
     model.to(dev).eval()
-    return LoadedRun(
+    run = LoadedRun(
         model,
         pre,
         config.preprocessing.map and pre is not None,
@@ -167,6 +218,7 @@ def load_run(
         int(state["step"]),
         splits,
     )
+    return run, state["model"]
 
 
 # -- sampling ----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from ..evaluation.nll import EVAL_SEED_OFFSET, evaluate_nll
 from ..evaluation.toy_metrics import toy_metrics
 from ..images.plots import save_density_plot, save_samples
 from ..rundir.files import OutputError, write_text_atomic
-from ..rundir.load import load_run
+from ..rundir.load import load_run_and_raw_weights, swap_weights
 from ..rundir.metrics import MetricsLog
 from .loop import Trainer
 from .memory import peak_memory_bytes
@@ -114,7 +114,7 @@ def finish_run(trainer: Trainer, log: MetricsLog | None) -> dict[str, float]:
         ckpt = trainer.run_dir / "checkpoints" / "last.pt"
 
     def load() -> Any:
-        return load_run(ckpt, device=trainer.device, splits=trainer.splits)
+        return load_run_and_raw_weights(ckpt, device=trainer.device, splits=trainer.splits)
 
     loaded: list[Any] = []
 
@@ -122,10 +122,10 @@ def finish_run(trainer: Trainer, log: MetricsLog | None) -> dict[str, float]:
         loaded.append(load())
         if not ctx.is_distributed:
             return None
-        return {k: v.cpu() for k, v in loaded[0].model.state_dict().items()}
+        return {k: v.cpu() for k, v in loaded[0][0].model.state_dict().items()}
 
     weights = ctx.from_main(load_on_main)  # a bad checkpoint stops every process
-    run = loaded[0] if loaded else None
+    run, raw_weights = loaded[0] if loaded else (None, None)
     model = run.model if run is not None else trainer.model
     if run is None:  # the other processes evaluate rank 0's weights
         assert weights is not None  # rank 0 sends them in a multi-process run
@@ -138,13 +138,18 @@ def finish_run(trainer: Trainer, log: MetricsLog | None) -> dict[str, float]:
     )
     if not trainer.is_main or run is None:
         return test
-    # the same checkpoint with the optimiser's own (not averaged) weights, for comparison
-    raw = load_run(ckpt, device=trainer.device, splits=trainer.splits, weights="raw")
-    raw_test = evaluate_nll(
-        raw.model, trainer.splits.split("test"), trainer.pre, trainer.use_map, batch_size, seed=seed
-    )
+    # the same checkpoint with the optimiser's own (not averaged) weights, for comparison: swapped
+    # into the tested model and back, rather than read from the checkpoint a second time
+    assert raw_weights is not None
+    swap_weights(run.model, raw_weights)
+    try:
+        raw_test = evaluate_nll(
+            run.model, trainer.splits.split("test"), trainer.pre, trainer.use_map, batch_size, seed=seed
+        )
+    finally:
+        swap_weights(run.model, raw_weights)  # the EMA weights again, for the samples
+    del raw_weights
     test.update(raw_nll=raw_test["nll"], raw_bpd=raw_test["bpd"])
-    del raw  # its weights are not needed for the samples
     if trainer.splits.mixture is not None:
         test.update(toy_metrics(run.model, trainer.splits.mixture, trainer.splits.split("test"), batch_size))
     _write_results(trainer, run, test, log)
