@@ -146,9 +146,9 @@ def load_run_and_raw_weights(
     path: str | Path, device: str | torch.device | None = None, *, splits: DataSplits | None = None
 ) -> tuple[LoadedRun, dict[str, Tensor]]:
     """:func:`load_run`'s EMA model and the checkpoint's raw weights (the optimiser's own, as a
-    state dict on the CPU), from one read of the checkpoint. The final test evaluates both:
-    swapping them (:func:`swap_weights`) costs one copy of the weights, where a second
-    :func:`load_run` would read the whole checkpoint again (optimiser state included)."""
+    state dict on the CPU), from one read of the checkpoint. The final test evaluates both by
+    swapping them (:func:`swap_weights`): keeping them costs one copy of the model's state, where
+    a second :func:`load_run` would read the whole checkpoint again (optimiser state included)."""
     return _load(path, device, splits, "ema")
 
 

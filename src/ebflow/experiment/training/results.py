@@ -105,7 +105,8 @@ def finish_run(trainer: Trainer, log: MetricsLog | None) -> dict[str, float]:
     In a data-parallel run rank 0 reads the checkpoint and shares its weights; the test NLL is
     computed on shards and reduced exactly; only rank 0 writes. The trainer's optimiser state,
     gradients and EMA averages are freed first (:func:`release_training_state`): the test needs
-    only the checkpoint and the model's weights."""
+    only the checkpoint and the model's weights. The checkpoint is read once; its raw weights are
+    swapped into the tested model for their NLL and swapped out again before the samples."""
     ctx = trainer.dist
     release_training_state(trainer)
 
