@@ -86,13 +86,10 @@ class Dense(LinearFlowLayer):
     calls it, it is a reference for checks.
     """
 
-    # buffers of the triangular (mask) and LU (the others) parameterizations
-    mask: Tensor
+    # buffers of the LU parameterization (the triangles are masked by torch.tril / torch.triu,
+    # not by D x D mask buffers: three of them were 0.6 GB per layer at D = 7,056)
     permutation: Tensor
     permutation_index: Tensor
-    lower_mask: Tensor
-    upper_mask: Tensor
-    eye: Tensor
 
     def __init__(
         self,
@@ -141,7 +138,6 @@ class Dense(LinearFlowLayer):
         elif parameterization in ("tril", "triu"):
             tri = torch.tril if parameterization == "tril" else torch.triu
             self.weight = nn.Parameter(tri(start))
-            self.register_buffer("mask", tri(torch.ones(d, d)), persistent=False)
         else:  # lu
             p, l, u = torch.linalg.lu(start.double())
             self.register_buffer("permutation", p.to(start.dtype))
@@ -150,9 +146,6 @@ class Dense(LinearFlowLayer):
             self.register_buffer("permutation_index", _permutation_index(self.permutation), persistent=False)
             self.lower = nn.Parameter(torch.tril(l, -1).to(start.dtype))
             self.upper = nn.Parameter(torch.triu(u).to(start.dtype))
-            self.register_buffer("lower_mask", torch.tril(torch.ones(d, d), -1), persistent=False)
-            self.register_buffer("upper_mask", torch.triu(torch.ones(d, d)), persistent=False)
-            self.register_buffer("eye", torch.eye(d), persistent=False)
         # the reference's FC recipe: W = -I with every bias at +1 (not negated with the weight)
         start_bias = torch.ones(d) if init == "negative_identity" else torch.zeros(d)
         self.bias = nn.Parameter(start_bias) if bias else None
@@ -196,10 +189,15 @@ class Dense(LinearFlowLayer):
             self.permutation_index = _permutation_index(self.permutation)
 
     # -- the matrix -----------------------------------------------------------------------
+    def _triangle(self, weight: Tensor) -> Tensor:
+        """``"tril"`` / ``"triu"``: the weight's lower / upper triangle (the rest is zero, and
+        gets no gradient)."""
+        return torch.tril(weight) if self.parameterization == "tril" else torch.triu(weight)
+
     def _lu_factors(self) -> tuple[Tensor, Tensor]:
-        lower = self.lower * self.lower_mask + self.eye
-        upper = self.upper * self.upper_mask
-        return lower, upper
+        lower = torch.tril(self.lower, -1)
+        lower.diagonal().add_(1.0)  # unit diagonal, in place on the fresh copy (O(D))
+        return lower, torch.triu(self.upper)
 
     def matrix(self) -> Tensor:
         """The weight matrix ``W`` (``features x features``), for checks: no computation of the
@@ -207,7 +205,7 @@ class Dense(LinearFlowLayer):
         if self.parameterization == "full":
             return self.weight
         if self.parameterization in ("tril", "triu"):
-            return self.weight * self.mask
+            return self._triangle(self.weight)
         lower, upper = self._lu_factors()
         return self.permutation @ lower @ upper
 
@@ -246,7 +244,7 @@ class Dense(LinearFlowLayer):
         if self.parameterization == "full":
             return checked_lu_factor(self.weight.double(), name)
         if self.parameterization in ("tril", "triu"):
-            w = (self.weight * self.mask).double()
+            w = self._triangle(self.weight).double()
             check_pivots(w.diagonal(), name)
             return (w,)
         lower, upper = (t.double() for t in self._lu_factors())
