@@ -136,8 +136,7 @@ class Dense(LinearFlowLayer):
         if parameterization == "full":
             self.weight = nn.Parameter(start.clone())
         elif parameterization in ("tril", "triu"):
-            tri = torch.tril if parameterization == "tril" else torch.triu
-            self.weight = nn.Parameter(tri(start))
+            self.weight = nn.Parameter(self._triangle(start))
         else:  # lu
             p, l, u = torch.linalg.lu(start.double())
             self.register_buffer("permutation", p.to(start.dtype))
@@ -244,7 +243,7 @@ class Dense(LinearFlowLayer):
         if self.parameterization == "full":
             return checked_lu_factor(self.weight.double(), name)
         if self.parameterization in ("tril", "triu"):
-            w = self._triangle(self.weight).double()
+            w = self.matrix().double()
             check_pivots(w.diagonal(), name)
             return (w,)
         lower, upper = (t.double() for t in self._lu_factors())
